@@ -1,0 +1,127 @@
+"""Turn what the user typed into a :class:`Checkpoint`: a folder, a file, or a hub id from the local cache.
+
+This is the only module that may reach the network, and only with ``allow_download=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from rlsubnet.checkpoint.reader import (
+    Checkpoint,
+    PickleCheckpoint,
+    SafetensorsCheckpoint,
+    StateDictCheckpoint,
+    safetensors_files_in,
+)
+from rlsubnet.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def _refuse_pickle(what: Path) -> None:
+    raise CheckpointError(
+        f"{what}: pickle checkpoints can run arbitrary code when loaded; pass --allow-pickle "
+        "(allow_pickle=True) to load them with torch.load(weights_only=True)"
+    )
+
+
+def _pickle_files_in(folder: Path) -> list[Path]:
+    index_path = folder / PICKLE_INDEX
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path}: corrupt index ({exc})") from None
+        files = sorted({folder / str(s) for s in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path}: names missing shard file(s): {', '.join(missing)}")
+        return files
+    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def _from_folder(source: str, folder: Path, allow_pickle: bool) -> Checkpoint:
+    files, weight_map = safetensors_files_in(folder)
+    if files:
+        return SafetensorsCheckpoint(source, str(folder), files, weight_map)
+    pickles = _pickle_files_in(folder)
+    if pickles:
+        if not allow_pickle:
+            _refuse_pickle(pickles[0])
+        return PickleCheckpoint(source, str(folder), pickles)
+    raise CheckpointError(
+        f"{folder}: no weights found (looked for model.safetensors.index.json, *.safetensors, "
+        f"{PICKLE_INDEX}, *.bin, *.pt)"
+    )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _from_hub(spec: str, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            local_files_only=not allow_download,
+            allow_patterns=["*.safetensors", "*.json", "*.bin", "*.pt"],
+        )
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{spec}: not a local path, and not in the local Hugging Face cache; pass --allow-download to fetch it"
+        ) from None
+    except Exception as exc:  # hub errors come in many types; the message is what the user needs
+        raise CheckpointError(f"{spec}: cannot resolve from the Hugging Face hub ({exc})") from None
+    return Path(path)
+
+
+def open_checkpoint(
+    spec: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module | Checkpoint,
+    *,
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+    label: str | None = None,
+) -> Checkpoint:
+    """Open a checkpoint for streaming reads.
+
+    ``spec`` is a Hugging Face model folder (``model.safetensors`` or shards with
+    ``model.safetensors.index.json``), a single ``.safetensors`` file, a hub id (``org/name[@revision]``) found in
+    the local cache, an in-memory state dict or module, or an already open :class:`Checkpoint`.
+    """
+    if isinstance(spec, Checkpoint):
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        return StateDictCheckpoint(spec.state_dict(), label or f"<{type(spec).__name__}>")
+    if isinstance(spec, Mapping):
+        return StateDictCheckpoint(spec, label or "<state dict>")
+    source = str(spec)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_folder(source, path, allow_pickle)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsCheckpoint(source, str(path), [path])
+        if path.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                _refuse_pickle(path)
+            return PickleCheckpoint(source, str(path), [path])
+        if path.name.endswith(".index.json"):
+            return _from_folder(source, path.parent, allow_pickle)
+        raise CheckpointError(f"{path}: not a checkpoint (expected a folder, .safetensors, .bin or .pt)")
+    if path.exists():
+        raise CheckpointError(f"{path}: not a regular file or folder")
+    if _looks_like_hub_id(source):
+        return _from_folder(source, _from_hub(source, allow_download), allow_pickle)
+    raise CheckpointError(f"{source}: no such file or folder")

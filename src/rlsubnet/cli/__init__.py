@@ -1,0 +1,1 @@
+"""The ``rlsubnet`` command line: one entry point, one small module per subcommand."""

@@ -1,0 +1,1 @@
+"""Pure statistics over tensor pairs: no file access here."""

@@ -1,0 +1,68 @@
+"""Align the tensors of two checkpoints by name. Mismatches are never dropped silently."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rlsubnet.checkpoint.index import TensorInfo
+from rlsubnet.errors import MismatchError
+
+_SHOW = 8  # names listed in an error before "... and N more"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor left out of a comparison, and why (recorded in every output)."""
+
+    name: str
+    reason: str
+
+    def to_record(self) -> dict:
+        return {"name": self.name, "reason": self.reason}
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def align(
+    base: Mapping[str, TensorInfo],
+    tuned: Mapping[str, TensorInfo],
+    *,
+    allow_mismatch: bool = False,
+    base_label: str = "base",
+    tuned_label: str = "tuned",
+) -> tuple[list[str], list[Skipped]]:
+    """Names both checkpoints hold with the same shape, in the base's storage order, and the skipped ones.
+
+    Without ``allow_mismatch`` any missing, extra or differently shaped tensor raises :class:`MismatchError`
+    listing them all by kind.
+    """
+    missing = [n for n in base if n not in tuned]
+    extra = [n for n in tuned if n not in base]
+    reshaped = [n for n in base if n in tuned and base[n].shape != tuned[n].shape]
+    if (missing or extra or reshaped) and not allow_mismatch:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing from {tuned_label}: {_listing(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} only in {tuned_label}: {_listing(extra)}")
+        if reshaped:
+            parts.append(
+                f"{len(reshaped)} with different shapes: "
+                + _listing([f"{n} {list(base[n].shape)} vs {list(tuned[n].shape)}" for n in reshaped])
+            )
+        raise MismatchError(
+            f"{base_label} and {tuned_label} hold different tensors ({'; '.join(parts)}); "
+            "pass --allow-mismatch to compare the tensors both hold"
+        )
+    skipped = [Skipped(n, f"missing from {tuned_label}") for n in missing]
+    skipped += [Skipped(n, f"only in {tuned_label}") for n in extra]
+    skipped += [
+        Skipped(n, f"shape {list(base[n].shape)} in {base_label} vs {list(tuned[n].shape)} in {tuned_label}")
+        for n in reshaped
+    ]
+    bad = set(missing) | set(reshaped)
+    return [n for n in base if n not in bad], skipped

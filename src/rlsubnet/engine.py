@@ -1,0 +1,199 @@
+"""The streaming comparison engine: one base checkpoint against one or more tuned ones.
+
+Tensors are visited in the base's storage order and read in flat blocks of ``block_bytes`` per side, so peak
+memory is a few blocks (plus one fp32 copy of a matrix's Δ when ``rank=True``), whatever the model size.
+A background thread reads the next blocks while the current ones are reduced: reading and arithmetic overlap.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
+from rlsubnet.diff.names import is_norm, layer_of, module_kind
+from rlsubnet.diff.pairs import align
+from rlsubnet.diff.stats import COMPARE_DTYPES, DeltaAccumulator, atol_threshold
+from rlsubnet.diff.summary import CompareResult
+from rlsubnet.errors import UsageError
+
+DEFAULT_ATOLS = (0.0, 1e-5)
+DEFAULT_BLOCK_BYTES = 16 << 20
+
+
+def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
+    """Run an iterator in a background thread, ``depth`` items ahead; its exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put((None, exc))
+            return
+        q.put((done, None))
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+def normalise_atols(atol: float | Sequence[float]) -> tuple[float, ...]:
+    atols = (atol,) if isinstance(atol, (int, float)) else tuple(atol)
+    if not atols:
+        raise UsageError("give at least one atol")
+    out = []
+    for a in atols:
+        a = float(a)
+        atol_threshold(a, torch.float64)  # validates: non-negative, not NaN
+        if a not in out:
+            out.append(a)
+    return tuple(sorted(out))
+
+
+@dataclass
+class _Job:
+    name: str
+    accumulators: list[tuple[int, DeltaAccumulator]]  # (index of tuned checkpoint, accumulator)
+
+
+def compare_many(
+    base,
+    tuned: Sequence,
+    *,
+    atol: float | Sequence[float] = DEFAULT_ATOLS,
+    dtype: str = "bf16",
+    rank: bool = False,
+    allow_mismatch: bool = False,
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+    progress: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> list[CompareResult]:
+    """Compare each of ``tuned`` against ``base``, reading every base tensor once.
+
+    ``base`` and each entry of ``tuned`` may be a path, a hub id, a state dict, a module or a Checkpoint.
+    """
+    if dtype not in COMPARE_DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r} (choose from {', '.join(COMPARE_DTYPES)})")
+    atols = normalise_atols(atol)
+    if not tuned:
+        raise UsageError("give at least one tuned checkpoint")
+    opened: list[Checkpoint] = []
+    try:
+        opts = {"allow_pickle": allow_pickle, "allow_download": allow_download}
+        base_ck = open_checkpoint(base, **opts, label="base")
+        opened.append(base_ck)
+        tuned_cks = []
+        for i, t in enumerate(tuned):
+            ck = open_checkpoint(t, **opts, label=f"tuned[{i}]")
+            opened.append(ck)
+            tuned_cks.append(ck)
+
+        plans = []
+        for ck in tuned_cks:
+            names, skipped = align(
+                base_ck.infos, ck.infos, allow_mismatch=allow_mismatch, base_label=base_ck.location, tuned_label=ck.location
+            )
+            plans.append((set(names), skipped))
+
+        jobs: list[_Job] = []
+        for name in base_ck.names():
+            binfo = base_ck.infos[name]
+            accs = []
+            for i, ck in enumerate(tuned_cks):
+                if name in plans[i][0]:
+                    tinfo = ck.infos[name]
+                    acc = DeltaAccumulator(
+                        name, binfo.shape, binfo.dtype, tinfo.dtype, atols, dtype, rank=rank and not is_norm(name)
+                    )
+                    accs.append((i, acc))
+            if accs:
+                jobs.append(_Job(name, accs))
+
+        per_tuned_stats: list[list] = [[] for _ in tuned_cks]
+        total = sum(
+            base_ck.infos[j.name].numel * element_size(base_ck.infos[j.name].dtype) * (1 + len(j.accumulators))
+            for j in jobs
+        )
+
+        def blocks():
+            for job in jobs:
+                info = base_ck.infos[job.name]
+                block = max(1, block_bytes // element_size(info.dtype))
+                for start in range(0, info.numel, block) if info.numel else [0]:
+                    stop = min(info.numel, start + block)
+                    b = base_ck.read_flat(job.name, start, stop)
+                    ts = [tuned_cks[i].read_flat(job.name, start, stop) for i, _ in job.accumulators]
+                    yield job, b, ts, stop == info.numel
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="compare", delay=1.0, leave=False)
+        try:
+            for job, b, ts, last in _prefetch(blocks()):
+                for (i, acc), t in zip(job.accumulators, ts):
+                    acc.update(b, t)
+                    if last:
+                        stats = acc.finish()
+                        stats.layer, stats.module = layer_of(job.name), module_kind(job.name)
+                        per_tuned_stats[i].append(stats)
+                if bar is not None:
+                    bar.update(b.numel() * b.element_size() + sum(t.numel() * t.element_size() for t in ts))
+        finally:
+            if bar is not None:
+                bar.close()
+
+        options = {"allow_mismatch": allow_mismatch}
+        return [
+            CompareResult(
+                base=base_ck.source,
+                tuned=ck.source,
+                atols=atols,
+                dtype=dtype,
+                tensors=per_tuned_stats[i],
+                skipped=plans[i][1],
+                rank=rank,
+                options=options,
+            )
+            for i, ck in enumerate(tuned_cks)
+        ]
+    finally:
+        for ck in opened:  # close what we opened, not Checkpoints the caller passed in
+            if not any(ck is spec for spec in (base, *tuned)):
+                ck.close()
+
+
+def compare(base, tuned, *, atol: float | Sequence[float] = DEFAULT_ATOLS, dtype: str = "bf16", rank: bool = False, **kw) -> CompareResult:
+    """Measure how ``tuned`` differs from ``base``: sparsity at each atol, groupings and (optionally) update rank.
+
+    >>> r = rlsubnet.compare("base/", "grpo/", atol=(0, 1e-5))
+    >>> r.sparsity(1e-5), r.to_json()["global"]
+    """
+    return compare_many(base, [tuned], atol=atol, dtype=dtype, rank=rank, **kw)[0]

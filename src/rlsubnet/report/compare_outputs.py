@@ -1,0 +1,72 @@
+"""The files ``rlsubnet compare --out DIR`` writes. Everything is rendered in memory first, then each file is
+written atomically, so a failure never leaves a partial set of outputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlsubnet._version import __version__
+from rlsubnet.diff.summary import CompareResult
+from rlsubnet.fileio import atomic_write_bytes
+from rlsubnet.report import plots
+from rlsubnet.report.tables import fmt_atol, headline_atol, layers_csv
+
+
+def results_json(results: Sequence[CompareResult]) -> dict:
+    """One result: its object. Several: {"base", "comparisons": [one object per tuned checkpoint]}."""
+    if len(results) == 1:
+        return results[0].to_json()
+    return {"rlsubnet_version": __version__, "base": results[0].base, "comparisons": [r.to_json() for r in results]}
+
+
+def provenance(results: Sequence[CompareResult]) -> dict:
+    p = results[0].provenance()
+    p["tuned"] = [r.tuned for r in results] if len(results) > 1 else results[0].tuned
+    return p
+
+
+def settings_line(r: CompareResult) -> str:
+    return f"dtype {r.dtype}, atol {', '.join(fmt_atol(a) for a in r.atols)}, rlsubnet {__version__}"
+
+
+def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]:
+    """File name -> contents for every output file."""
+    prov = provenance(results)
+    files: dict[str, bytes] = {}
+    files["summary.json"] = (json.dumps(results_json(results), indent=2) + "\n").encode()
+
+    lines = [json.dumps({"kind": "meta", **prov})]
+    for r in results:
+        for rec in r.tensor_records():
+            lines.append(json.dumps({"kind": "tensor", "tuned": r.tuned, **rec}))
+    files["tensors.jsonl"] = ("\n".join(lines) + "\n").encode()
+    files["layers.csv"] = layers_csv(results, prov).encode()
+
+    for k, r in enumerate(results):
+        atol = headline_atol(r.atols)
+        layers, kinds, grid = r.layer_module_grid(atol)
+        fig = plots.heatmap(
+            layers, kinds, grid, f"Sparsity per layer and module: {Path(r.tuned).name} vs {Path(r.base).name}",
+            f"{settings_line(r)}; cells at atol {fmt_atol(atol)}",
+        )
+        files["heatmap.png" if len(results) == 1 else f"heatmap-{k}.png"] = plots.to_png(fig, r.provenance())
+    series = [(f"[{k}] {Path(r.tuned).name}", list(r.atols), [g["sparsity"] for g in r.global_stats]) for k, r in enumerate(results)]
+    fig = plots.sparsity_vs_atol(series, "Global sparsity vs tolerance", settings_line(results[0]))
+    files["sparsity_vs_atol.png"] = plots.to_png(fig, prov)
+    return files
+
+
+def write_compare_outputs(results: Sequence[CompareResult], out_dir: str | Path) -> list[Path]:
+    files = render_compare_outputs(results)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        from rlsubnet.errors import UsageError
+
+        raise UsageError(f"{out}: --out must be a folder")
+    written = []
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+        written.append(out / name)
+    return written

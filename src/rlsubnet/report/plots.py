@@ -1,0 +1,84 @@
+"""PNG figures. Each figure states the settings that produced it; PNG metadata records the provenance."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+
+from rlsubnet._version import __version__
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_png(fig, provenance: dict) -> bytes:
+    """Render a figure to PNG bytes with the provenance in its text chunks."""
+    buf = io.BytesIO()
+    fig.savefig(
+        buf,
+        format="png",
+        dpi=110,
+        bbox_inches="tight",
+        metadata={"Software": f"rlsubnet {__version__}", "Description": json.dumps(provenance, separators=(",", ":"))},
+    )
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def heatmap(
+    layers: Sequence[int],
+    kinds: Sequence[str],
+    grid: Sequence[Sequence[float | None]],
+    title: str,
+    settings: str,
+    *,
+    cbar_label: str = "sparsity (%)",
+):
+    """Layer × module heatmap of a fraction (shown in %); empty cells stay blank."""
+    import numpy as np
+
+    plt = _pyplot()
+    data = np.array([[np.nan if v is None else 100 * v for v in row] for row in grid], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * max(1, len(kinds)), 1.2 + 0.32 * max(1, len(layers))))
+    if data.size:
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=np.nanmin(data) if np.isfinite(data).any() else 0, vmax=100)
+        fig.colorbar(im, ax=ax, label=cbar_label)
+        for (i, j), v in np.ndenumerate(data):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}\n{settings}", fontsize=9)
+    return fig
+
+
+def sparsity_vs_atol(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str, settings: str, reference=None):
+    """Sparsity (%) against atol, one line per series; atol 0 sits at the left of a symlog axis.
+
+    ``reference`` is an optional list of (label, atols, sparsities) drawn dashed (e.g. the paper's Table 6).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    all_atols = [a for _, atols, _ in series for a in atols] + [a for _, atols, _ in (reference or []) for a in atols]
+    positive = [a for a in all_atols if a > 0]
+    linthresh = min(positive) / 10 if positive else 1e-9
+    for label, atols, sp in series:
+        ax.plot(atols, [100 * s for s in sp], marker="o", label=label)
+    for label, atols, sp in reference or []:
+        ax.plot(atols, [100 * s for s in sp], marker="x", linestyle="--", label=label)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlabel("atol (|Δ| ≤ atol counts as unchanged; 0 = bitwise)")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_title(f"{title}\n{settings}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
