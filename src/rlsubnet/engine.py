@@ -17,7 +17,7 @@ import torch
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
 from rlsubnet.diff.names import is_norm, layer_of, module_kind
 from rlsubnet.diff.pairs import align
-from rlsubnet.diff.stats import COMPARE_DTYPES, DeltaAccumulator, atol_threshold
+from rlsubnet.diff.stats import COMPARE_DTYPES, DeltaAccumulator, atol_threshold, single_threaded_torch
 from rlsubnet.diff.summary import CompareResult
 from rlsubnet.errors import UsageError
 
@@ -158,9 +158,11 @@ def compare_many(
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="compare", delay=1.0, leave=False)
         try:
             for job, b, ts, last in _prefetch(blocks()):
-                for (i, acc), t in zip(job.accumulators, ts):
-                    acc.update(b, t)
-                    if last:
+                with single_threaded_torch():
+                    for (_, acc), t in zip(job.accumulators, ts):
+                        acc.update(b, t)
+                if last:  # outside single_threaded_torch: the rank's SVD wants every core
+                    for i, acc in job.accumulators:
                         stats = acc.finish()
                         stats.layer, stats.module = layer_of(job.name), module_kind(job.name)
                         per_tuned_stats[i].append(stats)

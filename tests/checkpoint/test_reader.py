@@ -1,0 +1,138 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import load_dir
+from rlsubnet.checkpoint import SafetensorsWriter, open_checkpoint, read_safetensors_header, save_state_dict
+from rlsubnet.errors import CheckpointError
+
+
+def test_sharded_folder_reads_every_tensor_bit_exact(sharded_pair):
+    base, _, _, specs = sharded_pair
+    shards = [f for f in os.listdir(base) if f.endswith(".safetensors")]
+    assert len(shards) >= 3, "the fixture must really be sharded"
+    ref = load_dir(base)
+    with open_checkpoint(base) as ck:
+        assert ck.format == "safetensors"
+        assert set(ck.names()) == set(ref) == {n for n, _, _ in specs}
+        for name in ck.names():
+            t = ck.read(name)
+            assert t.dtype == ref[name].dtype and t.shape == ref[name].shape
+            assert torch.equal(t.view(torch.int16), ref[name].view(torch.int16))
+            # flat blocks tile the tensor exactly
+            blocks = [b for _, b in ck.iter_blocks(name, 7)]
+            assert torch.equal(torch.cat(blocks).view(torch.int16), ref[name].reshape(-1).view(torch.int16))
+
+
+def test_single_file_and_index_json_path(tmp_path, sharded_pair):
+    base = sharded_pair[0]
+    with open_checkpoint(base / "model.safetensors.index.json") as ck:
+        assert len(ck.names()) == len(load_dir(base))
+    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, tmp_path / "one.safetensors")
+    with open_checkpoint(tmp_path / "one.safetensors") as ck:
+        assert torch.equal(ck.read("a"), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_at_most_one_shard_open_per_checkpoint(monkeypatch, sharded_pair):
+    base = sharded_pair[0]
+    open_fds: set[int] = set()
+    peak = [0]
+    real_open, real_close = os.open, os.close
+
+    def tracking_open(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        if str(path).endswith(".safetensors"):
+            open_fds.add(fd)
+            peak[0] = max(peak[0], len(open_fds))
+        return fd
+
+    def tracking_close(fd):
+        open_fds.discard(fd)
+        return real_close(fd)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "close", tracking_close)
+    with open_checkpoint(base) as ck:
+        for name in ck.names():
+            ck.read(name)
+    assert peak[0] == 1
+    assert not open_fds
+
+
+def test_writer_matches_safetensors_library(tmp_path):
+    tensors = {
+        "b": torch.randn(3, 5).bfloat16(),
+        "a": torch.arange(7, dtype=torch.int64),
+        "c": torch.tensor([True, False]),
+        "empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "w.safetensors"
+    with SafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], {"k": "v"}) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+    loaded = load_file(path)
+    for n, t in tensors.items():
+        assert loaded[n].dtype == t.dtype and torch.equal(loaded[n], t)
+    _, meta = read_safetensors_header(path)
+    assert meta == {"k": "v"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_writer_failure_leaves_no_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(path, [("a", torch.float32, (2,))]):
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_state_dict_shards_and_index(tmp_path):
+    sd = {f"w{i}": torch.full((256,), float(i)) for i in range(5)}
+    save_state_dict(sd, tmp_path / "ck", max_shard_bytes=1024)  # one 1 KiB tensor per shard
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 5
+    with open_checkpoint(tmp_path / "ck") as ck:
+        assert all(torch.equal(ck.read(n), t) for n, t in sd.items())
+
+
+def test_pickle_refused_unless_allowed(tmp_path):
+    sd = {"w": torch.randn(4, 4)}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        open_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        open_checkpoint(tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path, allow_pickle=True) as ck:
+        assert ck.format == "pickle" and torch.equal(ck.read("w"), sd["w"])
+
+
+def test_pickle_with_code_is_refused_by_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        open_checkpoint(tmp_path / "evil.pt", allow_pickle=True)
+
+
+def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    save_file({"w": torch.ones(3)}, snap / "model.safetensors")
+    (snap / "config.json").write_text("{}")
+    refs = cache / "models--acme--tiny" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    with open_checkpoint("acme/tiny") as ck:
+        assert torch.equal(ck.read("w"), torch.ones(3))
+    with pytest.raises(CheckpointError, match="acme/other.*--allow-download"):
+        open_checkpoint("acme/other")

@@ -1,0 +1,210 @@
+"""The engine's figures against the paper's definition and hand-made cases with known answers."""
+
+import math
+
+import pytest
+import torch
+
+import rlsubnet
+from helpers import load_dir
+from rlsubnet.diff.names import layer_of, module_kind
+from rlsubnet.diff.stats import tensor_stats
+from rlsubnet.testing import changed_positions
+
+
+def paper_sparsity(base: dict, tuned: dict, atol: float) -> float:
+    """The paper's code: fraction of torch.isclose(tuned.bfloat16() - base.bfloat16(), 0, atol) over all params."""
+    close = total = 0
+    for name in base:
+        delta = tuned[name].bfloat16() - base[name].bfloat16()
+        close += torch.isclose(delta, torch.zeros_like(delta), atol=atol).sum().item()
+        total += delta.numel()
+    return close / total
+
+
+def test_global_sparsity_equals_paper_definition_on_random_pair():
+    g = torch.Generator().manual_seed(0)
+    base, tuned = {}, {}
+    for i, shape in enumerate([(64, 48), (48,), (33, 7), (5, 5, 5)]):
+        w = torch.randn(shape, generator=g) * 10 ** torch.empty(shape).uniform_(-5, 0, generator=g)
+        noise = torch.randn(shape, generator=g) * 10 ** torch.empty(shape).uniform_(-8, -3, generator=g)
+        keep = torch.rand(shape, generator=g) < 0.5
+        base[f"model.layers.{i}.mlp.up_proj.weight"] = w
+        tuned[f"model.layers.{i}.mlp.up_proj.weight"] = torch.where(keep, w, w + noise)
+    atols = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 3e-5, 1e-4, 1e-3)
+    r = rlsubnet.compare(base, tuned, atol=atols)
+    for atol in atols:
+        assert r.sparsity(atol) == pytest.approx(paper_sparsity(base, tuned, atol), abs=1e-12), atol
+    # the bf16 rounding of atol matters: a Δ of exactly bf16(1e-5) = 1.0014e-5 is "unchanged" at 1e-5, as in isclose
+    b = torch.zeros(4, dtype=torch.bfloat16)
+    t = torch.tensor([1e-5, 1.0014e-5, 1.01e-5, 9.9e-6], dtype=torch.bfloat16)
+    s = tensor_stats("w", b, t, atols=(1e-5,))
+    expected = (~torch.isclose(t - b, torch.zeros_like(b), atol=1e-5)).sum().item()
+    assert s.changed == (expected,)
+
+
+def test_exact_changed_counts_on_sharded_pair(sharded_pair):
+    base, tuned, changed_at_0, specs = sharded_pair
+    r = rlsubnet.compare(base, tuned, atol=(0, 1e-5))
+    assert r.changed(0.0) == changed_at_0
+    assert r.numel == sum(math.prod(s) for _, _, s in specs)
+    b, t = load_dir(base), load_dir(tuned)
+    expected_1e5 = sum((~torch.isclose(t[n] - b[n], torch.zeros_like(b[n]), atol=1e-5)).sum().item() for n in b)
+    assert r.changed(1e-5) == expected_1e5
+    assert r.changed(1e-5) < r.changed(0.0), "one-ULP changes of small weights must hide under 1e-5"
+    assert r.hidden_by_atol == changed_at_0 - expected_1e5
+    for s in r.tensors:
+        assert s.changed[0] == len(changed_positions(s.name, s.numel, 0.2, seed=1))
+    g = {rec["atol"]: rec for rec in r.to_json()["global"]}
+    assert g[0.0]["changed"] == changed_at_0
+    assert g[0.0]["density"] == pytest.approx(changed_at_0 / r.numel)
+    assert g[0.0]["sparsity"] == pytest.approx(1 - changed_at_0 / r.numel)
+
+
+def test_block_size_does_not_change_results(sharded_pair):
+    base, tuned, _, _ = sharded_pair
+    a = rlsubnet.compare(base, tuned, atol=(0, 1e-6, 1e-5))
+    b = rlsubnet.compare(base, tuned, atol=(0, 1e-6, 1e-5), block_bytes=130)  # blocks smaller than a row
+    assert len(a.tensors) == len(b.tensors)
+    for x, y in zip(a.tensors, b.tensors):
+        assert (x.name, x.changed, x.hidden, x.max_abs_delta) == (y.name, y.changed, y.hidden, y.max_abs_delta)
+        assert (x.mean_abs_delta, x.delta_norm, x.base_norm) == pytest.approx((y.mean_abs_delta, y.delta_norm, y.base_norm))
+
+
+def test_identical_checkpoints_all_zero_delta(sharded_pair):
+    base = sharded_pair[0]
+    r = rlsubnet.compare(base, base, atol=(0, 1e-5), rank=True)
+    assert r.changed(0.0) == 0 and r.sparsity(1e-5) == 1.0
+    assert r.hidden_by_atol == 0
+    assert r.mean_rank_ratio == 0.0
+    assert all(s.max_abs_delta == 0.0 and s.delta_norm == 0.0 for s in r.tensors)
+
+
+def test_signed_zeros_are_equal():
+    b = torch.tensor([0.0, -0.0, 0.0, 1.0], dtype=torch.bfloat16)
+    t = torch.tensor([-0.0, 0.0, 0.0, 1.0], dtype=torch.bfloat16)
+    assert b.view(torch.int16).ne(t.view(torch.int16)).sum() == 2
+    s = tensor_stats("w", b, t, atols=(0.0, 1e-5))
+    assert s.changed == (0, 0) and s.hidden == 0
+
+
+def test_bf16_ties_fp32_changes_rounded_away():
+    base = torch.tensor([1.0, 0.5, 0.001, 3.0], dtype=torch.float32)
+    tuned = base + torch.tensor([1e-4, 1e-5, 1e-7, 0.5])  # only the last survives bf16 rounding
+    bf = tensor_stats("w", base, tuned, atols=(0.0,), dtype="bf16")
+    native = tensor_stats("w", base, tuned, atols=(0.0,), dtype="native")
+    assert bf.changed == (1,) and bf.compare_dtype == "bfloat16"
+    assert native.changed == (4,) and native.compare_dtype == "float32"
+
+
+def test_tolerance_hides_one_ulp_changes_of_small_weights():
+    # |w| < 2^-9: one bf16 ULP is below 1e-5, so a real change disappears at atol 1e-5
+    small = torch.tensor([0.001, -0.0015, 0.0005], dtype=torch.bfloat16)
+    large = torch.tensor([0.05, -0.2], dtype=torch.bfloat16)
+    base = torch.cat([small, large])
+    tuned = base.clone()
+    tuned.view(torch.int16).__ixor__(1)  # one ULP everywhere
+    s = tensor_stats("w", base, tuned, atols=(0.0, 1e-5))
+    assert s.changed == (5, 2)
+    assert s.hidden == 3
+
+
+def test_nan_and_inf_are_counted_not_fatal():
+    base = torch.tensor([1.0, float("nan"), 2.0, float("inf"), 4.0])
+    tuned = torch.tensor([1.0, float("nan"), 2.5, float("inf"), float("nan")])
+    s = tensor_stats("w", base, tuned, atols=(0.0, 1e-5), dtype="native")
+    # as torch.isclose: NaN deltas (nan-nan, inf-inf, x-nan) count as changed
+    assert s.changed == (4, 4)
+    assert s.nonfinite == {"base_nan": 1, "base_inf": 1, "tuned_nan": 2, "tuned_inf": 1, "delta_nonfinite": 3}
+    assert s.max_abs_delta == 0.5
+    assert math.isfinite(s.mean_abs_delta)
+
+
+def test_non_float_tensors_compare_bitwise():
+    b = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    t = torch.tensor([1, 2, 5, 4], dtype=torch.int64)
+    s = tensor_stats("position_ids", b, t, atols=(0.0, 1e-5, 10.0))
+    assert s.changed == (1, 1, 1)
+    assert s.max_abs_delta is None
+    s = tensor_stats("flags", torch.tensor([True, False]), torch.tensor([True, True]), atols=(0.0,))
+    assert s.changed == (1,)
+
+
+def test_rank_of_constructed_low_rank_update():
+    g = torch.Generator().manual_seed(3)
+    # small integers are exact in bf16, so Δ is exactly rank 3 after the bf16 cast
+    base = torch.randint(-8, 8, (40, 24), generator=g).float()
+    u = torch.randint(-2, 3, (40, 3), generator=g).float()
+    v = torch.randint(-2, 3, (3, 24), generator=g).float()
+    delta = u @ v
+    assert torch.linalg.matrix_rank(delta) == 3
+    s = tensor_stats("model.layers.0.self_attn.q_proj.weight", base, base + delta, rank=True)
+    assert s.rank == 3 and s.rank_ratio == pytest.approx(3 / 24)
+    full = torch.randn(30, 20, generator=g)
+    s = tensor_stats("w", full, full + torch.randn(30, 20, generator=g), rank=True)
+    assert s.rank == 20 and s.rank_ratio == 1.0
+
+
+def test_rank_skips_norms_and_vectors_and_mean_is_unweighted(sharded_pair):
+    base, tuned, _, _ = sharded_pair
+    r = rlsubnet.compare(base, tuned, rank=True)
+    ranked = [s for s in r.tensors if s.rank is not None]
+    assert ranked and all(len(s.shape) == 2 and module_kind(s.name) != "norm" for s in ranked)
+    assert r.mean_rank_ratio == pytest.approx(sum(s.rank_ratio for s in ranked) / len(ranked))
+    assert "mean_rank_ratio" in r.to_json()
+
+
+def test_grouping_by_layer_and_module(sharded_pair):
+    base, tuned, _, specs = sharded_pair
+    r = rlsubnet.compare(base, tuned, atol=(0,))
+    layers = {g["layer"]: g for g in r.layers()}
+    assert set(layers) == {0, 1, 2, None}
+    for layer in (0, 1, 2):
+        names = [n for n, _, _ in specs if layer_of(n) == layer]
+        assert layers[layer]["n_tensors"] == len(names)
+        expected = sum(len(changed_positions(n, math.prod(s), 0.2, 1)) for n, _, s in specs if layer_of(n) == layer)
+        assert layers[layer]["by_atol"][0]["changed"] == expected
+    modules = {g["module"]: g for g in r.modules()}
+    assert modules["norm"]["by_atol"][0]["changed"] == 0  # the fixture never changes norms
+    assert set(modules) == {"embed", "norm", "q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+    # unweighted mean over matrices differs from the numel-weighted figure in general, and is computed over 2-D only
+    up = [s for s in r.tensors if s.module == "up"]
+    assert modules["up"]["by_atol"][0]["mean_matrix_sparsity"] == pytest.approx(
+        sum(1 - s.changed[0] / s.numel for s in up) / len(up)
+    )
+    layers_, kinds, grid = r.layer_module_grid(0.0)
+    assert layers_ == [0, 1, 2] and "norm" in kinds
+    assert grid[0][kinds.index("norm")] == 1.0
+
+
+@pytest.mark.parametrize(
+    "name,layer,kind",
+    [
+        ("model.layers.12.self_attn.q_proj.weight", 12, "q"),
+        ("model.layers.3.self_attn.k_proj.bias", 3, "k"),
+        ("model.layers.0.self_attn.o_proj.weight", 0, "o"),
+        ("model.layers.7.mlp.gate_proj.weight", 7, "gate"),
+        ("model.layers.7.mlp.down_proj.weight", 7, "down"),
+        ("model.layers.1.input_layernorm.weight", 1, "norm"),
+        ("model.layers.1.pre_feedforward_layernorm.weight", 1, "norm"),  # Gemma 2/3
+        ("model.layers.1.self_attn.q_norm.weight", 1, "norm"),  # Qwen3
+        ("model.norm.weight", None, "norm"),
+        ("model.embed_tokens.weight", None, "embed"),
+        ("lm_head.weight", None, "lm_head"),
+        ("model.layers.2.block_sparse_moe.gate.weight", 2, "mlp other"),  # Mixtral router
+        ("model.layers.2.block_sparse_moe.experts.3.w2.weight", 2, "down"),
+        ("transformer.h.5.attn.c_attn.weight", 5, "qkv"),  # GPT-2
+        ("transformer.h.5.attn.c_proj.weight", 5, "o"),
+        ("transformer.h.5.mlp.c_fc.weight", 5, "up"),
+        ("transformer.h.5.mlp.c_proj.bias", 5, "down"),
+        ("transformer.h.5.ln_2.weight", 5, "norm"),
+        ("transformer.ln_f.bias", None, "norm"),
+        ("transformer.wte.weight", None, "embed"),
+        ("model.layers.4.self_attn.qkv_proj.weight", 4, "qkv"),  # Phi-3
+        ("model.layers.4.mlp.gate_up_proj.weight", 4, "gate_up"),
+        ("something.else", None, "other"),
+    ],
+)
+def test_name_parsing(name, layer, kind):
+    assert layer_of(name) == layer
+    assert module_kind(name) == kind
