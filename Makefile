@@ -27,9 +27,10 @@ test: install
 	@$(BIN)/python -m pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; exit $$rc
 
+# The paper's experiment on a ~1M-parameter model built offline (TRL's trainers, CPU): report in runs/demo/report.md.
+# Re-running reuses finished stages; `rlsubnet demo --out runs/demo --fresh` starts over.
 demo: install
-	$(BIN)/python -m rlsubnet.testing runs/synthetic-pair
-	$(BIN)/rlsubnet compare runs/synthetic-pair/base runs/synthetic-pair/tuned --out runs/synthetic-pair/compare
+	$(BIN)/rlsubnet demo --out runs/demo
 
 bench: install
 	$(BIN)/python benchmarks/compare_bench.py

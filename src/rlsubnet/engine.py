@@ -7,13 +7,12 @@ A background thread reads the next blocks while the current ones are reduced: re
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from rlsubnet._threads import prefetch
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
 from rlsubnet.diff.names import is_norm, layer_of, module_kind
 from rlsubnet.diff.pairs import align
@@ -23,43 +22,6 @@ from rlsubnet.errors import UsageError
 
 DEFAULT_ATOLS = (0.0, 1e-5)
 DEFAULT_BLOCK_BYTES = 16 << 20
-
-
-def _prefetch(it: Iterator, depth: int = 1) -> Iterator:
-    """Run an iterator in a background thread, ``depth`` items ahead; its exceptions re-raise here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def worker():
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put((item, None))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            q.put((None, exc))
-            return
-        q.put((done, None))
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = q.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a worker waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
 
 
 def normalise_atols(atol: float | Sequence[float]) -> tuple[float, ...]:
@@ -157,7 +119,7 @@ def compare_many(
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="compare", delay=1.0, leave=False)
         try:
-            for job, b, ts, last in _prefetch(blocks()):
+            for job, b, ts, last in prefetch(blocks(), depth=1):
                 with single_threaded_torch():
                     for (_, acc), t in zip(job.accumulators, ts):
                         acc.update(b, t)

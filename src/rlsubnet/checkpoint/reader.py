@@ -7,6 +7,7 @@ caller holds (a block, or the largest tensor), never by the model.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ class Checkpoint:
     """
 
     format: str = "?"
+    can_clone: bool = False  # see clone()
 
     def __init__(self, source: str, location: str, infos: Mapping[str, TensorInfo]):
         self.source = source
@@ -55,6 +57,19 @@ class Checkpoint:
         """Elements [start, stop) of the flattened tensor, as a new 1-D tensor in its stored dtype."""
         raise NotImplementedError
 
+    def read_flat_into(self, name: str, start: int, stop: int, out) -> memoryview:
+        """Read elements [start, stop) of the flattened tensor into ``out`` (a writable buffer, e.g. a uint8
+        numpy array, of at least that many bytes) and return the filled part, as bytes.
+
+        For callers that reuse their buffers: safetensors checkpoints read straight into ``out``; the others
+        copy from :meth:`read_flat`.
+        """
+        t = self.read_flat(name, start, stop).reshape(-1)
+        dst = memoryview(out).cast("B")[: t.numel() * t.element_size()]
+        if len(dst):
+            dst[:] = memoryview(t.view(torch.uint8).numpy())
+        return dst
+
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)
         return self.read_flat(name, 0, info.numel).reshape(info.shape)
@@ -64,6 +79,15 @@ class Checkpoint:
         numel = self.info(name).numel
         for start in range(0, numel, max(1, block_numel)):
             yield start, self.read_flat(name, start, min(numel, start + block_numel))
+
+    def clone(self) -> "Checkpoint":
+        """A reader over the same tensors that another thread may use while this one is in use.
+
+        A reader is not safe to share between threads (it may keep one file open and switch it on demand);
+        a clone has its own handle and shares only the read-only index. Close it when done. Only classes
+        with ``can_clone`` support it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be cloned")
 
     def close(self) -> None:
         pass
@@ -82,6 +106,7 @@ class SafetensorsCheckpoint(Checkpoint):
     """One or more safetensors files (a sharded Hugging Face checkpoint, or a single file)."""
 
     format = "safetensors"
+    can_clone = True
 
     def __init__(self, source: str, location: str, files: list[Path], weight_map: dict[str, Path] | None = None):
         super().__init__(source, location, index_safetensors_files(files, weight_map))
@@ -105,24 +130,45 @@ class SafetensorsCheckpoint(Checkpoint):
         info = self.info(name)
         if not 0 <= start <= stop <= info.numel:
             raise ValueError(f"{name}: element range [{start}, {stop}) outside 0..{info.numel}")
+        buf = torch.empty((stop - start) * element_size(info.dtype), dtype=torch.uint8)
+        self._pread(info, start, stop, memoryview(buf.numpy()))
+        return buf.view(info.dtype)
+
+    def read_flat_into(self, name: str, start: int, stop: int, out) -> memoryview:
+        info = self.info(name)
+        if not 0 <= start <= stop <= info.numel:
+            raise ValueError(f"{name}: element range [{start}, {stop}) outside 0..{info.numel}")
+        dst = memoryview(out).cast("B")
+        nbytes = (stop - start) * element_size(info.dtype)
+        if len(dst) < nbytes:
+            raise ValueError(f"{name}: a {len(dst)}-byte buffer cannot hold elements [{start}, {stop})")
+        dst = dst[:nbytes]
+        self._pread(info, start, stop, dst)
+        return dst
+
+    def _pread(self, info: TensorInfo, start: int, stop: int, view: memoryview) -> None:
+        """Fill ``view`` with elements [start, stop) of ``info``'s tensor, straight from the file."""
         esize = element_size(info.dtype)
         nbytes = (stop - start) * esize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            fd = self._open(info.file)
-            view = memoryview(buf.numpy())
-            pos, done = info.offset + start * esize, 0
-            try:
-                while done < nbytes:
-                    got = os.preadv(fd, [view[done:]], pos + done)
-                    if got == 0:
-                        raise CheckpointError(
-                            f"{info.file}: truncated while reading tensor {name!r} (file changed after indexing?)"
-                        )
-                    done += got
-            except OSError as exc:
-                raise CheckpointError(f"{info.file}: read error in tensor {name!r} ({exc.strerror or exc})") from None
-        return buf.view(info.dtype)
+        if not nbytes:
+            return
+        fd = self._open(info.file)
+        pos, done = info.offset + start * esize, 0
+        try:
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:nbytes]], pos + done)
+                if got == 0:
+                    raise CheckpointError(
+                        f"{info.file}: truncated while reading tensor {info.name!r} (file changed after indexing?)"
+                    )
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{info.file}: read error in tensor {info.name!r} ({exc.strerror or exc})") from None
+
+    def clone(self) -> "SafetensorsCheckpoint":
+        other = copy.copy(self)  # shares the index (read-only); opens its own descriptors on demand
+        other._fd, other._fd_path = None, None
+        return other
 
     def close(self) -> None:
         if self._fd is not None:
@@ -135,6 +181,7 @@ class StateDictCheckpoint(Checkpoint):
     """Tensors already in memory (a state dict or a module), for the Python API and the lab."""
 
     format = "memory"
+    can_clone = True
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "<state dict>"):
         infos = {}
@@ -153,6 +200,9 @@ class StateDictCheckpoint(Checkpoint):
         self.info(name)
         return self._tensors[name].reshape(-1)[start:stop].clone()
 
+    def clone(self) -> "StateDictCheckpoint":
+        return self  # reads only slice and copy tensors in memory: safe from any thread
+
 
 class PickleCheckpoint(Checkpoint):
     """PyTorch pickle files (``.bin``/``.pt``), loaded with ``weights_only=True`` and memory-mapped when possible.
@@ -161,6 +211,7 @@ class PickleCheckpoint(Checkpoint):
     """
 
     format = "pickle"
+    can_clone = True
 
     def __init__(self, source: str, location: str, files: list[Path]):
         self.files = list(files)
@@ -198,6 +249,11 @@ class PickleCheckpoint(Checkpoint):
     def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
         info = self.info(name)
         return self._load(info.file)[name].reshape(-1)[start:stop].clone()
+
+    def clone(self) -> "PickleCheckpoint":
+        other = copy.copy(self)  # shares the index; loads (memory-maps) shards on its own
+        other._loaded, other._loaded_path = {}, None
+        return other
 
     def close(self) -> None:
         self._loaded, self._loaded_path = {}, None

@@ -73,9 +73,11 @@ class SafetensorsWriter:
         self._f.write(tensor_bytes(tensor))
         self._next += 1
 
-    def write_part(self, tensor_part: torch.Tensor) -> None:
-        """Append raw elements of the current tensor (for tensors written in blocks); call :meth:`end_tensor`."""
-        self._f.write(tensor_bytes(tensor_part))
+    def write_part(self, tensor_part) -> None:
+        """Append raw elements of the current tensor (for tensors written in blocks); call :meth:`end_tensor`.
+
+        ``tensor_part``: a tensor, or a contiguous numpy array / bytes-like object of its raw bytes."""
+        self._f.write(tensor_bytes(tensor_part) if isinstance(tensor_part, torch.Tensor) else tensor_part)
 
     def end_tensor(self, name: str) -> None:
         exp_name, dtype, shape = self.specs[self._next]

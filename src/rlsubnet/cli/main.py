@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +18,11 @@ from rlsubnet.errors import RlsubnetError
 # subcommand name -> module under rlsubnet.cli
 SUBCOMMANDS = {
     "compare": "compare",
+    "demo": "demo",
+    "mask": "mask",
+    "overlap": "overlap",
+    "patch": "patch",
+    "train": "train",
 }
 
 
@@ -49,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlsubnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`rlsubnet compare ... | head`): stop quietly, as the Python docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def entry() -> None:

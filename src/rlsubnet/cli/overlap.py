@@ -1,0 +1,57 @@
+"""``rlsubnet overlap MASK MASK [MASK ...]``: how much subnetworks overlap, against two chance baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rlsubnet.cli.common import add_checkpoint_options
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "overlap",
+        help="overlap of subnetwork masks (o1, o2, Jaccard) against chance",
+        description="For every pair of masks: o1 = |A∩B|/|A|, o2 = |A∩B|/|B|, Jaccard, the paper's chance baseline "
+        "(o1 chance = density of B, o2 chance = density of A) and, with --base, the magnitude-matched chance "
+        "(each parameter's change probability depends only on its |w| bucket in the base), overall, per layer "
+        "and per module.",
+    )
+    p.add_argument("masks", nargs="+", metavar="MASK", help="mask files written by `rlsubnet mask` (two or more)")
+    p.add_argument("--base", metavar="BASE", help="the base checkpoint the masks were measured from: adds the "
+                   "magnitude-matched chance baseline")
+    p.add_argument("--bins-per-octave", type=int, default=1, metavar="K",
+                   help="|w| buckets per power of two for the magnitude-matched chance (default 1: one bf16 exponent "
+                   "per bucket)")
+    add_checkpoint_options(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list with one object per pair")
+    p.add_argument("--out", metavar="DIR", help="write overlap.json, pairs.csv, matrix CSVs and heatmap PNGs to DIR")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlsubnet.errors import UsageError
+    from rlsubnet.masks import Mask, overlap_many
+    from rlsubnet.report.overlap_outputs import format_overlap, pairs_json, write_overlap_outputs
+
+    if len(args.masks) < 2:
+        raise UsageError("overlap needs at least two masks")
+    masks = [Mask.load(m) for m in args.masks]
+    result = overlap_many(
+        masks, list(args.masks), base=args.base, bins_per_octave=args.bins_per_octave,
+        allow_pickle=args.allow_pickle, allow_download=args.allow_download, progress=not args.quiet,
+    )
+    for w in result.warnings:
+        print(f"rlsubnet: warning: {w}", file=sys.stderr)
+    if args.out:
+        write_overlap_outputs(result, args.out)
+    if args.json:
+        json.dump(pairs_json(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_overlap(result))
+        if args.out:
+            print(f"\nwrote {args.out}/overlap.json, pairs.csv, matrix_*.csv, heatmap_*.png")
+    return 0

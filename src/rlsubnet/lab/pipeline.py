@@ -1,0 +1,424 @@
+"""The demo: reproduce the paper's measurements on a tiny language model, offline, with TRL's trainers.
+
+    rlsubnet demo --out runs/demo                 # size small (~1M parameters), the default
+    rlsubnet demo --out runs/micro --size micro --steps 4
+
+Stages run in order; each writes ``OUT/stages/<name>/`` atomically, so an interrupted run resumes from the last
+finished stage and a re-run reuses every stage whose fingerprint (settings + inputs) still matches. ``OUT/run.json``
+records the configuration: a folder holding another configuration's results is refused unless ``--fresh``.
+The measurements and the report are recomputed on every run (seconds); the training is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlsubnet._version import __version__
+from rlsubnet.errors import RlsubnetError, UsageError
+from rlsubnet.fileio import atomic_write_text
+from rlsubnet.lab.tasks import get_task
+
+# Per-size defaults; every one can be overridden from the command line.
+SIZE_DEFAULTS = {
+    "micro": dict(steps=4, batch_size=8, num_generations=8, snapshot_every=2, pretrain_max_steps=300,
+                  pretrain_eval_every=50, pretrain_target=0.05, pretrain_lr=5e-3, pretrain_batch=64, sample_prompts=512),
+    "small": dict(steps=100, batch_size=32, num_generations=8, snapshot_every=10, pretrain_max_steps=2000,
+                  pretrain_eval_every=50, pretrain_target=0.6, pretrain_lr=2e-3, pretrain_batch=64, sample_prompts=8000),
+    "medium": dict(steps=100, batch_size=32, num_generations=8, snapshot_every=10, pretrain_max_steps=3000,
+                   pretrain_eval_every=50, pretrain_target=0.6, pretrain_lr=1e-3, pretrain_batch=64, sample_prompts=8000),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The whole run. Two runs with equal configs compute the same numbers (on the same machine and threads)."""
+
+    size: str = field(default="small", metadata={"help": "model size: micro (tests), small (~1M), medium (~4M)"})
+    task: str = field(default="add", metadata={"help": "task of every stage's training set"})
+    second_task: str | None = field(default="sub", metadata={"help": "second training set (a different task); None: none"})
+    seed: int = 0
+    threads: int = field(default=1, metadata={"help": "torch CPU threads; part of the config because the thread count "
+                                                      "changes floating-point reduction order, hence the numbers"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps of every finetuning stage"})
+    batch_size: int | None = field(default=None, metadata={"help": "prompts / pairs / examples per step"})
+    rl_lr: float = field(default=1e-6, metadata={"help": "learning rate of GRPO and DPO (TRL's default)"})
+    sft_lr: float = field(default=1e-5, metadata={"help": "usual SFT learning rate"})
+    kl_beta: float = field(default=0.04, metadata={"help": "KL coefficient of the GRPO-with-KL stage"})
+    dpo_beta: float = 0.1
+    clip: float = field(default=1.0, metadata={"help": "max gradient norm (every stage but grpo-noclip)"})
+    num_generations: int | None = None
+    snapshot_every: int | None = None
+    samples_per_prompt: int = 4
+    sample_prompts: int | None = None
+    pretrain_target: float | None = None
+    pretrain_max_steps: int | None = None
+    pretrain_eval_every: int | None = None
+    pretrain_lr: float | None = None
+    pretrain_batch: int | None = None
+
+    def __post_init__(self):
+        from rlsubnet.lab.model import model_size
+
+        model_size(self.size)
+        get_task(self.task)
+        if self.second_task is not None:
+            get_task(self.second_task)
+            if self.second_task == self.task:
+                raise UsageError("--second-task must differ from --task")
+        for name in ("threads", "steps", "batch_size", "num_generations", "snapshot_every", "sample_prompts",
+                     "pretrain_max_steps", "pretrain_eval_every", "pretrain_batch"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+        for name in ("rl_lr", "sft_lr"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if self.pretrain_target is not None and not 0 <= self.pretrain_target <= 1:
+            raise UsageError(f"--pretrain-target must be in [0, 1], got {self.pretrain_target}")
+        if self.kl_beta < 0 or not self.dpo_beta > 0 or self.clip < 0:
+            raise UsageError("--kl-beta and the clipping norm must be non-negative, the DPO β positive")
+        if self.samples_per_prompt < 2:
+            raise UsageError("--samples-per-prompt must be at least 2 (DPO needs a correct and an incorrect sample)")
+
+    def resolved(self) -> "DemoConfig":
+        """The config with every per-size default filled in (what run.json records)."""
+        d = SIZE_DEFAULTS[self.size]
+        return dataclasses.replace(self, **{k: d[k] for k in d if getattr(self, k) is None})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self.resolved())
+
+    @property
+    def tasks(self) -> list[str]:
+        return [self.task] + ([self.second_task] if self.second_task else [])
+
+
+def pretrain_spec(cfg: DemoConfig):
+    from rlsubnet.lab.pretrain import PretrainSpec
+
+    c = cfg.resolved()
+    return PretrainSpec(size=c.size, tasks=tuple(c.tasks), seed=c.seed, learning_rate=c.pretrain_lr,
+                        batch_size=c.pretrain_batch, max_steps=c.pretrain_max_steps, eval_every=c.pretrain_eval_every,
+                        target_accuracy=c.pretrain_target)
+
+
+def sample_spec(cfg: DemoConfig):
+    from rlsubnet.lab.pretrain import SampleSpec
+
+    c = cfg.resolved()
+    return SampleSpec(task=c.task, k=c.samples_per_prompt, max_prompts=c.sample_prompts, seed=c.seed)
+
+
+def finetune_specs(cfg: DemoConfig) -> list:
+    """The finetuning stages, all from θ0 with the same steps, batch, seed and data seed."""
+    from rlsubnet.lab.stages import StageSpec
+
+    c = cfg.resolved()
+    common = dict(task=c.task, steps=c.steps, batch_size=c.batch_size, seed=c.seed, snapshot_every=c.snapshot_every,
+                  num_generations=c.num_generations)
+    specs = [
+        StageSpec("grpo", "grpo", data="prompts", learning_rate=c.rl_lr, beta=0.0, max_grad_norm=c.clip,
+                  description="GRPO, exact-match reward, no KL term, gradient clipping", **common),
+        StageSpec("grpo-kl", "grpo", data="prompts", learning_rate=c.rl_lr, beta=c.kl_beta, max_grad_norm=c.clip,
+                  description="GRPO with the KL term", **common),
+        StageSpec("grpo-noclip", "grpo", data="prompts", learning_rate=c.rl_lr, beta=0.0, max_grad_norm=0.0,
+                  description="GRPO without gradient clipping", **common),
+        StageSpec("grpo-sftlr", "grpo", data="prompts", learning_rate=c.sft_lr, beta=0.0, max_grad_norm=c.clip,
+                  description="GRPO at the usual SFT learning rate (the matched-lr control, from the RL side)", **common),
+        StageSpec("dpo", "dpo", data="own-pairs", learning_rate=c.rl_lr, beta=c.dpo_beta, max_grad_norm=c.clip,
+                  description="DPO on θ0's own correct vs incorrect samples", **common),
+        StageSpec("sft", "sft", data="gold", learning_rate=c.sft_lr, max_grad_norm=c.clip,
+                  description="SFT on reference answers at a usual SFT learning rate", **common),
+        StageSpec("sft-matched", "sft", data="gold", learning_rate=c.rl_lr, max_grad_norm=c.clip,
+                  description="SFT on reference answers at the RL learning rate (matched-lr control)", **common),
+        StageSpec("rft", "sft", data="own-correct", learning_rate=c.sft_lr, max_grad_norm=c.clip,
+                  description="rejection-sampling FT: SFT on θ0's own correct samples, usual SFT lr", **common),
+        StageSpec("rft-matched", "sft", data="own-correct", learning_rate=c.rl_lr, max_grad_norm=c.clip,
+                  description="rejection-sampling FT at the RL learning rate", **common),
+    ]
+    if c.second_task:
+        specs.append(StageSpec(f"grpo-task-{c.second_task}", "grpo", data="prompts", learning_rate=c.rl_lr, beta=0.0,
+                               max_grad_norm=c.clip, description=f"GRPO on the second training set ({c.second_task})",
+                               **{**common, "task": c.second_task}))
+    return specs
+
+
+# -- the output folder
+
+OUR_ENTRIES = ("run.json", "stages", "figures", "report.md", "results.json", ".lock")
+
+
+class RunFolder:
+    """OUT: refuses foreign content and other configurations, cleans up after interrupted runs, and locks
+    itself so that two demos cannot write the same folder at once."""
+
+    def __init__(self, out: str | Path, cfg: DemoConfig, fresh: bool):
+        self.out = Path(out)
+        self.cfg = cfg
+        self.fresh = fresh
+        self._lock = None
+
+    def __enter__(self):
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a folder")
+        run_json = out / "run.json"
+        if out.is_dir() and any(out.iterdir()) and not run_json.is_file():
+            raise UsageError(f"--out {out}: folder is not empty and holds no demo run (no run.json); choose another folder")
+        out.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            if run_json.is_file():
+                try:
+                    previous = json.loads(run_json.read_text())["config"]
+                except (ValueError, KeyError) as exc:
+                    raise UsageError(f"{run_json}: unreadable ({exc}); rerun with --fresh to start over") from None
+                current = self.cfg.to_json()
+                if previous != current and not self.fresh:
+                    diff = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(previous) | set(current))
+                                     if previous.get(k) != current.get(k))
+                    raise UsageError(f"--out {out} holds the results of another configuration ({diff}); "
+                                     "pass --fresh to replace them or choose another folder")
+            if self.fresh:
+                for name in OUR_ENTRIES:
+                    if name == ".lock":
+                        continue
+                    p = out / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            self._remove_stale_temporaries()
+            record = {"rlsubnet_version": __version__, "config": self.cfg.to_json()}
+            atomic_write_text(run_json, json.dumps(record, indent=2) + "\n")
+            (out / "stages").mkdir(exist_ok=True)
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._release_lock()
+
+    def _acquire_lock(self):
+        import fcntl
+
+        f = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise UsageError(f"--out {self.out}: another demo is running in this folder") from None
+        self._lock = f
+
+    def _release_lock(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _remove_stale_temporaries(self):
+        # atomic_dir / atomic writes leave ".<name>.<random>.tmp" only when the process was killed outright.
+        for parent in (self.out, self.out / "stages", self.out / "figures"):
+            if parent.is_dir():
+                for p in parent.iterdir():
+                    if p.name.startswith(".") and p.name.endswith(".tmp"):
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / "stages" / name
+
+
+def _finished(stage_dir: Path, expected_fp: str, fresh: bool):
+    """The stage's result if it finished with the expected fingerprint, None if it must run."""
+    from rlsubnet.lab.stages import StageResult
+
+    if not (stage_dir / "stage.json").is_file():
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)  # not ours to trust: a stage folder without its record
+        return None
+    result = StageResult.load(stage_dir)
+    if result.fingerprint == expected_fp:
+        return result
+    if fresh:
+        shutil.rmtree(stage_dir)
+        return None
+    raise RlsubnetError(
+        f"{stage_dir}: made with other settings or inputs (fingerprint {result.fingerprint}, expected {expected_fp}); "
+        "rerun with --fresh"
+    )
+
+
+def _cpu_seconds() -> float:
+    return time.process_time()
+
+
+@dataclass
+class StageContext:
+    """What every finetuning stage of one demo run shares; :meth:`stage` runs a stage or reuses its folder.
+
+    Issue 4's stages (subnetwork re-runs, random masks, extra seeds) go through :meth:`stage` too, passing the
+    hooks of :func:`rlsubnet.lab.stages.run_stage`; whatever a hook changes must be described in ``extra_record``,
+    which enters the fingerprint, so that a finished stage is reused only for the same mask and options.
+    """
+
+    folder: RunFolder
+    theta0: Path
+    base_digest: str
+    samples_path: Path
+    samples_digest: str
+    eval_tasks: list
+    theta0_accuracy: dict
+    timings: dict
+    fresh: bool = False
+    progress: bool = True
+
+    def stage(self, spec, *, extra_record: dict | None = None, **hooks):
+        from rlsubnet.lab.progress import say
+        from rlsubnet.lab.stages import run_stage, stage_fingerprint
+
+        sdig = self.samples_digest if spec.uses_own_samples else None
+        expected = stage_fingerprint(spec, self.base_digest, sdig, extra_record)
+        d = self.folder.stage_dir(spec.name)
+        res = _finished(d, expected, self.fresh)
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        if res is None:
+            res = run_stage(spec, base_dir=self.theta0, out_dir=d, samples_path=self.samples_path if sdig else None,
+                            eval_tasks=self.eval_tasks, progress=self.progress, extra_record=extra_record, **hooks)
+            self.timings[spec.name] = {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_seconds() - c0, "reused": False}
+        else:
+            self.timings[spec.name] = {"reused": True}
+        accs = ", ".join(
+            f"{t} {self.theta0_accuracy[t]['bf16']['accuracy']:.1%} -> {v['bf16']['accuracy']:.1%}"
+            for t, v in res.record["accuracy"].items()
+        )
+        say(f"    held-out accuracy {accs}" + _time_note(self.timings[spec.name]), self.progress)
+        return res
+
+
+def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the whole demo and write the report; returns the results dict (results.json)."""
+    from rlsubnet.lab.progress import say
+    from rlsubnet.lab.stages import file_digest, fingerprint, model_digest, quiet_libraries
+
+    import torch
+
+    cfg = cfg.resolved()
+    t_run, c_run = time.monotonic(), _cpu_seconds()
+    # One thread by default: on a shared 2-core machine two OpenMP threads wait on each other far longer than they
+    # save (we measured 3-7x slower steps under load), and a fixed count keeps the numbers reproducible.
+    torch.set_num_threads(cfg.threads)
+    quiet_libraries()
+    with RunFolder(out, cfg, fresh) as folder:
+        pre_spec, smp_spec, specs = pretrain_spec(cfg), sample_spec(cfg), finetune_specs(cfg)
+        n_total = 2 + len(specs)
+        timings: dict[str, dict] = {}
+        say(f"rlsubnet demo: size {cfg.size}, task {cfg.task}"
+            + (f" (+ {cfg.second_task})" if cfg.second_task else "")
+            + f", seed {cfg.seed}, {len(specs)} finetuning stages of {cfg.steps} steps -> {folder.out}", progress)
+
+        def header(k: int, name: str, settings: str):
+            say(f"[{k}/{n_total}] {name}: {settings}", progress)
+
+        # 1. θ0
+        from rlsubnet.lab.pretrain import run_pretrain, run_samples
+
+        pre_dir = folder.stage_dir("pretrain")
+        header(1, "pretrain", pre_spec.settings_line())
+        pre = _finished(pre_dir, fingerprint({"pretrain": pre_spec.to_json()}), fresh)
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        if pre is None:
+            pre = run_pretrain(pre_spec, pre_dir, progress=progress)
+            timings["pretrain"] = {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_seconds() - c0, "reused": False}
+        else:
+            timings["pretrain"] = {"reused": True}
+        acc = ", ".join(f"{t} {v['bf16']['accuracy']:.1%}" for t, v in pre.record["accuracy"].items())
+        status = "reached" if pre.record["target_reached"] else "NOT reached"
+        say(f"    θ0 after {pre.record['steps_done']} steps (target {status}); held-out accuracy {acc}"
+            + _time_note(timings["pretrain"]), progress)
+        theta0 = pre.model_dir
+        base_digest = model_digest(theta0)
+
+        # 2. θ0's own samples (for DPO and rejection-sampling FT)
+        smp_dir = folder.stage_dir("samples")
+        header(2, "samples", f"{smp_spec.k} samples/prompt from θ0 at temperature 1 on {cfg.task} training prompts")
+        smp = _finished(smp_dir, fingerprint({"samples": smp_spec.to_json(), "base": base_digest}), fresh)
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        if smp is None:
+            smp = run_samples(smp_spec, theta0, smp_dir, progress=progress)
+            timings["samples"] = {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_seconds() - c0, "reused": False}
+        else:
+            timings["samples"] = {"reused": True}
+        say(f"    sample accuracy {smp.record['sample_accuracy']:.1%}; {smp.record['prompts_with_a_correct_sample']} prompts "
+            f"with a correct sample, {smp.record['prompts_with_correct_and_incorrect']} with both" + _time_note(timings["samples"]), progress)
+        samples_path = smp.dir / "samples.jsonl"
+        samples_digest = file_digest(samples_path)
+
+        # 3. finetuning stages
+        ctx = StageContext(folder=folder, theta0=theta0, base_digest=base_digest, samples_path=samples_path,
+                           samples_digest=samples_digest, eval_tasks=cfg.tasks, theta0_accuracy=pre.record["accuracy"],
+                           timings=timings, fresh=fresh, progress=progress)
+        stages = {}
+        for k, spec in enumerate(specs, start=3):
+            header(k, spec.name, spec.settings_line())
+            stages[spec.name] = ctx.stage(spec)
+
+        # 4. measurements and report
+        say(f"[measure] compare engine on {len(stages)} stages (bf16 and fp32, snapshots, dynamics)", progress)
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        from rlsubnet.lab.measure import measure_stage
+
+        measured = {name: measure_stage(theta0, res) for name, res in stages.items()}
+        timings["measure"] = {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_seconds() - c0, "reused": False}
+
+        results = {
+            "rlsubnet_version": __version__,
+            "config": cfg.to_json(),
+            "theta0": {"dir": str(theta0), "digest": base_digest, **{k: pre.record[k] for k in (
+                "settings", "parameters", "steps_done", "target_reached", "reached_at_step", "curve", "accuracy", "spec")}},
+            "samples": {k: smp.record[k] for k in ("settings", "prompts", "sample_accuracy", "prompts_with_a_correct_sample",
+                                                     "prompts_with_correct_and_incorrect")},
+            "stages": {
+                name: {
+                    "spec": res.record["spec"],
+                    "settings": res.record["settings"],
+                    "description": specs[[s.name for s in specs].index(name)].description,
+                    "trainer": res.record["trainer"],
+                    "optimizer": res.record["optimizer"],
+                    "data": res.record["data"],
+                    "accuracy": res.record["accuracy"],
+                    "train_summary": res.record["train_summary"],
+                    "stage_timings": res.record["timings"],
+                    **measured[name],
+                }
+                for name, res in stages.items()
+            },
+            "versions": pre.record["versions"],
+            "timings": timings,
+        }
+        say("[report] figures, results.json, report.md", progress)
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        from rlsubnet.report.demo_report import prepare_report, write_report
+
+        figures = prepare_report(results)
+        timings["report"] = {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_seconds() - c0, "reused": False}
+        timings["total"] = {"wall_s": time.monotonic() - t_run, "cpu_s": _cpu_seconds() - c_run}
+        write_report(results, folder.out, figures)
+        from rlsubnet.report.demo_report import summary_lines
+
+        for line in summary_lines(results, results["claims"]):
+            say(line, progress)
+        say(f"done in {timings['total']['wall_s']:.0f} s: {folder.out / 'report.md'}", progress)
+        return results
+
+
+def _time_note(t: dict) -> str:
+    if t.get("reused"):
+        return "  (reused)"
+    return f"  ({t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s cpu)"
+
+

@@ -1,0 +1,251 @@
+"""The base model θ0 and θ0's own samples.
+
+Pretraining runs TRL's SFTTrainer from a random initialisation on the gold answers of every task's training
+split, loss on the answer only, and stops when greedy accuracy on each task's *validation* split reaches a
+target (checked every ``eval_every`` steps), not after a fixed step count: when the skill appears varies by
+seed. The held-out split is never looked at before θ0 is fixed. θ0 is saved in bf16: it is the base of every
+comparison, and the fp32 masters of every later stage start at its bf16 values exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlsubnet._version import __version__
+from rlsubnet.errors import UsageError
+from rlsubnet.fileio import atomic_dir, atomic_write_text
+from rlsubnet.lab.tasks import get_task, ordered
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    size: str
+    tasks: tuple[str, ...]
+    seed: int = 0
+    learning_rate: float = 2e-3
+    batch_size: int = 64
+    warmup_steps: int = 50
+    max_steps: int = 2000
+    eval_every: int = 50
+    target_accuracy: float = 0.6
+
+    def __post_init__(self):
+        from rlsubnet.lab.model import model_size
+
+        model_size(self.size)
+        for t in self.tasks:
+            get_task(t)
+        if not self.tasks:
+            raise UsageError("pretraining needs at least one task")
+        if self.max_steps < 1 or self.eval_every < 1:
+            raise UsageError("pretraining max_steps and eval_every must be positive")
+        if not 0 <= self.target_accuracy <= 1:
+            raise UsageError(f"pretraining target accuracy must be in [0, 1], got {self.target_accuracy}")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    def settings_line(self) -> str:
+        return (f"SFT from scratch on {'+'.join(self.tasks)} (gold answers), lr {self.learning_rate:g} constant after "
+                f"{self.warmup_steps} warm-up steps, batch {self.batch_size}, seed {self.seed}, stop at validation "
+                f"accuracy ≥ {self.target_accuracy:.0%} on every task (checked every {self.eval_every} steps, "
+                f"at most {self.max_steps} steps)")
+
+
+def pretrain_rows(spec: PretrainSpec) -> list[dict]:
+    """``max_steps × batch_size`` gold examples, the tasks interleaved in a seeded order."""
+    n = spec.max_steps * spec.batch_size
+    per_task = [ordered(get_task(t).split("train"), -(-n // len(spec.tasks)), spec.seed + 7919 * i)
+                for i, t in enumerate(spec.tasks)]
+    mixed = [p for group in zip(*per_task) for p in group][:n]
+    random.Random(f"mix:{spec.seed}").shuffle(mixed)
+    return [{"prompt": p.prompt, "completion": p.answer} for p in mixed]
+
+
+def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False):
+    """Train θ0 and write ``out_dir`` (model/ in bf16 with the tokenizer, master-fp32, curve, stage.json)."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from rlsubnet.lab.evaluate import greedy_accuracy
+    from rlsubnet.lab.model import build_model, count_parameters, load_model, save_model, save_weights_file, unique_state
+    from rlsubnet.lab.progress import StageProgress
+    from rlsubnet.lab.stages import (
+        StageResult, _remove_default_printers, common_args, default_optimizer, fingerprint, library_versions,
+        quiet_libraries, sft_features,
+    )
+    from rlsubnet.lab.tokenizer import build_tokenizer
+
+    quiet_libraries()
+    out_dir = Path(out_dir)
+    t_start = time.monotonic()
+    tokenizer = build_tokenizer()
+    model = build_model(spec.size, tokenizer, spec.seed)
+    rows = pretrain_rows(spec)
+    dataset = Dataset.from_dict(sft_features(rows, tokenizer))
+    tasks = [get_task(t) for t in spec.tasks]
+    bar = StageProgress("pretrain", spec.max_steps, enabled=progress)
+    fp = fingerprint({"pretrain": spec.to_json()})
+
+    class StopAtTarget(TrainerCallback):
+        def __init__(self):
+            self.curve: list[dict] = []
+            self.reached_at: int | None = None
+            self.last_loss = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.last_loss = logs["loss"]
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            step = state.global_step
+            logs = {"loss": self.last_loss} if self.last_loss is not None else {}
+            if self.curve:
+                logs["val_acc"] = min(self.curve[-1]["validation_accuracy"].values())
+            if step % spec.eval_every == 0 or step == spec.max_steps:
+                acc = {t.name: greedy_accuracy(model, tokenizer, t.split("validation"), t.max_answer_chars + 1)["accuracy"]
+                       for t in tasks}
+                self.curve.append({"step": step, "validation_accuracy": acc, "loss": self.last_loss})
+                logs["val_acc"] = min(acc.values())
+                if min(acc.values()) >= spec.target_accuracy:
+                    self.reached_at = step
+                    control.should_training_stop = True
+            bar.update(step, logs)
+
+    stopper = StopAtTarget()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        args = SFTConfig(
+            **common_args(str(tmp / "trainer"), learning_rate=spec.learning_rate, steps=spec.max_steps, seed=spec.seed,
+                          max_grad_norm=1.0, weight_decay=0.0, lr_scheduler_type="constant_with_warmup",
+                          warmup_steps=spec.warmup_steps),
+            per_device_train_batch_size=spec.batch_size,
+            max_length=None,
+            shuffle_dataset=False,
+            packing=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[stopper], optimizers=(default_optimizer(model, args), None))
+        _remove_default_printers(trainer)
+        t_train = time.monotonic()
+        try:
+            trainer.train()
+        finally:
+            train_seconds = time.monotonic() - t_train
+            bar.close()
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model = trainer.model
+        meta = {"stage": "pretrain", "fingerprint": fp, "rlsubnet_version": __version__}
+        save_model(model, tmp / "model", torch.bfloat16, tokenizer=tokenizer, metadata=meta)
+        save_weights_file(unique_state(model), tmp / "master-fp32.safetensors", {**meta, "dtype": "float32"})
+        theta0 = load_model(tmp / "model")
+        accuracy = {
+            t.name: {
+                "bf16": greedy_accuracy(theta0, tokenizer, t.split("heldout"), t.max_answer_chars + 1),
+                "fp32_master": greedy_accuracy(model, tokenizer, t.split("heldout"), t.max_answer_chars + 1),
+                "heldout_digest": t.split_digest("heldout"),
+            }
+            for t in tasks
+        }
+        record = {
+            "name": "pretrain",
+            "kind": "pretrain",
+            "fingerprint": fp,
+            "spec": spec.to_json(),
+            "settings": spec.settings_line(),
+            "parameters": count_parameters(model),
+            "steps_done": trainer.state.global_step,
+            "target_reached": stopper.reached_at is not None,
+            "reached_at_step": stopper.reached_at,
+            "curve": stopper.curve,
+            "accuracy": accuracy,
+            "optimizer": {"class": "torch.optim.AdamW", "lr": spec.learning_rate, "weight_decay": 0.0},
+            "timings": {"train_s": train_seconds, "total_s": time.monotonic() - t_start},
+            "versions": library_versions(),
+        }
+        atomic_write_text(tmp / "stage.json", json.dumps(record, indent=2) + "\n")
+    return StageResult(name="pretrain", dir=out_dir, record=record)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    task: str
+    k: int = 4
+    max_prompts: int = 8000
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_samples(spec: SampleSpec, base_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
+                overwrite: bool = False):
+    """``k`` samples per training prompt from θ0 at temperature 1: the data of DPO and rejection-sampling FT."""
+    from rlsubnet.lab.evaluate import generate
+    from rlsubnet.lab.model import load_model
+    from rlsubnet.lab.progress import StageProgress
+    from rlsubnet.lab.rewards import is_correct, normalise_completion
+    from rlsubnet.lab.stages import StageResult, fingerprint, library_versions, model_digest, quiet_libraries
+    from rlsubnet.lab.tokenizer import EOS, load_tokenizer
+
+    quiet_libraries()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    t_start = time.monotonic()
+    task = get_task(spec.task)
+    problems = ordered(task.split("train"), min(spec.max_prompts, len(task.split("train"))), spec.seed)
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(base_dir)
+    base_digest = model_digest(base_dir)
+    fp = fingerprint({"samples": spec.to_json(), "base": base_digest})
+    bar = StageProgress("samples", len(problems), enabled=progress)
+    chunk = 1024
+    raw: list[str] = []
+    for start in range(0, len(problems), chunk):
+        part = problems[start : start + chunk]
+        raw += generate(model, tokenizer, [p.prompt for p in part], task.max_answer_chars + 1, sample=True,
+                        num_return_sequences=spec.k, generator_seed=spec.seed * 1_000_003 + start)
+        bar.update(start + len(part))
+    bar.close()
+    lines = []
+    n_correct = n_any = n_mixed = 0
+    for i, p in enumerate(problems):
+        outs = raw[i * spec.k : (i + 1) * spec.k]
+        correct = [is_correct(c, p.answer) for c in outs]
+        n_correct += sum(correct)
+        n_any += any(correct)
+        n_mixed += any(correct) and not all(correct)
+        lines.append(json.dumps({
+            "prompt": p.prompt,
+            "answer": p.answer,
+            "completions": [normalise_completion(c) for c in outs],
+            "correct": correct,
+            "terminated": [EOS in c for c in outs],
+        }))
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        atomic_write_text(tmp / "samples.jsonl", "\n".join(lines) + "\n")
+        record = {
+            "name": "samples",
+            "kind": "samples",
+            "fingerprint": fp,
+            "spec": spec.to_json(),
+            "settings": f"{spec.k} samples per prompt at temperature 1 from θ0 on {len(problems)} {spec.task} training prompts, seed {spec.seed}",
+            "base": {"dir": str(base_dir), "digest": base_digest},
+            "prompts": len(problems),
+            "sample_accuracy": n_correct / (len(problems) * spec.k),
+            "prompts_with_a_correct_sample": n_any,
+            "prompts_with_correct_and_incorrect": n_mixed,
+            "timings": {"total_s": time.monotonic() - t_start},
+            "versions": library_versions(),
+        }
+        atomic_write_text(tmp / "stage.json", json.dumps(record, indent=2) + "\n")
+    return StageResult(name="samples", dir=out_dir, record=record)

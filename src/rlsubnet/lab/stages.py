@@ -1,0 +1,659 @@
+"""Training stages: each is one of TRL's trainers (pinned in pyproject's ``train`` extra), run from θ0.
+
+A stage trains fp32 master weights that start at θ0's bf16 values exactly, and writes into its own folder
+(built under a temporary name and renamed at the end, so a stage is either complete or absent):
+
+    stage.json                 spec, fingerprint, settings, data digest, timings, accuracy, library versions
+    model/                     the final weights as a bf16 Hugging Face checkpoint (+ tokenizer): the measured model
+    master-fp32.safetensors    the fp32 master weights at the end of training
+    snapshots/step-NNNNNN.safetensors   bf16 weights every ``snapshot_every`` steps (the last one is the final model)
+    steps.json                 per optimizer step: sparsity against the previous step (compare engine) and the
+                               never / returned / final decomposition at one-step resolution
+    data.jsonl                 the training rows in the order the trainer saw them
+    log.jsonl                  the trainer's logs, one line per step
+
+Issue 4 reuses :func:`run_stage` for subnetwork re-runs: pass the same spec (same ``seed`` and ``data_seed``, so
+the same rows in the same order and the same sampling RNG), an ``optimizer_factory`` that wraps
+:func:`default_optimizer` in a masked optimizer, and/or extra ``callbacks`` / a ``configure_trainer`` hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlsubnet._version import __version__
+from rlsubnet.errors import UsageError
+from rlsubnet.fileio import atomic_dir, atomic_write_text
+from rlsubnet.lab.tasks import Problem, get_task, ordered
+
+ALGORITHMS = ("grpo", "dpo", "sft")
+DATA_SOURCES = {
+    "grpo": ("prompts",),
+    "dpo": ("own-pairs",),
+    "sft": ("gold", "own-correct"),
+}
+STEP_ATOLS = (0.0, 1e-5)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything that decides what a finetuning stage computes (and so its fingerprint)."""
+
+    name: str
+    algorithm: str = field(metadata={"help": "grpo | dpo | sft"})
+    task: str = field(metadata={"help": "task whose training split the stage trains on"})
+    data: str = field(
+        metadata={
+            "help": "prompts (GRPO), gold (SFT on reference answers), own-correct (rejection-sampling FT on θ0's "
+            "correct samples), own-pairs (DPO on θ0's correct vs incorrect samples)"
+        }
+    )
+    learning_rate: float
+    steps: int
+    batch_size: int = field(default=32, metadata={"help": "prompts (GRPO), pairs (DPO) or examples (SFT) per step"})
+    seed: int = field(default=0, metadata={"help": "trainer seed: initial RNG state, GRPO sampling"})
+    data_seed: int | None = field(default=None, metadata={"help": "seed of the data order (None: seed)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 disables it"})
+    beta: float = field(default=0.0, metadata={"help": "GRPO: KL coefficient (0 = no KL term); DPO: β"})
+    num_generations: int = field(default=8, metadata={"help": "GRPO completions per prompt"})
+    loss_type: str | None = field(default=None, metadata={"help": "GRPO: grpo (default); DPO: sigmoid (default)"})
+    weight_decay: float = 0.0
+    snapshot_every: int = field(default=10, metadata={"help": "steps between bf16 snapshots"})
+    description: str = ""
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(f"stage {self.name}: unknown algorithm {self.algorithm!r} (choose from {', '.join(ALGORITHMS)})")
+        if self.data not in DATA_SOURCES[self.algorithm]:
+            raise UsageError(f"stage {self.name}: data {self.data!r} does not fit {self.algorithm}")
+        get_task(self.task)
+        if self.steps < 1 or self.batch_size < 1 or self.snapshot_every < 1:
+            raise UsageError(f"stage {self.name}: steps, batch_size and snapshot_every must be positive")
+        if not self.learning_rate > 0:
+            raise UsageError(f"stage {self.name}: learning rate must be positive")
+        if self.max_grad_norm < 0 or self.beta < 0:
+            raise UsageError(f"stage {self.name}: max_grad_norm and beta must be non-negative")
+
+    @property
+    def effective_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def resolved_loss_type(self) -> str | None:
+        if self.loss_type is not None:
+            return self.loss_type
+        return {"grpo": "grpo", "dpo": "sigmoid"}.get(self.algorithm)
+
+    @property
+    def uses_own_samples(self) -> bool:
+        return self.data.startswith("own-")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data_seed"] = self.effective_data_seed
+        d["loss_type"] = self.resolved_loss_type
+        return d
+
+    def settings_line(self) -> str:
+        """The settings a figure or table row states next to the number."""
+        parts = [f"{self.algorithm.upper()} on {self.task} ({self.data})", f"lr {self.learning_rate:g}", f"{self.steps} steps",
+                 f"batch {self.batch_size}", f"seed {self.seed}"]
+        if self.algorithm == "grpo":
+            parts += [f"β {self.beta:g}", f"{self.num_generations} completions/prompt"]
+        if self.algorithm == "dpo":
+            parts.append(f"β {self.beta:g}")
+        parts.append(f"clip {self.max_grad_norm:g}" if self.max_grad_norm > 0 else "no clipping")
+        if self.weight_decay:
+            parts.append(f"weight decay {self.weight_decay:g}")
+        if self.data_seed is not None and self.data_seed != self.seed:
+            parts.append(f"data seed {self.data_seed}")
+        return ", ".join(parts)
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """Identity of a checkpoint folder written by :func:`rlsubnet.lab.model.save_model` (its weights file)."""
+    return file_digest(Path(model_dir) / "model.safetensors")
+
+
+def library_versions() -> dict:
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "rlsubnet": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def quiet_libraries() -> None:
+    """Keep the progress display readable: the libraries' own bars and advice go away, errors stay."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=r"trl\..*")
+    warnings.filterwarnings("ignore", module=r"transformers\..*")
+    warnings.filterwarnings("ignore", module=r"accelerate\..*")
+
+
+# -- data
+
+
+def _digest_rows(rows: Sequence[dict]) -> str:
+    return hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()[:16]
+
+
+def load_samples(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def own_correct_examples(samples: Sequence[dict]) -> list[dict]:
+    """Rejection sampling: for every prompt θ0 solved at least once, its first correct sample."""
+    out = []
+    for s in samples:
+        good = [c for c, ok in zip(s["completions"], s["correct"]) if ok]
+        if good:
+            out.append({"prompt": s["prompt"], "completion": good[0]})
+    return out
+
+
+def own_pairs(samples: Sequence[dict]) -> list[dict]:
+    """DPO pairs from θ0's own samples: a correct one (chosen) against an incorrect one (rejected).
+
+    Among incorrect samples, one the policy ended itself (with <eos>) is preferred: DPO appends <eos> to both
+    responses, so a truncated sample would become a sequence the policy did not produce.
+    """
+    out = []
+    for s in samples:
+        good = [c for c, ok in zip(s["completions"], s["correct"]) if ok]
+        bad = [(c, t) for c, ok, t in zip(s["completions"], s["correct"], s["terminated"]) if not ok]
+        if good and bad:
+            bad.sort(key=lambda ct: not ct[1])  # stable: terminated first, then sampling order
+            out.append({"prompt": s["prompt"], "chosen": good[0], "rejected": bad[0][0]})
+    return out
+
+
+def stage_rows(spec: StageSpec, samples: Sequence[dict] | None = None) -> tuple[list[dict], dict]:
+    """The stage's training rows in training order, and a record of where they came from.
+
+    Rows are drawn from the task's *training* split only (θ0's samples were taken on training prompts too);
+    the order is :func:`rlsubnet.lab.tasks.ordered` under ``data_seed``, so it is the same for every re-run.
+    """
+    task = get_task(spec.task)
+    n = spec.steps * spec.batch_size
+    train = task.split("train")
+    if spec.data in ("prompts", "gold"):
+        pool: list = list(train)
+    else:
+        if samples is None:
+            raise UsageError(f"stage {spec.name}: needs θ0's own samples ({spec.data})")
+        train_prompts = {p.prompt for p in train}
+        foreign = [s["prompt"] for s in samples if s["prompt"] not in train_prompts]
+        if foreign:
+            raise UsageError(f"stage {spec.name}: samples include prompts outside the training split, e.g. {foreign[0]!r}")
+        pool = own_correct_examples(samples) if spec.data == "own-correct" else own_pairs(samples)
+        if not pool:
+            what = "correct samples" if spec.data == "own-correct" else "prompts with both a correct and an incorrect sample"
+            raise UsageError(
+                f"stage {spec.name}: θ0 produced no {what} on the {spec.task} training prompts; "
+                "pretrain further (raise --pretrain-target or --pretrain-max-steps)"
+            )
+    chosen = ordered(pool, n, spec.effective_data_seed)
+    rows = []
+    for item in chosen:
+        if isinstance(item, Problem):
+            rows.append({"prompt": item.prompt, "answer": item.answer} if spec.data == "prompts"
+                        else {"prompt": item.prompt, "completion": item.answer})
+        else:
+            rows.append(dict(item))
+    record = {
+        "source": spec.data,
+        "split": "train",
+        "rows": len(rows),
+        "pool": len(pool),
+        "unique_prompts": len({r["prompt"] for r in rows}),
+        "epochs": len(rows) / len(pool),
+        "digest": _digest_rows(rows),
+    }
+    return rows, record
+
+
+def sft_features(rows: Sequence[dict], tokenizer) -> dict[str, list]:
+    """Pre-tokenised SFT examples with the loss on the completion (and <eos>) only.
+
+    Tokenising here rather than in SFTTrainer keeps a 100k-row pretraining set from spending most of the demo's
+    time in ``datasets.map``; the trainer's collator, loss and loop are TRL's own.
+    """
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    completions = tokenizer([r["completion"] + tokenizer.eos_token for r in rows], add_special_tokens=False)["input_ids"]
+    input_ids = [p + c for p, c in zip(prompts, completions)]
+    labels = [[-100] * len(p) + c for p, c in zip(prompts, completions)]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# -- trainers
+
+
+def default_optimizer(model, args):
+    """The optimizer of every stage: torch AdamW (single-tensor path) with the TrainingArguments' settings.
+
+    Made here, not by the Trainer, so that a masked re-run can wrap exactly the same optimizer (the Trainer's
+    default on torch ≥ 2.8 is the fused kernel, whose rounding differs). Norms and biases get no weight decay.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        foreach=False,
+        fused=False,
+    )
+
+
+def common_args(output_dir: str, *, learning_rate: float, steps: int, seed: int, max_grad_norm: float,
+                weight_decay: float, lr_scheduler_type: str = "constant", warmup_steps: int = 0) -> dict:
+    """TrainingArguments every stage sets explicitly: TRL's defaults (bf16 autocast, gradient checkpointing,
+    lr 1e-6, fused AdamW, tqdm, reporting) would otherwise decide the result or the output."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler_type,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        gradient_accumulation_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",  # the rows are already in the stage's data order
+    )
+
+
+def _remove_default_printers(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, base_dir: Path, output_dir: Path,
+                  callbacks: Sequence = (), optimizer_factory: Callable | None = None):
+    """The TRL trainer of a stage, configured explicitly (no library default left to decide the result)."""
+    from datasets import Dataset
+
+    from rlsubnet.lab.model import load_model
+    from rlsubnet.lab.rewards import exact_match_reward
+
+    task = get_task(spec.task)
+    base = common_args(str(output_dir), learning_rate=spec.learning_rate, steps=spec.steps, seed=spec.seed,
+                       max_grad_norm=spec.max_grad_norm, weight_decay=spec.weight_decay)
+    if spec.algorithm == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(
+            **base,
+            per_device_train_batch_size=spec.batch_size * spec.num_generations,  # counts completions
+            num_generations=spec.num_generations,
+            max_completion_length=task.max_answer_chars + 1,  # the answer and <eos>
+            beta=spec.beta,
+            loss_type=spec.resolved_loss_type,
+            scale_rewards="group",
+            num_iterations=1,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            shuffle_dataset=False,
+            use_vllm=False,
+            disable_dropout=True,
+            log_completions=False,
+        )
+        dataset = Dataset.from_list(list(rows))
+        make = lambda opt: GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=args, train_dataset=dataset,
+                                       processing_class=tokenizer, callbacks=list(callbacks), optimizers=(opt, None))
+    elif spec.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(
+            **base,
+            per_device_train_batch_size=spec.batch_size,
+            beta=spec.beta,
+            loss_type=[spec.resolved_loss_type],
+            max_length=64,
+            precompute_ref_log_probs=False,
+            disable_dropout=True,
+        )
+        dataset = Dataset.from_list(list(rows))
+        ref = load_model(base_dir)
+        make = lambda opt: DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
+                                      processing_class=tokenizer, callbacks=list(callbacks), optimizers=(opt, None))
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(
+            **base,
+            per_device_train_batch_size=spec.batch_size,
+            max_length=None,
+            shuffle_dataset=False,
+            packing=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
+        dataset = Dataset.from_dict(sft_features(rows, tokenizer))
+        make = lambda opt: SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                      callbacks=list(callbacks), optimizers=(opt, None))
+    optimizer = (optimizer_factory or default_optimizer)(model, args)
+    trainer = make(optimizer)
+    _remove_default_printers(trainer)
+    return trainer
+
+
+# -- callbacks
+
+
+def _bf16_state(model) -> dict:
+    import torch
+
+    from rlsubnet.lab.model import unique_state
+
+    return unique_state(model, torch.bfloat16)
+
+
+def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_every: int, total_steps: int,
+                   progress=None, step_atols: Sequence[float] = STEP_ATOLS):
+    """(snapshots, per-step tracker, log collector) as TrainerCallbacks over ``model``'s parameters."""
+    from transformers import TrainerCallback
+
+    from rlsubnet.diff.dynamics import DynamicsCounts, changed_mask
+    from rlsubnet.engine import compare
+    from rlsubnet.lab.model import save_weights_file
+
+    class Snapshots(TrainerCallback):
+        """bf16 weights every ``snapshot_every`` steps and at the last step (the final model)."""
+
+        def __init__(self):
+            self.saved: list[tuple[int, str]] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            if step % snapshot_every == 0 or step == total_steps or control.should_training_stop:
+                self.save(step)
+
+        def save(self, step: int) -> None:
+            if self.saved and self.saved[-1][0] == step:
+                return
+            name = f"step-{step:06d}.safetensors"
+            save_weights_file(_bf16_state(model), snapshot_dir / name, {"step": step, "dtype": "bfloat16"})
+            self.saved.append((step, name))
+
+    class StepTracker(TrainerCallback):
+        """After every optimizer step: the compare engine against the previous step's bf16 weights, and the
+        entries that have differed from θ0 at any step so far (for the one-step-resolution decomposition)."""
+
+        def __init__(self):
+            self.prev = base_state
+            self.ever = {n: [torch_zeros_like_bool(t) for _ in step_atols] for n, t in base_state.items()}
+            self.records: list[dict] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            cur = _bf16_state(model)
+            r = compare(self.prev, cur, atol=step_atols)
+            for name, b in base_state.items():
+                for e, a in zip(self.ever[name], step_atols):
+                    e |= changed_mask(b, cur[name], a)
+            self.records.append({
+                "step": state.global_step,
+                "changed_vs_previous_step": {repr(g["atol"]): g["changed"] for g in r.global_stats},
+                "sparsity_vs_previous_step": {repr(g["atol"]): g["sparsity"] for g in r.global_stats},
+            })
+            self.prev = cur
+
+        def decomposition(self, final_state: dict) -> list[dict]:
+            out = []
+            for j, a in enumerate(step_atols):
+                c = DynamicsCounts(atol=a)
+                for name, b in base_state.items():
+                    n = b.numel()
+                    ever = int(self.ever[name][j].sum())
+                    fin = int(changed_mask(b, final_state[name], a).sum())
+                    c.add(DynamicsCounts(atol=a, numel=n, never=n - ever, returned=ever - fin, final=fin))
+                out.append(c.to_record())
+            return out
+
+    class Logs(TrainerCallback):
+        def __init__(self):
+            self.logs: list[dict] = []
+            self._last: dict = {}
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                rec = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+                self.logs.append(rec)
+                self._last = rec
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress is not None:
+                progress.update(state.global_step, self._last)
+
+    return Snapshots(), StepTracker(), Logs()
+
+
+def torch_zeros_like_bool(t):
+    import torch
+
+    return torch.zeros(t.shape, dtype=torch.bool)
+
+
+# -- running a stage
+
+
+@dataclass
+class StageResult:
+    """Where a finished stage's outputs are, and its record (the content of stage.json)."""
+
+    name: str
+    dir: Path
+    record: dict
+
+    @property
+    def model_dir(self) -> Path:
+        """The bf16 checkpoint (a Hugging Face folder): what every sparsity figure measures."""
+        return self.dir / "model"
+
+    @property
+    def master_path(self) -> Path:
+        """The fp32 master weights at the end of training (one safetensors file)."""
+        return self.dir / "master-fp32.safetensors"
+
+    @property
+    def snapshots(self) -> list[tuple[int, Path]]:
+        return [(s["step"], self.dir / "snapshots" / s["file"]) for s in self.record.get("snapshots", [])]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record["fingerprint"]
+
+    @classmethod
+    def load(cls, stage_dir: str | Path) -> "StageResult":
+        stage_dir = Path(stage_dir)
+        with open(stage_dir / "stage.json") as f:
+            record = json.load(f)
+        return cls(name=record["name"], dir=stage_dir, record=record)
+
+
+def stage_fingerprint(spec: StageSpec, base_digest: str, samples_digest: str | None, extra: dict | None = None) -> str:
+    return fingerprint({"spec": spec.to_json(), "base": base_digest, "samples": samples_digest, "extra": extra or {}})
+
+
+def run_stage(
+    spec: StageSpec,
+    *,
+    base_dir: str | Path,
+    out_dir: str | Path,
+    samples_path: str | Path | None = None,
+    eval_tasks: Sequence[str] | None = None,
+    callbacks: Sequence = (),
+    optimizer_factory: Callable | None = None,
+    configure_trainer: Callable | None = None,
+    extra_record: dict | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> StageResult:
+    """Train ``spec`` from the bf16 checkpoint ``base_dir`` (θ0) and write the stage folder ``out_dir``.
+
+    ``callbacks`` are extra TrainerCallbacks; ``optimizer_factory(model, training_args) -> Optimizer`` replaces
+    :func:`default_optimizer` (a masked optimizer wraps the default one); ``configure_trainer(trainer)`` runs
+    after the trainer is built and before it trains (e.g. a TRL plug-in). ``extra_record`` is stored in
+    stage.json and enters the fingerprint: record there what the hooks change (the mask file, its digest...).
+    """
+    import torch
+
+    from rlsubnet.lab.evaluate import greedy_accuracy
+    from rlsubnet.lab.model import load_model, save_model, save_weights_file, unique_state
+    from rlsubnet.lab.progress import StageProgress
+    from rlsubnet.lab.tokenizer import load_tokenizer
+
+    quiet_libraries()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    t_start = time.monotonic()
+    tokenizer = load_tokenizer(base_dir)
+    samples = load_samples(samples_path) if spec.uses_own_samples and samples_path else None
+    rows, data_record = stage_rows(spec, samples)
+    base_digest = model_digest(base_dir)
+    samples_digest = file_digest(samples_path) if samples is not None else None
+    fp = stage_fingerprint(spec, base_digest, samples_digest, extra_record)
+    eval_tasks = list(eval_tasks or [spec.task])
+
+    model = load_model(base_dir)  # fp32 masters, equal to θ0's bf16 values
+    base_state = _bf16_state(model)
+    bar = StageProgress(spec.name, spec.steps, enabled=progress)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "snapshots").mkdir()
+        snaps, tracker, logs = make_callbacks(model, base_state, snapshot_dir=tmp / "snapshots",
+                                              snapshot_every=spec.snapshot_every, total_steps=spec.steps, progress=bar)
+        trainer = build_trainer(spec, model, tokenizer, rows, base_dir=base_dir, output_dir=tmp / "trainer",
+                                callbacks=[snaps, tracker, logs, *callbacks], optimizer_factory=optimizer_factory)
+        if configure_trainer is not None:
+            configure_trainer(trainer)
+        t_train = time.monotonic()
+        try:
+            trainer.train()
+        finally:
+            train_seconds = time.monotonic() - t_train
+            bar.close()
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        steps_done = trainer.state.global_step
+        snaps.save(steps_done)  # the final model is always the last snapshot
+        model = trainer.model
+
+        meta = {"stage": spec.name, "fingerprint": fp, "rlsubnet_version": __version__}
+        save_model(model, tmp / "model", torch.bfloat16, tokenizer=tokenizer, metadata=meta)
+        save_weights_file(unique_state(model), tmp / "master-fp32.safetensors", {**meta, "dtype": "float32"})
+
+        final_state = _bf16_state(model)
+        accuracy = {}
+        bf16_model = load_model(tmp / "model")
+        for t in eval_tasks:
+            task = get_task(t)
+            n_new = task.max_answer_chars + 1
+            accuracy[t] = {
+                "bf16": greedy_accuracy(bf16_model, tokenizer, task.split("heldout"), n_new),
+                "fp32_master": greedy_accuracy(model, tokenizer, task.split("heldout"), n_new),
+                "heldout_digest": task.split_digest("heldout"),
+            }
+        steps_record = {"atols": list(STEP_ATOLS), "steps": tracker.records,
+                        "decomposition_every_step": tracker.decomposition(final_state)}
+        atomic_write_text(tmp / "steps.json", json.dumps(steps_record, indent=1) + "\n")
+        atomic_write_text(tmp / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs.logs))
+        record = {
+            "name": spec.name,
+            "kind": "finetune",
+            "fingerprint": fp,
+            "spec": spec.to_json(),
+            "settings": spec.settings_line(),
+            "base": {"dir": str(base_dir), "digest": base_digest},
+            "samples": {"path": str(samples_path), "digest": samples_digest} if samples_digest else None,
+            "data": data_record,
+            "trainer": type(trainer).__name__,
+            "optimizer": _describe_optimizer(trainer.optimizer),
+            "steps_done": steps_done,
+            "snapshots": [{"step": s, "file": f} for s, f in snaps.saved],
+            "accuracy": accuracy,
+            "train_summary": _train_summary(logs.logs),
+            "timings": {"train_s": train_seconds, "total_s": time.monotonic() - t_start},
+            "versions": library_versions(),
+            "extra": extra_record or {},
+        }
+        atomic_write_text(tmp / "stage.json", json.dumps(record, indent=2) + "\n")
+    return StageResult(name=spec.name, dir=out_dir, record=record)
+
+
+def _describe_optimizer(opt) -> dict:
+    inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
+    d = {"class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
+    if getattr(inner, "param_groups", None):
+        g = inner.param_groups[0]
+        d.update({k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused") if k in g})
+        d["betas"] = list(d.get("betas", ()))
+    return d
+
+
+def _train_summary(logs: Sequence[dict]) -> dict:
+    """First and last logged values of the metrics that say whether training did anything."""
+    out = {}
+    for key in ("reward", "loss", "grad_norm", "kl", "rewards/chosen", "rewards/margins", "rewards/accuracies", "mean_token_accuracy"):
+        vals = [r[key] for r in logs if isinstance(r.get(key), (int, float))]
+        if vals:
+            k = max(1, len(vals) // 10)
+            out[key] = {"first": vals[0], "last": vals[-1], "first_10pct_mean": sum(vals[:k]) / k, "last_10pct_mean": sum(vals[-k:]) / k}
+    return out

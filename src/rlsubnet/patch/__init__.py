@@ -1,0 +1,38 @@
+"""Sparse patches: ship only the entries RL changed, losslessly, verified by content hashes.
+
+    create_patch(base, tuned, "p.rlpatch")           # positions of differing bits + their new values
+    apply_patches(base, ["p.rlpatch"], "out/")       # rebuild the target bit for bit, in the base's layout
+    apply_patch_(model, "p.rlpatch")                 # update a loaded model in place (live weight sync)
+    SparseSyncCallback(out_dir, every_steps=K, anchor_every=M)   # a transformers/TRL trainer callback
+
+File format: :mod:`rlsubnet.patch.format`; bit-level coding: :mod:`rlsubnet.patch.codec`.
+"""
+
+from rlsubnet.patch.errors import PatchError, PatchVersionError, WrongBaseError
+
+_LAZY = {
+    "create_patch": "rlsubnet.patch.encode",
+    "write_patch": "rlsubnet.patch.encode",
+    "PatchSummary": "rlsubnet.patch.encode",
+    "apply_patches": "rlsubnet.patch.apply",
+    "apply_patch_": "rlsubnet.patch.apply",
+    "model_tensors": "rlsubnet.patch.apply",
+    "ApplySummary": "rlsubnet.patch.apply",
+    "PatchFile": "rlsubnet.patch.format",
+    "patch_info": "rlsubnet.patch.info",
+    "SparseSyncCallback": "rlsubnet.patch.sync",
+    "SyncWriter": "rlsubnet.patch.sync",
+    "sync_receive": "rlsubnet.patch.sync",
+}
+
+
+def __getattr__(name):
+    # torch, numpy and transformers load on first use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rlsubnet.patch' has no attribute {name!r}")
+
+
+__all__ = ["PatchError", "PatchVersionError", "WrongBaseError", *_LAZY]

@@ -1,0 +1,425 @@
+"""Make a patch: the entries whose bits differ between a base and a target checkpoint, and their new values.
+
+Tensors are visited in the base's storage order and read in blocks of about ``read_bytes`` per side by a
+background thread, which also hashes them; the main thread finds the differing bits (an integer XOR in the
+stored dtype, so -0 vs +0 and NaN payloads count) and codes them (codec.py). One tensor's compressed record
+is held in memory, then appended to the patch file. Memory: two read blocks plus one tensor's record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+from rlsubnet._version import __version__
+from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
+from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes, hash_checkpoint_tensor
+from rlsubnet.checkpoint.index import TORCH_TO_ST, TensorInfo
+from rlsubnet.checkpoint.layout import aux_files
+from rlsubnet.errors import MismatchError, UsageError
+from rlsubnet._threads import prefetch
+from rlsubnet.patch.codec import BLOCK_NUMEL, MAX_BLOCK_NUMEL, UINT_OF, VALUE_CODINGS, TensorEncoder
+from rlsubnet.patch.format import FORMAT_NAME, FORMAT_VERSION, PatchWriter
+
+DEFAULT_LEVEL = 1  # measured: smaller AND faster than 3-19 on position and XOR-value streams (docs/patch.md)
+DEFAULT_READ_BYTES = 16 << 20
+MAX_AUX_FILE_BYTES = 64 << 20
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SHOW = 8
+
+
+@dataclass
+class _Plan:
+    name: str
+    op: str  # "delta" (both hold it alike), "full" (new, or new dtype/shape), "remove" (base only)
+    base: TensorInfo | None
+    target: TensorInfo | None
+
+
+@dataclass
+class PatchSummary:
+    """What :func:`create_patch` wrote: the file, its size and its manifest (see ``rlsubnet patch info``)."""
+
+    path: Path
+    nbytes: int
+    manifest: dict
+    seconds: float = 0.0
+    target_hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def changed(self) -> int:
+        return self.manifest["totals"]["changed"]
+
+    @property
+    def target_nbytes(self) -> int:
+        return self.manifest["target"]["nbytes"]
+
+
+def _listing(items: list[str]) -> str:
+    return ", ".join(items[:_SHOW]) + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def _spec(info: TensorInfo) -> str:
+    return f"{str(info.dtype).removeprefix('torch.')}{list(info.shape)}"
+
+
+def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bool) -> list[_Plan]:
+    """One plan per tensor: base storage order, then tensors only the target holds.
+
+    Tensors missing from either side, or stored with another dtype or shape, are refused unless
+    ``allow_mismatch``; then removed ones are listed and new or changed-layout ones stored whole.
+    """
+    if base is None:
+        return [_Plan(n, "full", None, i) for n, i in target.infos.items()]
+    b, t = base.infos, target.infos
+    missing = [n for n in b if n not in t]
+    extra = [n for n in t if n not in b]
+    relaid = [n for n in b if n in t and (b[n].shape != t[n].shape or b[n].dtype != t[n].dtype)]
+    if (missing or extra or relaid) and not allow_mismatch:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing from the target: {_listing(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} only in the target: {_listing(extra)}")
+        if relaid:
+            parts.append(
+                f"{len(relaid)} with another dtype or shape: "
+                + _listing([f"{n} {_spec(b[n])} vs {_spec(t[n])}" for n in relaid])
+            )
+        raise MismatchError(
+            f"{base.location} and {target.location} hold different tensors ({'; '.join(parts)}); pass "
+            "--allow-mismatch to record removed tensors and store new or re-shaped ones whole"
+        )
+    plans = []
+    for n, bi in b.items():
+        if n not in t:
+            plans.append(_Plan(n, "remove", bi, None))
+        elif n in relaid:
+            plans.append(_Plan(n, "full", bi, t[n]))
+        else:
+            plans.append(_Plan(n, "delta", bi, t[n]))
+    plans += [_Plan(n, "full", None, t[n]) for n in extra]
+    return plans
+
+
+def _words(block: torch.Tensor) -> np.ndarray:
+    """A block's raw elements as unsigned integer words (a view, no copy)."""
+    esize = block.element_size()
+    return block.reshape(-1).view(torch.uint8).numpy().view(UINT_OF[esize])
+
+
+def _read_numel(esize: int, block_numel: int, read_bytes: int) -> int:
+    return block_numel * max(1, (read_bytes // esize) // block_numel)
+
+
+def _producer(plans, base, target, block_numel, read_bytes, hash_base: bool):
+    """Background thread: read blocks and hash the base. Yields ("block", plan, start, base, target) then ("end", ...).
+
+    The target is hashed by the consumer (see ``encode_checkpoints``): reading plus one hash here, one hash
+    plus the coding there, keeps two cores about equally busy.
+    """
+    for plan in plans:
+        bh = TensorHasher(plan.name, plan.base.dtype, plan.base.shape) if hash_base and plan.base else None
+        if plan.op == "delta":
+            info = plan.target
+            step = _read_numel(element_size(info.dtype), block_numel, read_bytes)
+            for start in range(0, info.numel, step):
+                stop = min(info.numel, start + step)
+                b = base.read_flat(plan.name, start, stop)
+                t = target.read_flat(plan.name, start, stop)
+                if bh:
+                    bh.update(b)
+                yield "block", plan, start, b, t
+        else:
+            if plan.base is not None and bh:
+                step = _read_numel(element_size(plan.base.dtype), block_numel, read_bytes)
+                for start in range(0, plan.base.numel, step):
+                    bh.update(base.read_flat(plan.name, start, min(plan.base.numel, start + step)))
+            if plan.target is not None:
+                info = plan.target
+                step = _read_numel(element_size(info.dtype), block_numel, read_bytes)
+                for start in range(0, info.numel, step):
+                    t = target.read_flat(plan.name, start, min(info.numel, start + step))
+                    yield "block", plan, start, None, t
+        yield "end", plan, bh.hexdigest() if bh else None, None, None
+
+
+def encode_checkpoints(
+    writer: PatchWriter,
+    base: Checkpoint | None,
+    target: Checkpoint,
+    *,
+    values: str = "xor",
+    level: int = DEFAULT_LEVEL,
+    allow_mismatch: bool = False,
+    block_numel: int = BLOCK_NUMEL,
+    read_bytes: int = DEFAULT_READ_BYTES,
+    base_hashes: dict[str, str] | None = None,
+    hash_target_lazily: bool = False,
+    progress: bool = False,
+) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    """Append every tensor's record to ``writer``; return (manifest entries, base hashes, target hashes).
+
+    ``base_hashes``: trusted per-tensor hashes of ``base`` (e.g. the target hashes of the previous sync), so
+    the base is not hashed again. ``hash_target_lazily``: hash a target tensor only when it differs from
+    the base (cheap for in-memory checkpoints; files would be read twice).
+    """
+    if values not in VALUE_CODINGS:
+        raise UsageError(f"unknown value coding {values!r} (choose from {', '.join(VALUE_CODINGS)})")
+    if not 1 <= block_numel <= MAX_BLOCK_NUMEL:
+        raise UsageError(f"block_numel must be in 1..{MAX_BLOCK_NUMEL}")
+    plans = plan_tensors(base, target, allow_mismatch)
+    if base_hashes is not None:
+        missing = [p.name for p in plans if p.base is not None and p.name not in base_hashes]
+        if missing:
+            raise ValueError(f"base_hashes lacks {_listing(missing)}")
+    hash_base = base_hashes is None
+    lazy = hash_target_lazily and base_hashes is not None
+    cctx = (zstandard.ZstdCompressor(level=level), zstandard.ZstdCompressor(level=level))
+    entries: list[dict] = []
+    b_hashes: dict[str, str] = {}
+    t_hashes: dict[str, str] = {}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum((p.base.nbytes if p.base else 0) + (p.target.nbytes if p.target else 0) for p in plans)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="patch create", delay=1.0, leave=False)
+    encoder: TensorEncoder | None = None
+    th: TensorHasher | None = None
+    try:
+        for kind, plan, a, b, t in prefetch(
+            _producer(plans, base, target, block_numel, read_bytes, hash_base)
+        ):
+            info = plan.target or plan.base
+            esize = element_size(info.dtype)
+            if kind == "block":
+                if encoder is None:
+                    encoder = TensorEncoder(info.numel, esize, cctx, block_numel, full=plan.op == "full")
+                    th = TensorHasher(plan.name, info.dtype, info.shape) if not lazy else None
+                if th is not None:
+                    th.update(t)
+                tw = _words(t)
+                if plan.op == "delta":
+                    encoder.add_delta(a, _words(b) ^ tw, tw if values == "absolute" else None)
+                else:
+                    encoder.add_full(a, tw)
+                if bar is not None:
+                    bar.update(t.numel() * esize * (2 if b is not None else 1))
+                continue
+            # end of a tensor
+            base_digest = (base_hashes[plan.name] if plan.base is not None and base_hashes is not None else a)
+            entry = {
+                "name": plan.name,
+                "op": plan.op,
+                "dtype": TORCH_TO_ST[info.dtype],
+                "shape": list(info.shape),
+                "numel": info.numel,
+                "changed": 0,
+                "base_hash": base_digest,
+                "target_hash": None,
+                "record": None,
+            }
+            if plan.op == "full" and plan.base is not None:
+                entry["base_dtype"] = TORCH_TO_ST[plan.base.dtype]
+                entry["base_shape"] = list(plan.base.shape)
+            if plan.target is not None:
+                if encoder is None:  # an empty tensor: no blocks were read
+                    encoder = TensorEncoder(info.numel, esize, cctx, block_numel, full=plan.op == "full")
+                    th = TensorHasher(plan.name, info.dtype, info.shape) if not lazy else None
+                pos, val = encoder.finish()
+                entry["changed"] = encoder.changed
+                if plan.op == "delta" and encoder.changed == 0:
+                    entry["op"] = "same"
+                elif plan.op == "full" or encoder.changed:
+                    entry["record"] = writer.add_record(pos, val)
+                target_digest = th.hexdigest() if th is not None else None
+                if lazy:
+                    if entry["op"] == "same":
+                        target_digest = base_digest
+                    else:
+                        target_digest = hash_checkpoint_tensor(target, plan.name)
+                entry["target_hash"] = target_digest
+                t_hashes[plan.name] = target_digest
+            elif bar is not None:
+                bar.update(plan.base.nbytes)
+            if plan.base is not None:
+                b_hashes[plan.name] = base_digest
+            entries.append(entry)
+            encoder = None
+    finally:
+        if bar is not None:
+            bar.close()
+    return entries, b_hashes, t_hashes
+
+
+def _summary_of(ck: Checkpoint, hashes: dict[str, str]) -> dict:
+    return {
+        "hash": combine_hashes(hashes),
+        "source": str(ck.source),
+        "tensors": len(ck.infos),
+        "numel": ck.numel,
+        "nbytes": ck.nbytes,
+    }
+
+
+def _files_section(writer: PatchWriter, base: Checkpoint | None, target: Checkpoint, level: int):
+    """Non-weight files of the target folder: by reference when the base folder holds the same bytes."""
+    folder = Path(target.location)
+    if not folder.is_dir():
+        return None, []
+    base_folder = Path(base.location) if base is not None and Path(base.location).is_dir() else None
+    own = {i.file.name for i in target.infos.values()} | set(INDEX_FILES)
+    kept, skipped = aux_files(folder, MAX_AUX_FILE_BYTES, own)
+    cctx = zstandard.ZstdCompressor(level=max(level, 9))
+    files = []
+    for path in kept:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        entry = {"name": path.name, "nbytes": len(data), "sha256": digest}
+        same = base_folder is not None and (base_folder / path.name).is_file() and (
+            (base_folder / path.name).stat().st_size == len(data)
+            and hashlib.sha256((base_folder / path.name).read_bytes()).hexdigest() == digest
+        )
+        if same:
+            entry["source"] = "base"
+        else:
+            entry["source"] = "patch"
+            entry["record"] = writer.add_record(cctx.compress(data))
+        files.append(entry)
+    return files, [{"name": n, "reason": r} for n, r in skipped]
+
+
+def _totals(entries: list[dict]) -> dict:
+    pos = sum(e["record"]["nbytes"][0] for e in entries if e["record"] is not None)
+    val = sum(e["record"]["nbytes"][-1] for e in entries if e["record"] is not None)
+    delta = [e for e in entries if e["op"] in ("same", "delta")]
+    return {
+        "numel": sum(e["numel"] for e in entries if e["op"] != "remove"),
+        "changed": sum(e["changed"] for e in entries),
+        "compared_numel": sum(e["numel"] for e in delta),
+        "compared_changed": sum(e["changed"] for e in delta),
+        "tensors_changed": sum(1 for e in entries if e["op"] == "delta"),
+        "tensors_full": sum(1 for e in entries if e["op"] == "full"),
+        "tensors_removed": sum(1 for e in entries if e["op"] == "remove"),
+        "positions_nbytes": pos,
+        "values_nbytes": val,
+    }
+
+
+def write_patch(
+    base: Checkpoint | None,
+    target: Checkpoint,
+    out: str | Path,
+    *,
+    values: str = "xor",
+    level: int = DEFAULT_LEVEL,
+    allow_mismatch: bool = False,
+    include_files: bool = True,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    block_numel: int = BLOCK_NUMEL,
+    read_bytes: int = DEFAULT_READ_BYTES,
+    base_hashes: dict[str, str] | None = None,
+    hash_target_lazily: bool = False,
+    progress: bool = False,
+) -> PatchSummary:
+    """Write the patch from open checkpoints (``base`` None: a full anchor of ``target``)."""
+    t0 = time.perf_counter()
+    with PatchWriter(out, overwrite=overwrite) as writer:
+        entries, b_hashes, t_hashes = encode_checkpoints(
+            writer,
+            base,
+            target,
+            values=values,
+            level=level,
+            allow_mismatch=allow_mismatch,
+            block_numel=block_numel,
+            read_bytes=read_bytes,
+            base_hashes=base_hashes,
+            hash_target_lazily=hash_target_lazily,
+            progress=progress,
+        )
+        files, skipped = _files_section(writer, base, target, level) if include_files else (None, [])
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "rlsubnet_version": __version__,
+            "kind": "anchor" if base is None else "delta",
+            "hash_scheme": HASH_SCHEME,
+            "values": values if base is not None else "absolute",
+            "block_numel": block_numel,
+            "zstd_level": level,
+            "base": None if base is None else _summary_of(base, b_hashes),
+            "target": _summary_of(target, t_hashes),
+            "allow_mismatch": allow_mismatch,
+            "totals": _totals(entries),
+            "tensors": entries,
+            "files": files,
+            "skipped_files": skipped,
+            "metadata": dict(metadata or {}),
+        }
+        nbytes = writer.finish(manifest)
+    return PatchSummary(Path(out), nbytes, manifest, time.perf_counter() - t0, t_hashes)
+
+
+def create_patch(
+    base,
+    tuned,
+    out: str | Path,
+    *,
+    values: str = "xor",
+    level: int = DEFAULT_LEVEL,
+    allow_mismatch: bool = False,
+    include_files: bool = True,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+    progress: bool = False,
+) -> PatchSummary:
+    """Write a lossless patch that turns ``base`` into ``tuned``; ``base=None`` writes a full anchor.
+
+    ``base``/``tuned``: a model folder, a .safetensors file, a hub id in the local cache, a state dict or a
+    module. ``values="xor"`` stores each changed entry as new bits XOR old bits (smallest when changes are
+    small, as in RL); ``"absolute"`` stores the new bits themselves. Both rebuild the target bit for bit.
+
+    >>> rlsubnet.patch.create_patch("base/", "grpo/", "grpo.rlpatch").nbytes
+    """
+    opts = {"allow_pickle": allow_pickle, "allow_download": allow_download}
+    if isinstance(base, torch.nn.Module) or isinstance(tuned, torch.nn.Module):
+        from rlsubnet.patch.apply import model_tensors  # tied weights once, as apply_patch_ expects
+
+        base = model_tensors(base) if isinstance(base, torch.nn.Module) else base
+        tuned = model_tensors(tuned) if isinstance(tuned, torch.nn.Module) else tuned
+    opened = []
+    try:
+        base_ck = None
+        if base is not None:
+            base_ck = open_checkpoint(base, **opts, label="base")
+            opened.append(base_ck)
+        tuned_ck = open_checkpoint(tuned, **opts, label="tuned")
+        opened.append(tuned_ck)
+        return write_patch(
+            base_ck,
+            tuned_ck,
+            out,
+            values=values,
+            level=level,
+            allow_mismatch=allow_mismatch,
+            include_files=include_files,
+            metadata=metadata,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    finally:
+        for ck in opened:
+            if ck is not base and ck is not tuned:
+                ck.close()

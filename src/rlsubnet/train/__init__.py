@@ -1,0 +1,42 @@
+"""Mask-restricted training: a masked optimizer step and its plug-in for TRL / transformers trainers.
+
+``MaskedOptimizer`` needs only torch; ``attach_mask`` / ``SubnetworkCallback`` need transformers (the ``train``
+extra) and are imported on first use.
+"""
+
+from rlsubnet.train.masking import (
+    FullMaskWarning,
+    MaskDtypeWarning,
+    MaskedOptimizer,
+    frozen_changes,
+    frozen_snapshot,
+    mask_optimizer,
+    resolve_parameter_masks,
+)
+
+
+def __getattr__(name):
+    if name in ("attach_mask", "MaskedTrainerMixin", "masked_trainer_class"):
+        from rlsubnet.train import trainers
+
+        return getattr(trainers, name)
+    if name == "SubnetworkCallback":
+        from rlsubnet.train.callbacks import SubnetworkCallback
+
+        return SubnetworkCallback
+    raise AttributeError(f"module 'rlsubnet.train' has no attribute {name!r}")
+
+
+__all__ = [
+    "FullMaskWarning",
+    "MaskDtypeWarning",
+    "MaskedOptimizer",
+    "MaskedTrainerMixin",
+    "SubnetworkCallback",
+    "attach_mask",
+    "frozen_changes",
+    "frozen_snapshot",
+    "mask_optimizer",
+    "masked_trainer_class",
+    "resolve_parameter_masks",
+]

@@ -1,0 +1,464 @@
+"""Restrict any torch optimizer's updates to a mask: the subnetwork training of ``shared/paper.md`` §1.3.
+
+:class:`MaskedOptimizer` attaches to an existing optimizer through torch's step pre/post hooks, so the optimizer
+object itself is unchanged (learning-rate schedulers, ``accelerate``'s wrapper, ``state_dict`` and checkpoint
+resume keep working) and every ``optimizer.step()``, whoever calls it, is masked. Inside each step, before the
+optimizer's own update:
+
+1. **Gradients are masked**: entries outside the mask get a zero gradient (``masked_fill``, so a NaN gradient is
+   zeroed too); a tensor entirely outside the mask gets ``grad = None`` and the optimizer skips it. Because this
+   runs inside ``step()``, it comes after gradient clipping: the paper's semantics (clip the full gradient, then
+   mask). ``mask_before_clip=True`` records the other order; the caller (or :func:`rlsubnet.train.attach_mask`)
+   then calls :meth:`MaskedOptimizer.mask_gradients` before clipping.
+2. **Weight decay is applied only inside the mask**: for SGD, Adam and AdamW the group's ``weight_decay`` is set
+   to 0 for the step and applied here to the masked entries only: decoupled (AdamW, or Adam with
+   ``decoupled_weight_decay``: p ← p·(1 − lr·wd)) or coupled (L2: g ← g + wd·p). Without this, decoupled decay
+   moves "frozen" fp32 weights whenever lr·wd is above ~6e-8 (``shared/lab-notes.md``). Groups whose parameters
+   are all fully inside the mask are left to the optimizer (a density-1 mask reproduces an unmasked run bit for bit).
+3. **Optimizer state cannot leak**: on the first step (and after ``load_state_dict``) the momentum / moment
+   buffers of frozen entries are zeroed, so a buffer loaded from an unmasked run cannot move them; afterwards a
+   zero gradient keeps them at zero (SGD: buf = μ·0 + 0; Adam: m = v = 0, update 0/(0+eps) = 0).
+
+Exact mode covers ``torch.optim.SGD``, ``Adam`` and ``AdamW`` (foreach, fused, momentum, nesterov, amsgrad,
+maximize): frozen entries stay bit-identical because their update is exactly zero. **Strict mode** (``strict=True``;
+the default for any other optimizer) also snapshots the frozen entries before the step and writes them back after
+it, so any optimizer, whatever it does with a zero gradient, leaves them bit-identical; the number of entries it
+tried to move is counted in :meth:`report`. Strict mode guarantees the parameter values the optimizer steps (the
+fp32 masters when the model trains in fp32 under bf16 autocast), not the optimizer's internal state.
+
+Fail loudly: names or shapes that differ between the mask and the model, a mask that selects nothing (error) or
+everything (warning), a mask built in another comparison dtype than the one the run will be judged in (warning),
+an optimizer parameter the model does not name (error). The first ``verify_steps`` steps are checked bit for bit
+even in exact mode, and a frozen entry that moved is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, _listing, as_mask
+
+EXACT_STATE_KEYS: dict[type, tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class MaskDtypeWarning(UserWarning):
+    """The mask was built comparing in another dtype than the one the trained model will be compared in."""
+
+
+class FullMaskWarning(UserWarning):
+    """The mask selects every trained parameter: the run is not restricted."""
+
+
+@dataclass
+class ParamMask:
+    """The mask of one optimizer parameter."""
+
+    name: str
+    aliases: tuple[str, ...]
+    param: torch.nn.Parameter
+    frozen: torch.Tensor | None  # bool, param's shape and device; None when every entry trains
+    n_trainable: int
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def all_frozen(self) -> bool:
+        return self.n_trainable == 0
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers (names without prefixes)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under ``accelerate``'s AcceleratedOptimizer (or similar ``.optimizer`` wrappers)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__ == "AcceleratedOptimizer":
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or seen > 8:
+            raise MaskError(f"cannot mask {type(optimizer).__name__}: not a torch.optim.Optimizer")
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
+def resolve_parameter_masks(mask: Mask, model: torch.nn.Module) -> tuple[dict[int, ParamMask], list[str]]:
+    """Match mask tensors to the model's parameters by name: {id(param): ParamMask}, and buffer names in the mask.
+
+    Tied parameters answer to every name they have (``lm_head.weight`` and ``model.embed_tokens.weight``); their
+    masks must agree. Any mask name the model lacks, any trainable parameter the mask lacks and any shape
+    difference is a :class:`MaskMismatchError` listing them all.
+    """
+    model = unwrap_model(model)
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {n for n, _ in model.named_buffers()}
+    missing_in_model = [n for n in mask.names() if n not in by_name and n not in buffers]
+    in_buffers = [n for n in mask.names() if n not in by_name and n in buffers]
+    reshaped = [
+        f"{n} {list(mask.shape(n))} in the mask vs {list(by_name[n].shape)} in the model"
+        for n in mask.names() if n in by_name and tuple(by_name[n].shape) != mask.shape(n)
+    ]
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for n, p in by_name.items():
+        names_of.setdefault(id(p), []).append(n)
+        params[id(p)] = p
+    uncovered = [ns[0] for pid, ns in names_of.items() if params[pid].requires_grad and not any(n in mask for n in ns)]
+    if missing_in_model or reshaped or uncovered:
+        parts = []
+        if missing_in_model:
+            parts.append(f"{len(missing_in_model)} mask tensors the model does not have: {_listing(missing_in_model)}")
+        if uncovered:
+            parts.append(f"{len(uncovered)} trainable parameters the mask does not cover: {_listing(uncovered)}")
+        if reshaped:
+            parts.append(f"{len(reshaped)} with different shapes: {_listing(reshaped)}")
+        src = mask.meta.get("path") or "the mask"
+        raise MaskMismatchError(f"{src} does not fit this model ({'; '.join(parts)})")
+    out: dict[int, ParamMask] = {}
+    for pid, ns in names_of.items():
+        covered = [n for n in ns if n in mask]
+        if not covered:
+            continue  # requires_grad=False and not in the mask: not ours to train
+        first = mask.packed(covered[0])
+        for other in covered[1:]:
+            if not (mask.packed(other) == first).all():
+                raise MaskMismatchError(
+                    f"{covered[0]!r} and {other!r} are one tied parameter in this model but have different masks"
+                )
+        p = params[pid]
+        trainable = mask.tensor(covered[0], device=p.device)
+        n_trainable = int(mask.count(covered[0]))
+        frozen = None if n_trainable == p.numel() else ~trainable
+        out[pid] = ParamMask(covered[0], tuple(ns), p, frozen, n_trainable)
+    return out, in_buffers
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return t.view(_INT_VIEW[t.element_size()])
+    return t
+
+
+class MaskedOptimizer:
+    """Restrict ``optimizer`` to ``mask`` (see the module docstring). Attaches on construction.
+
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.1)
+    >>> masked = MaskedOptimizer(opt, "grpo.mask.safetensors", model)
+    >>> loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()   # masked
+
+    ``mask`` is a :class:`~rlsubnet.masks.Mask`, a mask file, or a dict name -> bool tensor (True = trains).
+    ``model`` names the parameters (DDP / compile wrappers are looked through). ``strict=None`` picks exact mode
+    for SGD/Adam/AdamW and strict mode for anything else; ``strict=False`` with another optimizer is an error.
+    ``compare_dtype`` is the dtype the trained model will be compared in ("bf16", "fp32", "native"; None skips
+    the check). ``verify_steps`` steps are checked bit for bit (0 disables the check in exact mode).
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        mask: Mask | str | Path | Mapping[str, torch.Tensor],
+        model: torch.nn.Module,
+        *,
+        strict: bool | None = None,
+        mask_before_clip: bool = False,
+        compare_dtype: str | None = "bf16",
+        allow_full: bool = False,
+        allow_empty: bool = False,
+        verify_steps: int = 1,
+    ):
+        opt = unwrap_optimizer(optimizer)
+        if getattr(opt, "_rlsubnet_masked", None) is not None:
+            raise MaskError("this optimizer is already masked (call .remove() on the first MaskedOptimizer)")
+        self.mask = as_mask(mask)
+        self.optimizer = opt
+        self.mask_before_clip = bool(mask_before_clip)
+        self.exact = type(opt) in EXACT_STATE_KEYS
+        if strict is None:
+            strict = not self.exact
+        elif not strict and not self.exact:
+            raise MaskError(
+                f"{type(opt).__name__} is not one of the optimizers whose frozen entries are provably fixed by a zero "
+                f"gradient ({', '.join(t.__name__ for t in EXACT_STATE_KEYS)}); use strict=True to restore frozen "
+                "entries after every step"
+            )
+        self.strict = bool(strict)
+        self.verify_steps = int(verify_steps)
+        self._check_mask_level(allow_full, allow_empty, compare_dtype)
+
+        self._pmasks, self.buffers_in_mask = resolve_parameter_masks(self.mask, model)
+        opt_params = {id(p): p for g in opt.param_groups for p in g["params"]}
+        unknown = [tuple(p.shape) for pid, p in opt_params.items() if pid not in self._pmasks]
+        if unknown:
+            raise MaskMismatchError(
+                f"the optimizer holds {len(unknown)} parameters that the model does not name or the mask does not "
+                f"cover (shapes {_listing([str(list(s)) for s in unknown])}); pass the model the optimizer trains"
+            )
+        self._active = [self._pmasks[pid] for pid in opt_params]
+        self.numel = sum(pm.numel for pm in self._active)
+        self.n_trainable = sum(pm.n_trainable for pm in self._active)
+        if self.n_trainable == 0 and not allow_empty:
+            raise MaskError(
+                f"the mask selects none of the {self.numel:,} entries this optimizer trains: nothing would change"
+            )
+        if self.n_trainable == self.numel and not allow_full:
+            warnings.warn(FullMaskWarning(
+                f"the mask selects all {self.numel:,} entries this optimizer trains: the run is not restricted"
+            ), stacklevel=2)
+        self.steps = 0
+        self.restored_entries = 0  # strict mode: entries the optimizer moved and we wrote back
+        self._state_dirty = True
+        self._saved_wd: list[tuple[dict, object]] = []
+        self._snapshot: list[tuple[ParamMask, torch.Tensor]] = []
+        self._handles = [
+            opt.register_step_pre_hook(self._pre_hook),
+            opt.register_step_post_hook(self._post_hook),
+            opt.register_load_state_dict_post_hook(self._on_load_state_dict),
+        ]
+        opt._rlsubnet_masked = self
+
+    # -- checks at attach time
+    def _check_mask_level(self, allow_full: bool, allow_empty: bool, compare_dtype: str | None) -> None:
+        m = self.mask
+        src = m.meta.get("path") or "the mask"
+        if m.changed == 0 and not allow_empty:
+            raise MaskError(f"{src} has density 0: no parameter would train")
+        if m.numel and m.changed == m.numel and not allow_full:
+            warnings.warn(FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3)
+        if compare_dtype is not None and m.kind not in ("given", "ones", "zeros") and m.dtype != compare_dtype:
+            built = f"comparing in {m.dtype!r}" if m.dtype else "with no recorded comparison dtype"
+            warnings.warn(MaskDtypeWarning(
+                f"{src} was built {built}, but this run will be compared in {compare_dtype!r}: which entries count "
+                "as changed depends on the dtype (a bf16 mask of an fp32 run is not its subnetwork); rebuild the "
+                f"mask with --dtype {compare_dtype}, or pass compare_dtype=None if this is intended"
+            ), stacklevel=3)
+
+    # -- the step
+    def _pm(self, p) -> ParamMask:
+        return self._pmasks[id(p)]
+
+    def mask_gradients(self) -> None:
+        """Zero the gradient outside the mask (``grad = None`` for tensors entirely outside it)."""
+        for pm in self._active:
+            g = pm.param.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise MaskError(f"{pm.name}: sparse gradients are not supported by the masked optimizer")
+            if pm.all_frozen:
+                pm.param.grad = None
+            elif pm.frozen is not None:
+                g.masked_fill_(pm.frozen, 0)
+
+    def _has_frozen(self, p) -> bool:
+        return self._pm(p).frozen is not None or self._pm(p).all_frozen
+
+    def _zero_group_weight_decay(self) -> None:
+        self._saved_wd = []
+        if not self.exact:
+            return  # strict mode restores whatever the optimizer's own decay did to frozen entries
+        for group in self.optimizer.param_groups:
+            wd = group.get("weight_decay", 0)
+            if not float(wd) or not any(self._has_frozen(p) for p in group["params"]):
+                continue
+            self._saved_wd.append((group, wd))
+            group["weight_decay"] = torch.zeros_like(wd) if isinstance(wd, torch.Tensor) else 0.0
+
+    def _masked_decay(self) -> None:
+        """Apply the weight decay the optimizer would have applied, to the masked entries only."""
+        for group, wd in self._saved_wd:
+            wd = float(wd)
+            lr = float(group["lr"])
+            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+            for p in group["params"]:
+                pm = self._pm(p)
+                if p.grad is None or pm.all_frozen:
+                    continue  # the optimizer skips a parameter without gradient: no decay either
+                with torch.no_grad():
+                    if decoupled:
+                        decayed = p.mul(1 - lr * wd)
+                        p.copy_(decayed if pm.frozen is None else torch.where(pm.frozen, p, decayed))
+                    else:
+                        # L2 enters the gradient; with maximize the optimizer negates the gradient first.
+                        alpha = -wd if group.get("maximize", False) else wd
+                        g = p.grad.add(p, alpha=alpha)
+                        if pm.frozen is not None:
+                            g.masked_fill_(pm.frozen, 0)
+                        p.grad.copy_(g)
+
+    def _clean_state(self) -> None:
+        keys = EXACT_STATE_KEYS.get(type(self.optimizer), ())
+        for pm in self._active:
+            state = self.optimizer.state.get(pm.param)
+            if not state or pm.frozen is None:
+                continue
+            for k in keys:
+                buf = state.get(k)
+                if isinstance(buf, torch.Tensor) and buf.shape == pm.param.shape:
+                    buf.masked_fill_(pm.frozen, 0)
+        self._state_dirty = False
+
+    def _prepare_gradients(self) -> None:
+        self.mask_gradients()
+        self._masked_decay()
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = []
+        for pm in self._active:
+            if pm.all_frozen:
+                self._snapshot.append((pm, pm.param.detach().clone()))
+            elif pm.frozen is not None:
+                self._snapshot.append((pm, pm.param.detach().masked_select(pm.frozen)))
+
+    def _pre_hook(self, opt, args, kwargs):
+        if self.exact and self._state_dirty:
+            self._clean_state()
+        self._zero_group_weight_decay()
+        checking = self.strict or self.steps < self.verify_steps
+        if checking:
+            self._take_snapshot()
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._prepare_gradients()
+            return None
+
+        def masked_closure():
+            loss = closure()
+            self._prepare_gradients()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": masked_closure}
+        return (args[0], masked_closure, *args[2:]), kwargs
+
+    def _post_hook(self, opt, args, kwargs) -> None:
+        for group, wd in self._saved_wd:
+            group["weight_decay"] = wd
+        self._saved_wd = []
+        moved_report = []
+        for pm, saved in self._snapshot:
+            p = pm.param.detach()
+            now = p if pm.all_frozen else p.masked_select(pm.frozen)
+            moved = int((_bits(now) != _bits(saved)).sum())
+            if moved:
+                moved_report.append(f"{pm.name}: {moved}")
+                if pm.all_frozen:
+                    p.copy_(saved)
+                else:
+                    p.masked_scatter_(pm.frozen, saved)
+                self.restored_entries += moved
+        self._snapshot = []
+        self.steps += 1
+        if moved_report and not self.strict:
+            raise MaskError(
+                f"{type(self.optimizer).__name__} moved frozen entries in step {self.steps} "
+                f"({_listing(moved_report)}); they were restored. Use strict=True with this optimizer."
+            )
+
+    def _on_load_state_dict(self, opt) -> None:
+        self._state_dirty = True
+
+    # -- convenience: use it like the optimizer it wraps
+    def step(self, closure=None):
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def remove(self) -> None:
+        """Detach from the optimizer: later steps are no longer masked."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if getattr(self.optimizer, "_rlsubnet_masked", None) is self:
+            del self.optimizer._rlsubnet_masked
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def density(self) -> float:
+        """Share of the optimizer's entries that train."""
+        return self.n_trainable / self.numel if self.numel else 0.0
+
+    def trainable_mask(self, name: str) -> torch.Tensor:
+        """Boolean tensor (True = trains) of one parameter, by any of its names."""
+        for pm in self._pmasks.values():
+            if name in pm.aliases:
+                return torch.ones_like(pm.param, dtype=torch.bool) if pm.frozen is None else ~pm.frozen
+        raise KeyError(name)
+
+    def report(self) -> dict:
+        """What was masked and how: for logs and run metadata."""
+        return {
+            "optimizer": type(self.optimizer).__name__,
+            "mode": "strict (frozen entries restored after each step)" if self.strict else "exact (zero update)",
+            "order": "mask, then clip" if self.mask_before_clip else "clip the full gradient, then mask",
+            "weight_decay": "applied inside the mask only" if self.exact else "optimizer's own; frozen entries restored",
+            "mask": {"kind": self.mask.kind, "path": self.mask.meta.get("path"), "atol": self.mask.atol,
+                     "dtype": self.mask.dtype, "density": self.mask.density, "bits_sha256": self.mask.bits_sha256()},
+            "numel": self.numel,
+            "trainable": self.n_trainable,
+            "density": self.density,
+            "fully_frozen_tensors": sum(1 for pm in self._active if pm.all_frozen),
+            "steps": self.steps,
+            "verified_steps": min(self.steps, self.verify_steps) if not self.strict else self.steps,
+            "restored_entries": self.restored_entries,
+            "buffers_in_mask": list(self.buffers_in_mask),
+        }
+
+
+def mask_optimizer(optimizer, mask, model, **kw) -> MaskedOptimizer:
+    """Attach ``mask`` to ``optimizer`` (see :class:`MaskedOptimizer`); returns the handle."""
+    return MaskedOptimizer(optimizer, mask, model, **kw)
+
+
+def frozen_snapshot(model: torch.nn.Module, mask: Mask) -> dict[str, torch.Tensor]:
+    """Copies of every masked model parameter (for tests and checks: compare with :func:`frozen_changes`)."""
+    model = unwrap_model(model)
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in mask.names() if n in params}
+
+
+def frozen_changes(model: torch.nn.Module, mask: Mask, before: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Per parameter: (frozen entries whose bits changed, trainable entries whose bits changed) since ``before``."""
+    model = unwrap_model(model)
+    params = dict(model.named_parameters())
+    out = {}
+    for n, old in before.items():
+        now = params[n].detach()
+        diff = _bits(now) != _bits(old)
+        trainable = mask.tensor(n, device=now.device)
+        out[n] = (int((diff & ~trainable).sum()), int((diff & trainable).sum()))
+    return out
+

@@ -1,0 +1,182 @@
+"""End to end: `rlsubnet demo --size micro` with a few steps per stage, then re-runs, resumes and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlsubnet.cli.main import main
+from rlsubnet.lab.pipeline import DemoConfig, RunFolder
+
+STAGES = ["grpo", "grpo-kl", "grpo-noclip", "grpo-sftlr", "dpo", "sft", "sft-matched", "rft", "rft-matched", "grpo-task-sub"]
+FIGURES = ["sparsity_vs_paper", "sft_vs_rl", "sparsity_vs_step", "sparsity_vs_atol", "p_changed_vs_magnitude",
+           "dynamics", "bf16_vs_fp32", "accuracy", "pretrain", "heatmap_grpo"]
+
+
+def test_outputs(micro_demo):
+    out, results = micro_demo
+    assert list(results["stages"]) == STAGES
+    for name in ["pretrain", "samples", *STAGES]:
+        assert (out / "stages" / name / "stage.json").is_file()
+    for name in STAGES:
+        d = out / "stages" / name
+        assert (d / "model" / "model.safetensors").is_file() and (d / "master-fp32.safetensors").is_file()
+        rec = json.loads((d / "stage.json").read_text())
+        assert rec["steps_done"] == 4
+        assert [s["step"] for s in rec["snapshots"]] == [2, 4]  # every 2 steps; the last is the final model
+    for f in FIGURES:
+        png = (out / "figures" / f"{f}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"rlsubnet" in png  # provenance in the PNG text chunks
+    report = (out / "report.md").read_text()
+    assert "## The paper's claims, checked" in report and "figures/sparsity_vs_paper.png" in report
+    assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
+
+
+def test_every_sparsity_comes_from_the_engine(micro_demo):
+    """The report's numbers are the compare engine's, and the dynamics agree with them to the entry."""
+    import rlsubnet
+
+    out, results = micro_demo
+    theta0 = out / "stages" / "pretrain" / "model"
+    for name in ("grpo", "sft", "dpo"):
+        st = results["stages"][name]
+        r = rlsubnet.compare(theta0, out / "stages" / name / "model", atol=(0.0, 1e-5))
+        assert st["sparsity"]["bf16"]["1e-05"] == r.sparsity(1e-5)
+        assert st["sparsity"]["bf16"]["0.0"] == r.sparsity(0.0)
+        r32 = rlsubnet.compare(theta0, out / "stages" / name / "master-fp32.safetensors", atol=0.0, dtype="fp32")
+        assert st["sparsity"]["fp32"]["0.0"] == r32.sparsity(0.0)
+        for dec in (st["decomposition_snapshots"], st["decomposition_every_step"]):
+            for d in dec:
+                assert d["never"] + d["returned"] + d["final"] == r.numel
+                assert d["final"] == r.changed(d["atol"])
+        assert st["sparsity_vs_step"][-1]["sparsity"]["1e-05"] == r.sparsity(1e-5)
+        assert len(st["step_to_step"]) == 4
+    # SFT at the usual SFT learning rate moves weights in this run; fp32 masters are never sparser than bf16
+    sft = results["stages"]["sft"]
+    assert sft["sparsity"]["fp32"]["0.0"] < 1.0
+    for st in results["stages"].values():
+        assert st["sparsity"]["fp32"]["0.0"] <= st["sparsity"]["bf16"]["0.0"] + 1e-12
+        mono = [st["sparsity"]["bf16"][k] for k in ("0.0", "1e-08", "1e-07", "1e-06", "1e-05", "0.0001", "0.001")]
+        assert mono == sorted(mono)  # sparsity can only grow with the tolerance
+
+
+def test_results_json_is_strict_json_with_claims(micro_demo):
+    out, results = micro_demo
+    text = (out / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    ids = {c["id"] for c in results["claims"]}
+    assert {"rl-sparse", "sft-dense", "lr-confound", "kl-little-effect", "clip-little-effect", "in-distribution",
+            "decomposition", "precision", "subnetwork-suffices", "overlap"} <= ids
+    assert set(results["figures"]) >= {f"{f}.png" for f in FIGURES}
+    assert results["config"]["threads"] == 1 and results["config"]["steps"] == 4
+
+
+def test_rerun_reuses_every_stage_and_gives_the_same_numbers(micro_demo, micro_args):
+    out, results = micro_demo
+    assert main(["demo", "--out", str(out), *micro_args]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert all(t.get("reused") for k, t in again["timings"].items() if k not in ("measure", "report", "total"))
+    for name in STAGES:
+        assert again["stages"][name]["sparsity"] == results["stages"][name]["sparsity"]
+        assert again["stages"][name]["accuracy"] == results["stages"][name]["accuracy"]
+
+
+def test_another_configuration_is_refused(micro_demo, micro_args, capsys):
+    out, _ = micro_demo
+    rc = main(["demo", "--out", str(out), *micro_args, "--seed", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another configuration" in err and "seed: 0 -> 1" in err and "--fresh" in err
+
+
+def test_foreign_folder_is_refused(tmp_path, micro_args, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    rc = main(["demo", "--out", str(tmp_path), *micro_args, "--fresh"])
+    assert rc == 2 and "holds no demo run" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "huge"], "unknown --size 'huge'"),
+    (["--task", "mul"], "unknown --task 'mul'"),
+    (["--second-task", "div"], "unknown --second-task 'div'"),
+    (["--task", "add", "--second-task", "add"], "must differ"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--pretrain-target", "1.5"], "--pretrain-target must be in [0, 1]"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_options(tmp_path, capsys, args, message):
+    rc = main(["demo", "--out", str(tmp_path / "x"), "-q", *args])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_fresh_replaces_our_files_only(tmp_path):
+    cfg = DemoConfig(size="micro", steps=2)
+    out = tmp_path / "run"
+    with RunFolder(out, cfg, fresh=False):
+        (out / "stages" / "grpo").mkdir()
+        (out / "report.md").write_text("old")
+    (out / "keep.txt").write_text("user file")
+    with RunFolder(out, DemoConfig(size="micro", steps=3), fresh=True):
+        pass
+    assert not (out / "report.md").exists() and not (out / "stages" / "grpo").exists()
+    assert (out / "keep.txt").read_text() == "user file"
+    assert json.loads((out / "run.json").read_text())["config"]["steps"] == 3
+
+
+def test_two_demos_cannot_share_a_folder(tmp_path):
+    from rlsubnet.errors import UsageError
+
+    cfg = DemoConfig(size="micro", steps=2)
+    with RunFolder(tmp_path / "run", cfg, fresh=False):
+        with pytest.raises(UsageError, match="another demo is running"):
+            with RunFolder(tmp_path / "run", cfg, fresh=False):
+                pass
+
+
+def test_interrupted_run_resumes_from_the_last_finished_stage(micro_demo, micro_args, tmp_path, monkeypatch):
+    """Resume a run that stopped after 4 finetuning stages, interrupt it inside the 2nd stage it runs, then resume
+    again: finished stages are kept, the interrupted one leaves nothing behind, and only what is missing is redone."""
+    import shutil
+
+    import transformers
+
+    import rlsubnet.lab.stages as stages_mod
+
+    src, first = micro_demo
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    for name in STAGES[4:]:
+        shutil.rmtree(out / "stages" / name)
+    for name in ("report.md", "results.json"):
+        (out / name).unlink()
+    args = ["demo", "--out", str(out), *micro_args]
+    real = stages_mod.run_stage
+    calls = []
+
+    class Boom(transformers.TrainerCallback):
+        def on_step_end(self, *a, **k):
+            raise KeyboardInterrupt
+
+    def flaky(spec, **kw):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            kw["callbacks"] = [*kw.get("callbacks", ()), Boom()]
+        return real(spec, **kw)
+
+    monkeypatch.setattr(stages_mod, "run_stage", flaky)
+    assert main(args) == 130  # the CLI reports the interruption
+    assert calls == STAGES[4:6]
+    done = {p.name for p in (out / "stages").iterdir()}
+    assert done == {"pretrain", "samples", *STAGES[:5]}  # the interrupted stage left no folder, not even a temporary one
+    assert not list(out.rglob("*.tmp")) and not (out / "report.md").exists()
+
+    monkeypatch.setattr(stages_mod, "run_stage", real)
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    reused = {k for k, t in results["timings"].items() if t.get("reused")}
+    assert reused == {"pretrain", "samples", *STAGES[:5]}
+    assert list(results["stages"]) == STAGES
+    for name in STAGES:  # resuming changes nothing: same numbers as the uninterrupted run
+        assert results["stages"][name]["sparsity"] == first["stages"][name]["sparsity"]
