@@ -136,3 +136,21 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
         assert torch.equal(ck.read("w"), torch.ones(3))
     with pytest.raises(CheckpointError, match="acme/other.*--allow-download"):
         open_checkpoint("acme/other")
+
+
+def test_module_with_tied_weights_matches_its_saved_checkpoint(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    m = Tied()
+    assert set(m.state_dict()) == {"embed.weight", "head.weight"}
+    with open_checkpoint(m) as ck:
+        assert ck.names() == ["embed.weight"]
+    save_state_dict({"embed.weight": m.embed.weight.detach()}, tmp_path / "saved")
+    import rlsubnet
+
+    assert rlsubnet.compare(m, tmp_path / "saved").changed(0.0) == 0
