@@ -34,6 +34,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/compare_bench.py
+	$(BIN)/python benchmarks/patch_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -154,3 +154,91 @@ def test_module_with_tied_weights_matches_its_saved_checkpoint(tmp_path):
     import rlsubnet
 
     assert rlsubnet.compare(m, tmp_path / "saved").changed(0.0) == 0
+
+
+def test_clone_reads_alongside_the_original_from_another_thread(sharded_pair, tmp_path):
+    """clone(): its own file handle, shared index; two threads read the same shards at once, bit exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = sharded_pair[0]
+    ref = load_dir(base)
+    with open_checkpoint(base) as ck:
+        assert ck.can_clone
+        clone = ck.clone()
+        assert clone is not ck and clone.infos is ck.infos
+
+        def read_all(reader):
+            names = reader.names()
+            return {n: reader.read(n) for n in (names if reader is ck else reversed(names))}
+
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(2):  # each reader in exactly one thread at a time: a reader itself is not thread-safe
+                for got in pool.map(read_all, [ck, clone]):
+                    assert all(torch.equal(got[n].view(torch.int16), ref[n].view(torch.int16)) for n in ref)
+        clone.close()
+        assert torch.equal(ck.read(ck.names()[0]).view(torch.int16), ref[ck.names()[0]].view(torch.int16))
+    sd = {"a": torch.arange(5.0)}
+    mem = open_checkpoint(sd)
+    assert mem.can_clone and mem.clone() is mem  # in-memory reads are thread-safe as they are
+    torch.save(sd, tmp_path / "w.bin")
+    pk = open_checkpoint(tmp_path / "w.bin", allow_pickle=True)
+    pc = pk.clone()
+    assert pc is not pk and torch.equal(pc.read("a"), sd["a"]) and torch.equal(pk.read("a"), sd["a"])
+
+
+def test_read_flat_into_fills_a_reused_buffer(sharded_pair, tmp_path):
+    import numpy as np
+
+    base = sharded_pair[0]
+    buf = np.full(1 << 16, 0xAB, dtype=np.uint8)
+    sd = {"w": torch.randn(7, 9).to(torch.bfloat16), "b": torch.arange(10, dtype=torch.int32)}
+    torch.save(sd, tmp_path / "w.bin")
+    for ck in (open_checkpoint(base), open_checkpoint(sd), open_checkpoint(tmp_path / "w.bin", allow_pickle=True)):
+        for name in ck.names():
+            info = ck.info(name)
+            for start, stop in ((0, info.numel), (1, min(info.numel, 40)), (3, 3)):
+                got = ck.read_flat_into(name, start, stop, buf)
+                want = ck.read_flat(name, start, stop).reshape(-1).view(torch.uint8).numpy()
+                assert bytes(got) == want.tobytes() and len(got) == (stop - start) * info.dtype.itemsize
+        ck.close()
+    with open_checkpoint(base) as ck:
+        name = ck.names()[0]
+        with pytest.raises(ValueError, match="cannot hold"):
+            ck.read_flat_into(name, 0, ck.info(name).numel, np.empty(2, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_file_writes_any_sizes_exactly(tmp_path, direct):
+    """DirectFile stages writes in aligned chunks (O_DIRECT where the file system allows) and writes an
+    unaligned tail last; with direct=False (forced fallback) it writes through the page cache. Same bytes."""
+    import numpy as np
+
+    from rlsubnet.fileio import DirectFile
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (13, 4096, 1, 10_000, 70_001, 0, 5)]
+    path = tmp_path / "f.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    f = DirectFile(fd, chunk=16_384)
+    if not direct:
+        f._direct = f._set_direct(False)
+    for p in parts:
+        assert f.write(p) == len(p)
+    f.write(b"end")
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    assert f.closed
+    assert path.read_bytes() == b"".join(p.tobytes() for p in parts) + b"end"
+
+
+def test_writer_direct_matches_buffered(tmp_path):
+    t = {"a": torch.randn(333, 77).to(torch.bfloat16), "b": torch.arange(5, dtype=torch.int64)}
+    specs = [(n, x.dtype, tuple(x.shape)) for n, x in t.items()]
+    for direct in (False, True):
+        with SafetensorsWriter(tmp_path / f"{direct}.safetensors", specs, direct=direct) as w:
+            for n, x in t.items():
+                w.write(n, x)
+    assert (tmp_path / "True.safetensors").read_bytes() == (tmp_path / "False.safetensors").read_bytes()
+    got = load_file(tmp_path / "True.safetensors")
+    assert all(torch.equal(got[n].view(torch.uint8), t[n].view(torch.uint8)) for n in t)

@@ -12,7 +12,10 @@ import pytest
 
 pytest.importorskip("trl")
 
-MICRO_ARGS = ["--size", "micro", "--steps", "4", "-q"]
+# RL lr 1e-4: at the default 1e-6, 4 steps of the micro model change no bf16 entry, so there would be no subnetwork
+# to re-run. One job: the stages run in this process (the resume test patches run_stage); test_subnetwork.py runs
+# the worker-process path.
+MICRO_ARGS = ["--size", "micro", "--steps", "4", "--rl-lr", "1e-4", "--jobs", "1", "-q"]
 
 
 @pytest.fixture(scope="session")

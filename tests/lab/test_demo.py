@@ -7,19 +7,30 @@ import json
 import pytest
 
 from rlsubnet.cli.main import main
-from rlsubnet.lab.pipeline import DemoConfig, RunFolder
+from rlsubnet.lab.pipeline import DemoConfig, RunFolder, stage_order
 
 STAGES = ["grpo", "grpo-kl", "grpo-noclip", "grpo-sftlr", "dpo", "sft", "sft-matched", "rft", "rft-matched", "grpo-task-sub"]
+EXTRA = ["grpo-seed1", "grpo-seed2", "dpo-seed1", "grpo-subnet", "grpo-random", "dpo-subnet", "dpo-random"]
 FIGURES = ["sparsity_vs_paper", "sft_vs_rl", "sparsity_vs_step", "sparsity_vs_atol", "p_changed_vs_magnitude",
-           "dynamics", "bf16_vs_fp32", "accuracy", "pretrain", "heatmap_grpo"]
+           "dynamics", "bf16_vs_fp32", "accuracy", "pretrain", "heatmap_grpo", "subnetwork_identity", "overlap_o1",
+           "overlap_o1_over_chance", "overlap_o1_over_magnitude_chance"]
+MASKS = ["grpo", "grpo-seed1", "grpo-seed2", "grpo-task-sub", "dpo", "dpo-seed1", "sft", "sft-matched", "grpo-sftlr",
+         "random-like-grpo", "random-like-dpo"]
+
+
+def _order(results):
+    return stage_order(DemoConfig(**results["config"]))
 
 
 def test_outputs(micro_demo):
     out, results = micro_demo
     assert list(results["stages"]) == STAGES
-    for name in ["pretrain", "samples", *STAGES]:
+    assert sorted(results["subnetwork"]["runs"]) == sorted(EXTRA) and not results["subnetwork"]["skipped"]
+    assert sorted(_order(results)) == sorted(STAGES + EXTRA)
+    for name in ["pretrain", "samples", *STAGES, *EXTRA]:
         assert (out / "stages" / name / "stage.json").is_file()
-    for name in STAGES:
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(f"{m}.mask.safetensors" for m in MASKS)
+    for name in STAGES + EXTRA:
         d = out / "stages" / name
         assert (d / "model" / "model.safetensors").is_file() and (d / "master-fp32.safetensors").is_file()
         rec = json.loads((d / "stage.json").read_text())
@@ -30,6 +41,7 @@ def test_outputs(micro_demo):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"rlsubnet" in png  # provenance in the PNG text chunks
     report = (out / "report.md").read_text()
     assert "## The paper's claims, checked" in report and "figures/sparsity_vs_paper.png" in report
+    assert "## Subnetwork re-runs (the paper's Table 3)" in report and "## Subnetwork overlap (the paper's Table 4)" in report
     assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
 
 
@@ -67,7 +79,9 @@ def test_results_json_is_strict_json_with_claims(micro_demo):
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     ids = {c["id"] for c in results["claims"]}
     assert {"rl-sparse", "sft-dense", "lr-confound", "kl-little-effect", "clip-little-effect", "in-distribution",
-            "decomposition", "precision", "subnetwork-suffices", "overlap"} <= ids
+            "decomposition", "precision", "subnetwork-suffices", "subnetwork-beats-baselines", "overlap",
+            "overlap-magnitude"} <= ids
+    assert not any(c["verdict"] == "not measured" for c in results["claims"])
     assert set(results["figures"]) >= {f"{f}.png" for f in FIGURES}
     assert results["config"]["threads"] == 1 and results["config"]["steps"] == 4
 
@@ -76,10 +90,14 @@ def test_rerun_reuses_every_stage_and_gives_the_same_numbers(micro_demo, micro_a
     out, results = micro_demo
     assert main(["demo", "--out", str(out), *micro_args]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert all(t.get("reused") for k, t in again["timings"].items() if k not in ("measure", "report", "total"))
+    assert all(t.get("reused") for k, t in again["timings"].items()
+               if k not in ("measure", "subnetwork", "report", "total", "finetuning_phase"))
+    assert {k for k, t in again["timings"].items() if t.get("reused")} == {"pretrain", "samples", *STAGES, *EXTRA}
     for name in STAGES:
         assert again["stages"][name]["sparsity"] == results["stages"][name]["sparsity"]
         assert again["stages"][name]["accuracy"] == results["stages"][name]["accuracy"]
+    assert again["subnetwork"]["reruns"] == results["subnetwork"]["reruns"]
+    assert again["subnetwork"]["overlap"] == results["subnetwork"]["overlap"]
 
 
 def test_another_configuration_is_refused(micro_demo, micro_args, capsys):
@@ -104,6 +122,7 @@ def test_foreign_folder_is_refused(tmp_path, micro_args, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--pretrain-target", "1.5"], "--pretrain-target must be in [0, 1]"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_bad_options(tmp_path, capsys, args, message):
     rc = main(["demo", "--out", str(tmp_path / "x"), "-q", *args])
@@ -145,9 +164,10 @@ def test_interrupted_run_resumes_from_the_last_finished_stage(micro_demo, micro_
     import rlsubnet.lab.stages as stages_mod
 
     src, first = micro_demo
+    order = _order(first)
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    for name in STAGES[4:]:
+    for name in order[4:]:
         shutil.rmtree(out / "stages" / name)
     for name in ("report.md", "results.json"):
         (out / name).unlink()
@@ -167,16 +187,17 @@ def test_interrupted_run_resumes_from_the_last_finished_stage(micro_demo, micro_
 
     monkeypatch.setattr(stages_mod, "run_stage", flaky)
     assert main(args) == 130  # the CLI reports the interruption
-    assert calls == STAGES[4:6]
+    assert calls == order[4:6]
     done = {p.name for p in (out / "stages").iterdir()}
-    assert done == {"pretrain", "samples", *STAGES[:5]}  # the interrupted stage left no folder, not even a temporary one
+    assert done == {"pretrain", "samples", *order[:5]}  # the interrupted stage left no folder, not even a temporary one
     assert not list(out.rglob("*.tmp")) and not (out / "report.md").exists()
 
     monkeypatch.setattr(stages_mod, "run_stage", real)
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     reused = {k for k, t in results["timings"].items() if t.get("reused")}
-    assert reused == {"pretrain", "samples", *STAGES[:5]}
+    assert reused == {"pretrain", "samples", *order[:5]}
     assert list(results["stages"]) == STAGES
     for name in STAGES:  # resuming changes nothing: same numbers as the uninterrupted run
         assert results["stages"][name]["sparsity"] == first["stages"][name]["sparsity"]
+    assert results["subnetwork"]["reruns"] == first["subnetwork"]["reruns"]

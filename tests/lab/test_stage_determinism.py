@@ -11,8 +11,9 @@ from rlsubnet.lab.pipeline import DemoConfig, finetune_specs
 from rlsubnet.lab.stages import run_stage
 
 
-def _specs():
-    return {s.name: s for s in finetune_specs(DemoConfig(size="micro", steps=4))}
+def _specs(config: dict | None = None):
+    cfg = DemoConfig(**config) if config else DemoConfig(size="micro", steps=4)
+    return {s.name: s for s in finetune_specs(cfg)}
 
 
 def _bytes(d):
@@ -32,7 +33,7 @@ def test_same_seed_same_stage(micro_demo, tmp_path, name):
 
     out, results = micro_demo
     torch.set_num_threads(results["config"]["threads"])  # the thread count is part of what makes runs identical
-    spec = _specs()[name]
+    spec = _specs(results["config"])[name]
     theta0 = out / "stages" / "pretrain" / "model"
     samples = out / "stages" / "samples" / "samples.jsonl"
     again = run_stage(spec, base_dir=theta0, out_dir=tmp_path / name, samples_path=samples, eval_tasks=["add", "sub"],
@@ -48,8 +49,8 @@ def test_same_seed_same_stage(micro_demo, tmp_path, name):
 
 
 def test_another_seed_changes_order_and_weights(micro_demo, tmp_path):
-    out, _ = micro_demo
-    spec = dataclasses.replace(_specs()["sft"], seed=1)
+    out, results = micro_demo
+    spec = dataclasses.replace(_specs(results["config"])["sft"], seed=1)
     other = run_stage(spec, base_dir=out / "stages" / "pretrain" / "model", out_dir=tmp_path / "s1", progress=False)
     first = out / "stages" / "sft"
     assert (other.dir / "data.jsonl").read_text() != (first / "data.jsonl").read_text()

@@ -35,6 +35,8 @@ def test_create_info_apply(tmp_path, capsys):
     assert "verified" in capsys.readouterr().out
     assert_same_checkpoint(t, tmp_path / "out")
     assert (tmp_path / "out" / "config.json").read_text() == '{"a": 1}'
+    assert main(["patch", "apply", str(b), str(p), "-o", str(tmp_path / "out1"), "-q", "--verify-base-first"]) == 0
+    assert_same_checkpoint(t, tmp_path / "out1")
 
     # a chain from a full anchor, no base
     anchor = tmp_path / "a.rlpatch"

@@ -15,6 +15,12 @@ from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashe
 from rlsubnet.patch.codec import RecordCursor, TensorEncoder, encode_positions, join_planes, split_planes, varint
 
 
+@pytest.fixture(autouse=True)
+def pipeline():
+    """Once, not once per pipeline mode (conftest): the codec has no pipeline."""
+    return "default"
+
+
 def test_varint_and_planes_exact_bytes():
     assert [varint(n) for n in (0, 1, 127, 128, 300, 1 << 20)] == [
         b"\x00", b"\x01", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x40"
@@ -64,6 +70,36 @@ def test_encoder_cursor_round_trip_any_ranges(esize):
         got[p] ^= v
     assert got.tobytes() == new.tobytes()
     assert cur.changed == hit.sum()
+
+
+@pytest.mark.parametrize("coding", ["xor", "absolute"])
+@pytest.mark.parametrize("esize", [1, 2, 4])
+def test_cursor_apply_matches_take_on_any_ranges(coding, esize):
+    """apply() (decode + scatter, or spread + XOR on dense blocks) gives the same words as take(), for ranges
+    aligned to the coding blocks and not, over empty, sparse, dense (bitmap) and all-changed blocks."""
+    rng = np.random.default_rng(10 + esize)
+    numel, block = 20_000, 1024
+    kind = {1: np.uint8, 2: np.uint16, 4: np.uint32}[esize]
+    old = rng.integers(0, np.iinfo(kind).max, numel, dtype=kind, endpoint=True)
+    new = old.copy()
+    density = np.concatenate([np.full(3072, 0.5), np.full(4096, 0.003), np.zeros(2048), np.ones(1024), np.full(numel - 10_240, 0.05)])
+    hit = rng.random(numel) < density
+    new[hit] ^= rng.integers(1, 255, hit.sum(), dtype=kind)
+    comp = (zstandard.ZstdCompressor(level=1), zstandard.ZstdCompressor(level=1))
+    enc = TensorEncoder(numel, esize, comp, block)
+    for start in range(0, numel, 4 * block):
+        stop = min(numel, start + 4 * block)
+        enc.add_delta(start, old[start:stop] ^ new[start:stop], new[start:stop] if coding == "absolute" else None)
+    pos, val = enc.finish()
+    for cuts in ([0, 4 * block, 8 * block, 16 * block, numel], [0, 1, 777, 5000, 5000, 13_333, numel]):
+        cur = RecordCursor(pos, val, numel, esize, block, False, "t")
+        got = old.copy()
+        for start, stop in zip(cuts, cuts[1:]):
+            words = got[start:stop]
+            cur.apply(words, start, stop, coding)
+        assert got.tobytes() == new.tobytes(), cuts
+    with pytest.raises(ValueError, match="consecutive"):
+        RecordCursor(pos, val, numel, esize, block, False, "t").apply(old.copy()[5:], 5, 10, coding)
 
 
 def test_tensor_hash_follows_the_documented_byte_stream():

@@ -202,6 +202,10 @@ def test_reads_are_bounded_blocks_not_whole_tensors(tmp_path):
             self.sizes.append(stop - start)
             return super().read_flat(name, start, stop)
 
+        def read_flat_into(self, name, start, stop, out):
+            self.sizes.append(stop - start)
+            return super().read_flat_into(name, start, stop, out)
+
     def tracked(folder):
         ck = Tracking(str(folder), str(folder), *safetensors_files_in(folder))
         ck.sizes = []

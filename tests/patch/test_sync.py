@@ -19,6 +19,13 @@ from rlsubnet.patch.sync import SparseSyncCallback, sync_receive  # noqa: E402
 K, M, STEPS = 2, 2, 6
 
 
+@pytest.fixture(autouse=True)
+def pipeline():
+    """Once, not once per pipeline mode (conftest): the tests share the module-scoped training run and its
+    receiver, and advance the receiver."""
+    return "default"
+
+
 def micro_llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(

@@ -20,7 +20,7 @@ import torch
 
 from rlsubnet.checkpoint.index import TORCH_TO_ST, element_size
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import fix_mode, atomic_write_text
+from rlsubnet.fileio import DirectFile, atomic_write_text, fix_mode
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -38,7 +38,15 @@ class SafetensorsWriter:
     ...     w.write("w", tensor)
     """
 
-    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        specs: Iterable[TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        direct: bool = False,
+    ):
+        """``direct``: write with O_DIRECT, bypassing the page cache (see :class:`rlsubnet.fileio.DirectFile`)."""
         self.path = Path(path)
         self.specs = [(n, d, tuple(int(s) for s in shape)) for n, d, shape in specs]
         header: dict[str, object] = {}
@@ -57,7 +65,7 @@ class SafetensorsWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
         fix_mode(tmp)
-        self._f = os.fdopen(fd, "wb")
+        self._f = DirectFile(fd) if direct else os.fdopen(fd, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 

@@ -16,12 +16,15 @@ TASKS = ("add", "sub")  # rlsubnet.lab.tasks.TASKS, listed here so that --help n
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="pretrain a tiny LM offline, finetune it with TRL (GRPO, DPO, SFT, RFT) and measure update sparsity",
+        help="pretrain a tiny LM offline, finetune it with TRL (GRPO, DPO, SFT, RFT), measure update sparsity, "
+        "re-train the subnetworks and measure their overlap",
         description="Reproduce the paper's measurements end to end on a tiny Llama-style model built offline: "
         "pretraining until a validation accuracy target, then GRPO (with/without KL, with/without clipping), DPO, SFT at "
         "the usual and at the RL learning rate, and rejection-sampling FT, all from the same bf16 θ0 with TRL's "
-        "trainers; every sparsity figure comes from the compare engine. Writes report.md, figures/*.png and "
-        "results.json to --out. Re-running reuses finished stages.",
+        "trainers; every sparsity figure comes from the compare engine. Then the subnetwork experiments: GRPO and DPO "
+        "re-run from θ0 on their own subnetwork and on a random mask of equal density, extra seeds, identity with the "
+        "full runs and overlap of the subnetworks against two chance baselines. Writes report.md, figures/*.png, "
+        "masks/ and results.json to --out. Re-running reuses finished stages.",
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--size", default="small", help=f"model size: {', '.join(SIZES)} (default: %(default)s)")
@@ -31,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: %(default)s; part of the configuration, as it changes the numbers)")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="finetuning stages to run at once, each in its own process (default: one per CPU core the "
+                        "thread count leaves, at most 4; never changes a number, only the wall time)")
     p.add_argument("--fresh", action="store_true", help="discard the results already in --out and start over")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g = p.add_argument_group("training (defaults depend on --size)")
@@ -71,5 +77,7 @@ def run(args: argparse.Namespace) -> int:
         rl_lr=args.rl_lr, sft_lr=args.sft_lr, kl_beta=args.kl_beta, snapshot_every=args.snapshot_every,
         pretrain_target=args.pretrain_target, pretrain_max_steps=args.pretrain_max_steps,
     )
-    run_demo(cfg, args.out, fresh=args.fresh, progress=not args.quiet)
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    run_demo(cfg, args.out, fresh=args.fresh, progress=not args.quiet, jobs=args.jobs)
     return 0

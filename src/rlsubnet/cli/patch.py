@@ -68,8 +68,9 @@ def add_parser(sub) -> None:
         usage="rlsubnet patch apply [BASE] PATCH [PATCH ...] -o OUT [options]",
         help="rebuild a checkpoint from BASE and one or more patches",
         description="Rebuild the target of PATCH (or of a chain of patches, in order) from BASE, in BASE's shard "
-        "layout, verifying the base hash before and the target hash after; OUT appears only when every "
-        "tensor checks out. When the first patch is a full anchor, give no BASE.",
+        "layout, in one pass that checks every base tensor's hash as it is read and every output tensor's "
+        "hash as it is written; OUT appears only when every tensor checks out. When the first patch is a full "
+        "anchor, give no BASE.",
     )
     a.add_argument(
         "inputs",

@@ -1,7 +1,7 @@
 """``rlsubnet train {grpo,dpo,sft}``: finetune a lab model with TRL, optionally restricted to a mask.
 
-    rlsubnet train grpo --base runs/demo/base --mask runs/grpo.mask.safetensors --lr 1e-6 --steps 100 --out runs/grpo-sub
-    rlsubnet train dpo  --base runs/demo/base --samples runs/demo/samples.jsonl --out runs/dpo-full
+    rlsubnet train grpo --base runs/demo/stages/pretrain/model --mask runs/demo/masks/grpo.mask.safetensors --lr 1e-6 --steps 100 --out runs/grpo-sub
+    rlsubnet train dpo  --base runs/demo/stages/pretrain/model --samples runs/demo/stages/samples/samples.jsonl --out runs/dpo-full
 
 The stage is the lab's (:func:`rlsubnet.lab.stages.run_stage`): the same spec (seed, data seed, learning rate,
 steps...) gives the same rows in the same order and the same sampling, so a masked re-run differs from the full
@@ -63,35 +63,11 @@ def add_parser(sub) -> None:
 
 
 def check_frozen_masters(mask, base_dir, master_path) -> dict:
-    """Count entries outside the mask whose fp32 master differs (bitwise) from θ0's value upcast to fp32."""
-    import torch
+    """Count entries outside the mask whose fp32 master differs (bitwise) from θ0's value upcast to fp32
+    (:func:`rlsubnet.train.verify.check_frozen_masters`)."""
+    from rlsubnet.train.verify import check_frozen_masters as check
 
-    from rlsubnet.checkpoint import open_checkpoint
-    from rlsubnet.errors import MismatchError
-
-    base = open_checkpoint(base_dir)
-    master = open_checkpoint(master_path)
-    checked = moved = 0
-    per_tensor = {}
-    try:
-        for name in master.names():
-            if name not in mask:
-                continue
-            if name not in base.infos:
-                raise MismatchError(f"{master_path}: tensor {name!r} is not in the base {base_dir}")
-            b = base.read(name).to(torch.float32)
-            m = master.read(name)
-            frozen = ~mask.tensor(name)
-            diff = (b.view(torch.int32) != m.to(torch.float32).view(torch.int32)) & frozen
-            n_moved = int(diff.sum())
-            checked += int(frozen.sum())
-            moved += n_moved
-            if n_moved:
-                per_tensor[name] = n_moved
-    finally:
-        base.close()
-        master.close()
-    return {"frozen_entries_checked": checked, "frozen_entries_moved": moved, "moved_by_tensor": per_tensor}
+    return check(mask, base_dir, master_path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,10 +155,12 @@ def warn_if_other_base(mask, base_dir) -> None:
     import warnings
 
     from rlsubnet.checkpoint import open_checkpoint
-    from rlsubnet.checkpoint.hashing import hash_checkpoint
+    from rlsubnet.checkpoint.hashing import HASH_SCHEME, hash_checkpoint
 
     rec = mask.meta.get("base") or {}
     if not rec.get("content_sha256") or rec.get("content_scope") != "all tensors":
+        return
+    if rec.get("content_hash_scheme") != HASH_SCHEME:  # an older mask's hash: not comparable
         return
     ck = open_checkpoint(base_dir)
     try:

@@ -544,6 +544,7 @@ def run_stage(
     callbacks: Sequence = (),
     optimizer_factory: Callable | None = None,
     configure_trainer: Callable | None = None,
+    after_train: Callable | None = None,
     extra_record: dict | None = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -552,8 +553,10 @@ def run_stage(
 
     ``callbacks`` are extra TrainerCallbacks; ``optimizer_factory(model, training_args) -> Optimizer`` replaces
     :func:`default_optimizer` (a masked optimizer wraps the default one); ``configure_trainer(trainer)`` runs
-    after the trainer is built and before it trains (e.g. a TRL plug-in). ``extra_record`` is stored in
-    stage.json and enters the fingerprint: record there what the hooks change (the mask file, its digest...).
+    after the trainer is built and before it trains (e.g. a TRL plug-in); ``after_train(trainer) -> dict`` runs
+    after training, and its dict is stored in stage.json as ``"after_train"`` (e.g. the masked optimizer's report),
+    inside the stage's atomic write. ``extra_record`` is stored in stage.json and enters the fingerprint: record
+    there what the hooks change (the mask file, its digest...).
     """
     import torch
 
@@ -591,6 +594,7 @@ def run_stage(
             train_seconds = time.monotonic() - t_train
             bar.close()
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        after = after_train(trainer) if after_train is not None else None
         steps_done = trainer.state.global_step
         snaps.save(steps_done)  # the final model is always the last snapshot
         model = trainer.model
@@ -634,6 +638,8 @@ def run_stage(
             "versions": library_versions(),
             "extra": extra_record or {},
         }
+        if after is not None:
+            record["after_train"] = after
         atomic_write_text(tmp / "stage.json", json.dumps(record, indent=2) + "\n")
     return StageResult(name=spec.name, dir=out_dir, record=record)
 

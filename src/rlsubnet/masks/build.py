@@ -107,7 +107,9 @@ def layout_sha256(infos: Mapping) -> str:
 
 
 def checkpoint_identity(ck: Checkpoint, content: Mapping[str, str] | None = None) -> dict:
-    """A cheap identity of a checkpoint (see the module docstring); ``content`` maps tensor name -> sha256."""
+    """A cheap identity of a checkpoint (see the module docstring); ``content`` maps tensor name -> content
+    hash (:mod:`rlsubnet.checkpoint.hashing`; the key ``content_sha256`` is historical: the scheme, XXH3-128
+    now, is recorded next to it as ``content_hash_scheme``)."""
     dtypes: dict[str, int] = {}
     for i in ck.infos.values():
         dtypes[dtype_name(i.dtype)] = dtypes.get(dtype_name(i.dtype), 0) + 1

@@ -365,7 +365,11 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
             if reshaped:
                 parts.append(f"{len(reshaped)} with different shapes: {_listing(reshaped)}")
             raise MaskMismatchError(f"{ck.location} does not match the masks ({'; '.join(parts)})")
-        recorded = {(m.meta.get("base") or {}).get("content_sha256") for m in masks} - {None}
+        from rlsubnet.checkpoint.hashing import HASH_SCHEME
+
+        # only hashes of this scheme compare (masks written before the switch to XXH3 hold SHA-256 ones)
+        recorded = {(m.meta.get("base") or {}).get("content_sha256") for m in masks
+                    if (m.meta.get("base") or {}).get("content_hash_scheme") == HASH_SCHEME} - {None}
         want_hash = bool(recorded)
         hashes: dict[str, str] = {}
         block = 1 << 22
@@ -435,6 +439,7 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
                     f"{rec.get('source')!r} recorded in mask {m.meta.get('path') or m.kind}"
                 )
             if (rec.get("content_sha256") and ident.get("content_sha256")
+                    and rec.get("content_hash_scheme") == ident.get("content_hash_scheme")
                     and rec.get("content_scope") == ident.get("content_scope")
                     and rec["content_sha256"] != ident["content_sha256"]):
                 warnings.append(

@@ -36,11 +36,13 @@ from rlsubnet.checkpoint.writer import plan_shards, shard_file_names
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_bytes
 from rlsubnet._threads import prefetch
-from rlsubnet.patch.codec import UINT_OF, RecordCursor
+from rlsubnet.patch._buffers import Recycler
+from rlsubnet.patch.codec import UINT_OF, RecordCursor, apply_changes
 from rlsubnet.patch.errors import PatchError, WrongBaseError
 from rlsubnet.patch.format import PatchFile
 
 DEFAULT_READ_BYTES = 16 << 20
+THREADS_FROM_BYTES = 64 << 20  # below this many bytes of output, apply runs in one thread
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # for outputs with no base layout to follow (a chain starting at an anchor)
 _SHOW = 6
 # Integer views for in-place bit writes (torch has no XOR on uint16/32/64 everywhere; signed is the same bits).
@@ -304,6 +306,7 @@ def apply_patches(
     allow_pickle: bool = False,
     allow_download: bool = False,
     read_bytes: int = DEFAULT_READ_BYTES,
+    direct_io: bool = True,
     progress: bool = False,
 ) -> ApplySummary:
     """Rebuild the target of a chain of patches from ``base`` (None when the chain starts with an anchor).
@@ -314,6 +317,8 @@ def apply_patches(
     tensor's hash is checked as it streams, and the output, built under a temporary name, is removed on the
     first mismatch. ``verify_base_first=True`` hashes the whole base in a first pass instead, so a wrong base
     is refused before any output byte is written, even to the temporary name: one more read of the base.
+    ``direct_io``: write the output with O_DIRECT where the file system allows it (no page-cache copy;
+    the output is then not in the page cache afterwards); False writes through the page cache.
     """
     t0 = time.perf_counter()
     chain = open_chain(patches)
@@ -351,7 +356,9 @@ def apply_patches(
                 raise _base_mismatch(base_ck, chain[0], bad, got.digest)
 
         def write_all(folder: Path | None) -> str:
-            return _stream(chain, base_ck, plans, layout, folder, out, not verify_base_first, read_bytes, progress)
+            return _stream(
+                chain, base_ck, plans, layout, folder, out, not verify_base_first, read_bytes, progress, direct_io
+            )
 
         if single:
             digest = write_all(None)
@@ -375,12 +382,14 @@ def apply_patches(
     )
 
 
-def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_bytes, progress) -> str:
+def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_bytes, progress, direct_io) -> str:
     """Write every output tensor, shard by shard; returns the output's content hash (checked: the target's).
 
-    Three threads share the work: a reader reads (and, single pass, hashes) the base; the calling thread
-    decodes the patches' changes, applies them in chain order and hashes the result; a writer thread writes
-    it. Reads, hashing, numpy, zstd and disk writes release the GIL, so on two cores they overlap.
+    Four threads share the work, each a few blocks ahead of the next: a reader reads (and, single pass,
+    hashes) the base into recycled buffers; a decoder decompresses and decodes each patch's changes for the
+    block; the calling thread applies them in chain order and hashes the result; a writer thread writes it
+    (O_DIRECT when ``direct_io``) and hands the buffer back. Reads, hashing, numpy, zstd and disk writes
+    release the GIL, so they overlap on as many cores as are free.
     """
     by_name = {p.name: p for p in plans}
     out_hashes: dict[str, str] = {}
@@ -392,9 +401,10 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="patch apply", delay=1.0, leave=False)
 
     def blocks():
-        """Reader thread: (file, plan, start, stop, base words or None, base digest on the last block).
+        """Reader thread: (file, plan, start, stop, buffer, words, base digest on the last block).
 
-        ``words`` is None when the tensor's starting bits come from a patch storing it whole.
+        ``words`` (unsigned integers viewing ``buffer``, recycled through ``pool``) hold the base's bits, or
+        nothing yet when the tensor's starting bits come from a patch storing it whole.
         """
         for fname, specs in layout.files:
             for name, dtype, shape in specs:
@@ -410,16 +420,14 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
                     _hash_base(base_ck, p, h, read_bytes)
                 for start in range(0, max(numel, 1), step):
                     stop = min(numel, start + step)
-                    words = None
-                    if p.full_from is None:
-                        if stop > start:
-                            b = base_ck.read_flat(name, start, stop)
-                            if h:
-                                h.update(b)
-                            words = _words(b)
-                        else:
-                            words = np.empty(0, dtype=UINT_OF[esize])
-                    yield fname, p, start, stop, words, h.hexdigest() if h and stop >= numel else None
+                    nbytes = (stop - start) * esize
+                    buf = pool.get(nbytes)
+                    words = buf[:nbytes].view(UINT_OF[esize])
+                    if p.full_from is None:  # else the words come from the patch storing it whole
+                        base_ck.read_flat_into(name, start, stop, buf)
+                        if h:
+                            h.update(words)
+                    yield fname, p, start, stop, buf, words, h.hexdigest() if h and stop >= numel else None
         for p in plans:  # removed tensors are part of the base hash too
             if p.dtype is None and p.in_base and verify_streaming:
                 info = base_ck.info(p.name)
@@ -428,16 +436,39 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
                 if h.hexdigest() != p.base_hash:
                     raise _base_mismatch(base_ck, chain[0], [p.name], None)
 
+    def decoded(items):
+        """Decoder thread: the changes of each block, from every patch that touches the tensor, in chain order."""
+        source: RecordCursor | None = None
+        cursors: list[tuple[RecordCursor, str]] = []
+        for fname, p, start, stop, buf, words, base_digest in items:
+            if start == 0:  # a new tensor; every record was verified by apply_patches
+                esize = element_size(p.dtype)
+                source = _cursor(chain[p.full_from], p.name, esize, check=False) if p.full_from is not None else None
+                cursors = [(_cursor(chain[i], p.name, esize, check=False), chain[i].values) for i in p.deltas]
+            changes = [(source.changes(start, stop), "set")] if source is not None else []
+            changes += [(cur.changes(start, stop), cur.mode(coding)) for cur, coding in cursors]
+            yield fname, p, start, stop, buf, words, base_digest, changes
+
     specs_of = dict(layout.files)
     writers: list[SafetensorsWriter] = []
     current_file = None
     weight_map, total = {}, 0
     hasher: TensorHasher | None = None
-    source: RecordCursor | None = None
-    cursors: list[tuple[RecordCursor, str]] = []
-    sink = _Sink()
+    # Threads pay off on large checkpoints; on small ones (the demo's 2 MB models) handing tiny blocks between
+    # four threads costs more than the work: then everything runs here, in order.
+    threaded = sum(_nbytes(p.dtype, p.shape) for p in plans if p.dtype is not None) > THREADS_FROM_BYTES
+    sink = _Sink() if threaded else _InlineSink()
+    sizes = {element_size(p.dtype) for p in plans if p.dtype is not None}
+    pool = Recycler(max([_read_step(chain, e, read_bytes) * e for e in sizes], default=read_bytes), keep=8)
+
+    def write_block(writer: SafetensorsWriter, buf: np.ndarray, nbytes: int) -> None:
+        writer.write_part(buf[:nbytes])
+        pool.give(buf)
+
     try:
-        for fname, p, start, stop, words, base_digest in prefetch(blocks()):
+        # reader -> decoder -> this thread
+        stages = prefetch(decoded(prefetch(blocks(), depth=1)), depth=2) if threaded else decoded(blocks())
+        for fname, p, start, stop, buf, words, base_digest, changes in stages:
             numel = int(np.prod(p.shape, dtype=np.int64))
             esize = element_size(p.dtype)
             if current_file != fname:
@@ -445,22 +476,20 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
                     sink.submit(writers[-1].close)
                 current_file = fname
                 path = out if folder is None else folder / fname
-                writers.append(SafetensorsWriter(path, specs_of[fname], layout.file_metadata.get(fname)))
+                writers.append(
+                    # O_DIRECT's staging buffer is not worth it for small outputs
+                    SafetensorsWriter(path, specs_of[fname], layout.file_metadata.get(fname), direct=direct_io and threaded)
+                )
                 for n, d, sh in specs_of[fname]:
                     weight_map[n] = fname
                     total += _nbytes(d, sh)
             writer = writers[-1]
-            if start == 0:  # a new tensor; every record was verified by apply_patches
+            if start == 0:
                 hasher = TensorHasher(p.name, p.dtype, p.shape)
-                source = _cursor(chain[p.full_from], p.name, esize, check=False) if p.full_from is not None else None
-                cursors = [(_cursor(chain[i], p.name, esize, check=False), chain[i].values) for i in p.deltas]
-            if words is None:
-                words = np.empty(stop - start, dtype=UINT_OF[esize])
-                source.apply(words, start, stop, "absolute")
-            for cur, coding in cursors:
-                cur.apply(words, start, stop, coding)
+            for ch, mode in changes:
+                apply_changes(words, ch, mode)
             hasher.update(words)
-            sink.submit(writer.write_part, words.view(np.uint8))
+            sink.submit(write_block, writer, buf, words.nbytes)
             if bar is not None:
                 bar.update(words.nbytes)
             if stop >= numel:
@@ -545,6 +574,19 @@ class _Sink:
             self._thread.join(timeout=0.05)
 
 
+class _InlineSink:
+    """:class:`_Sink`'s interface, running each call at once in the calling thread."""
+
+    def submit(self, fn, *args) -> None:
+        fn(*args)
+
+    def finish(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 def _nbytes(dtype: torch.dtype, shape) -> int:
     return int(np.prod(shape, dtype=np.int64)) * element_size(dtype)
 
@@ -585,7 +627,7 @@ def apply_patch_(model, patch, *, verify: bool = True) -> str:
     and, with ``verify`` (the default), its content hash: a model that does not hold the base is refused
     before anything changes. Every record's hash is checked before the first write, and each changed tensor's
     hash after; if one does not match, every tensor already changed is restored. A full anchor needs no base.
-    ``verify=False`` skips hashing the model (one pass over its bytes, ~2 GB/s) when the caller tracks the
+    ``verify=False`` skips hashing the model (one pass over its bytes, at memory speed) when the caller tracks the
     hash itself. Tensors may live on any device; a patch cannot add, remove or re-shape tensors in place.
     """
     p = patch if isinstance(patch, PatchFile) else PatchFile.open(patch)

@@ -33,3 +33,19 @@ EVER_UPDATED_OUTSIDE_FINAL = 8.5  # "about 8.5% of parameters ever updated end o
 PRIME_PLATEAU = 80.0  # sparsity levels off near 80%
 
 HYPERPARAMETERS = "DPO lr 5e-7, no weight decay, 1 epoch; PRIME actor lr 5e-7, grad clip 10, 4 rollouts/prompt"
+
+# Table 3: subnetwork-only training from θ_init (same data, hyperparameters and seed) against the full run:
+# share of parameters of θ_sub identical to θ_full (|θ_full − θ_sub| ≤ atol), and "test accuracy equal or better".
+TABLE3 = {  # algorithm -> {atol: identity %}
+    "DPO": {1e-5: 94.0, 1e-4: 100.0},
+    "PRIME": {1e-5: 90.5, 1e-4: 100.0},
+}
+TABLE3_ACCURACY = "θ_sub's test accuracy equal to or better than θ_full's"
+
+# Table 4: overlap of subnetworks (DPO on Tulu-3-8B-SFT unless noted), o1 / o2 in %, with the paper's chance
+# baseline (o1 = density of the second mask, o2 = density of the first).
+TABLE4 = [  # (comparison, what varies, o1, o2, chance o1, chance o2)
+    ("seeds", "DPO, seed 42 vs seed 123", 60.5, 60.6, 36.7, 36.7),
+    ("data", "DPO, two training sets", 26.7, 67.1, 14.6, 36.7),
+    ("algorithm", "DPO vs PRIME", 59.1, 33.2, 23.0, 12.9),
+]

@@ -13,6 +13,7 @@ from rlsubnet.train.masking import (
     mask_optimizer,
     resolve_parameter_masks,
 )
+from rlsubnet.train.verify import check_frozen_masters
 
 
 def __getattr__(name):
@@ -28,6 +29,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "check_frozen_masters",
     "FullMaskWarning",
     "MaskDtypeWarning",
     "MaskedOptimizer",

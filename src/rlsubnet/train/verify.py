@@ -1,0 +1,54 @@
+"""After a masked run: check, bit for bit, that the fp32 master weights outside the mask are still θ0's values.
+
+Used by ``rlsubnet train --mask`` (``OUT/mask.json``) and by the demo's subnetwork re-runs. Needs only torch and
+the checkpoint readers.
+"""
+
+from __future__ import annotations
+
+
+def check_frozen_masters(mask, base, master) -> dict:
+    """Count the entries outside ``mask`` whose fp32 master differs (bitwise) from θ0's value upcast to fp32.
+
+    ``base`` is θ0 (a bf16 checkpoint: the masters start at its values exactly) and ``master`` the fp32 master
+    weights written after training; both are anything :func:`rlsubnet.open_checkpoint` opens. Tensors of the
+    master file that the mask does not cover are not checked. Returns ``{"frozen_entries_checked",
+    "frozen_entries_moved", "moved_by_tensor", "trainable_entries", "trainable_entries_moved"}`` (the last two
+    count the mask's own entries, and how many of them differ from θ0 in fp32).
+    """
+    import torch
+
+    from rlsubnet.checkpoint import open_checkpoint
+    from rlsubnet.errors import MismatchError
+
+    base_ck = open_checkpoint(base, label="base")
+    master_ck = open_checkpoint(master, label="master")
+    checked = moved = trainable = trainable_moved = 0
+    per_tensor = {}
+    try:
+        for name in master_ck.names():
+            if name not in mask:
+                continue
+            if name not in base_ck.infos:
+                raise MismatchError(f"{master}: tensor {name!r} is not in the base {base}")
+            b = base_ck.read(name).to(torch.float32)
+            m = master_ck.read(name).to(torch.float32)
+            if b.shape != m.shape:
+                raise MismatchError(f"{master}: tensor {name!r} has shape {list(m.shape)}, the base {list(b.shape)}")
+            trains = mask.tensor(name)
+            differs = b.view(torch.int32) != m.view(torch.int32)
+            n_moved = int((differs & ~trains).sum())
+            n_trains = int(trains.sum())
+            checked += b.numel() - n_trains
+            moved += n_moved
+            trainable += n_trains
+            trainable_moved += int((differs & trains).sum())
+            if n_moved:
+                per_tensor[name] = n_moved
+    finally:
+        if base_ck is not base:
+            base_ck.close()
+        if master_ck is not master:
+            master_ck.close()
+    return {"frozen_entries_checked": checked, "frozen_entries_moved": moved, "moved_by_tensor": per_tensor,
+            "trainable_entries": trainable, "trainable_entries_moved": trainable_moved}
