@@ -5,7 +5,8 @@
 Generates a sharded bf16 checkpoint pair (Llama naming, hidden 1024, MLP 4096; 32 layers is 1.1 GiB per side)
 in which exactly 20% of the entries differ by one bf16 ULP, then runs each measurement in a fresh process:
 
-- read floor: read every tensor of both checkpoints through rlsubnet's reader, no arithmetic;
+- read floor: read every tensor of both checkpoints through rlsubnet's reader into one reused 16 MiB buffer,
+              no arithmetic;
 - compare:    rlsubnet.compare(base, tuned) at the default atols (0, 1e-5);
 - load-both:  load both state dicts whole into RAM and compute the paper's isclose sparsity per tensor (what
               a two-script repository does with from_pretrained; safetensors' load_file would memory-map the
@@ -13,7 +14,8 @@ in which exactly 20% of the entries differ by one bf16 ULP, then runs each measu
 
 Peak memory is the child's peak RssAnon (anonymous memory: file pages the kernel can drop do not count),
 sampled every 2 ms from /proc, less the RssAnon of a bare `import torch` process. Times are the best of
---repeat runs with a warm page cache (the pair is read once before timing). Memory is also measured for a
+--repeat runs, warm (the pair read once before timing: the floor is a memory copy from the page cache) and
+cold (each file's pages dropped with posix_fadvise before each run: the floor is the disk). Memory is also measured for a
 model with a quarter of the layers, to show it does not grow with depth. Prints figures; asserts nothing.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,13 +36,18 @@ CHILD_PRELUDE = "import json, sys, time, torch\n"
 BARE = "pass"
 
 READ_FLOOR = """
+import numpy as np
 from rlsubnet.checkpoint import open_checkpoint
 t0 = time.perf_counter()
+buf = np.empty(16 << 20, dtype=np.uint8)  # one reused buffer: the cheapest way to read with rlsubnet's reader
 n = 0
 for path in sys.argv[1:3]:
     with open_checkpoint(path) as ck:
         for name in ck.names():
-            n += ck.read(name).numel()
+            numel, size = ck.infos[name].numel, ck.infos[name].dtype.itemsize
+            step = len(buf) // size
+            for start in range(0, numel, step):
+                n += len(ck.read_flat_into(name, start, min(numel, start + step), buf)) // size
 print(json.dumps({"seconds": time.perf_counter() - t0, "numel": n}))
 """
 
@@ -102,8 +110,23 @@ def run_child(code: str, *args: str) -> tuple[dict, int]:
     return json.loads(line), peak
 
 
-def best_of(repeat: int, code: str, *args: str) -> tuple[dict, int]:
-    runs = [run_child(code, *args) for _ in range(repeat)]
+def drop_cache(*paths: Path) -> None:
+    """Evict the checkpoints' pages from the page cache (posix_fadvise DONTNEED), so the next read is cold."""
+    for p in paths:
+        for f in sorted(p.glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def best_of(repeat: int, code: str, *args: str, cold_paths: tuple[Path, ...] = ()) -> tuple[dict, int]:
+    runs = []
+    for _ in range(repeat):
+        if cold_paths:
+            drop_cache(*cold_paths)
+        runs.append(run_child(code, *args))
     return min(runs, key=lambda r: r[0].get("seconds", 0))[0], max(r[1] for r in runs)
 
 
@@ -154,12 +177,18 @@ def main() -> None:
         floor, floor_kib = best_of(args.repeat, READ_FLOOR, str(base), str(tuned))
         comp, comp_kib = best_of(args.repeat, COMPARE, str(base), str(tuned))
         assert comp["changed"] == changed, (comp, changed)  # the benchmark measures a correct run
+        cold_floor, _ = best_of(args.repeat, READ_FLOOR, str(base), str(tuned), cold_paths=(base, tuned))
+        cold_comp, _ = best_of(args.repeat, COMPARE, str(base), str(tuned), cold_paths=(base, tuned))
+        warm(base, tuned)
         row = {
             "layers": layers,
             "bytes_per_side": nbytes,
             "read_floor_s": floor["seconds"],
             "compare_s": comp["seconds"],
             "ratio": comp["seconds"] / floor["seconds"],
+            "cold_read_floor_s": cold_floor["seconds"],
+            "cold_compare_s": cold_comp["seconds"],
+            "cold_ratio": cold_comp["seconds"] / cold_floor["seconds"],
             "compare_peak_mib": (comp_kib - bare_kib) / 1024,
             "read_floor_peak_mib": (floor_kib - bare_kib) / 1024,
         }
@@ -170,8 +199,9 @@ def main() -> None:
             row["load_both_peak_mib"] = (load_kib - bare_kib) / 1024
         results[layers] = row
         print(
-            f"{layers:3d} layers, {nbytes / 2**30:.2f} GiB per side: read floor {row['read_floor_s']:.2f} s, "
-            f"compare {row['compare_s']:.2f} s (ratio {row['ratio']:.2f}x), "
+            f"{layers:3d} layers, {nbytes / 2**30:.2f} GiB per side: warm: read floor {row['read_floor_s']:.2f} s, "
+            f"compare {row['compare_s']:.2f} s (ratio {row['ratio']:.2f}x); cold: read floor "
+            f"{row['cold_read_floor_s']:.2f} s, compare {row['cold_compare_s']:.2f} s (ratio {row['cold_ratio']:.2f}x); "
             f"compare peak {row['compare_peak_mib']:.0f} MiB"
             + (
                 f", load-both {row['load_both_s']:.2f} s / peak {row['load_both_peak_mib']:.0f} MiB "

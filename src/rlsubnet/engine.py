@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from rlsubnet._threads import prefetch
+from rlsubnet._threads import BufferRing, prefetch
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
 from rlsubnet.diff.names import is_norm, layer_of, module_kind
 from rlsubnet.diff.pairs import align
@@ -103,15 +104,27 @@ def compare_many(
             for j in jobs
         )
 
+        # One buffer per checkpoint per block in flight: one being reduced, one queued, one being read.
+        n_sides = 1 + len(tuned_cks)
+        ring = BufferRing(3, lambda: [np.empty(block_bytes, dtype=np.uint8) for _ in range(n_sides)])
+
+        def read_block(ck: Checkpoint, name: str, start: int, stop: int, buf: np.ndarray) -> torch.Tensor:
+            dtype = ck.infos[name].dtype
+            if stop - start == 0 or element_size(dtype) > block_bytes:
+                return ck.read_flat(name, start, stop)
+            return torch.from_numpy(np.asarray(ck.read_flat_into(name, start, stop, buf))).view(dtype)
+
         def blocks():
             for job in jobs:
                 info = base_ck.infos[job.name]
-                block = max(1, block_bytes // element_size(info.dtype))
+                itemsize = max(element_size(info.dtype), *(element_size(tuned_cks[i].infos[job.name].dtype) for i, _ in job.accumulators))
+                block = max(1, block_bytes // itemsize)
                 for start in range(0, info.numel, block) if info.numel else [0]:
                     stop = min(info.numel, start + block)
-                    b = base_ck.read_flat(job.name, start, stop)
-                    ts = [tuned_cks[i].read_flat(job.name, start, stop) for i, _ in job.accumulators]
-                    yield job, b, ts, stop == info.numel
+                    bufs = ring.get()
+                    b = read_block(base_ck, job.name, start, stop, bufs[0])
+                    ts = [read_block(tuned_cks[i], job.name, start, stop, bufs[1 + k]) for k, (i, _) in enumerate(job.accumulators)]
+                    yield job, b, ts, stop == info.numel, bufs
 
         bar = None
         if progress:
@@ -119,18 +132,22 @@ def compare_many(
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="compare", delay=1.0, leave=False)
         try:
-            for job, b, ts, last in prefetch(blocks(), depth=1):
+            for job, b, ts, last, bufs in prefetch(blocks(), depth=1):
                 with single_threaded_torch():
                     for (_, acc), t in zip(job.accumulators, ts):
                         acc.update(b, t)
+                nbytes = b.numel() * b.element_size() + sum(t.numel() * t.element_size() for t in ts)
+                del b, ts  # views of bufs: drop them before the buffers go back to the reader
+                ring.put(bufs)
                 if last:  # outside single_threaded_torch: the rank's SVD wants every core
                     for i, acc in job.accumulators:
                         stats = acc.finish()
                         stats.layer, stats.module = layer_of(job.name), module_kind(job.name)
                         per_tuned_stats[i].append(stats)
                 if bar is not None:
-                    bar.update(b.numel() * b.element_size() + sum(t.numel() * t.element_size() for t in ts))
+                    bar.update(nbytes)
         finally:
+            ring.close()
             if bar is not None:
                 bar.close()
 

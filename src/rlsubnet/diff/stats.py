@@ -138,21 +138,13 @@ def _buffer(key: str, n: int, dtype) -> np.ndarray:
     return buf[:n]
 
 
-def _abs_as_float(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """|x| as a float32/float64 numpy array from the sign-cleared bit patterns of x."""
-    if dtype == torch.bfloat16:  # a bf16 is the top half of an fp32
-        wide = _buffer("f32", bits.size, np.int32)
-        wide[:] = bits
-        np.left_shift(wide, 16, out=wide)
-        return wide.view(np.float32)
-    if dtype == torch.float16:
-        return bits.view(np.float16).astype(np.float32)
-    return bits.view(np.float32 if dtype == torch.float32 else np.float64)
-
-
-def _sq_sum(x: np.ndarray) -> float:
-    t = torch.from_numpy(x)
-    return float(torch.dot(t, t))
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """x upcast for the norms (float64 stays float64, everything else goes to float32), in a reused buffer."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype == wide:
+        return x
+    buf = torch.from_numpy(_buffer("wide", x.numel(), np.float64 if wide == torch.float64 else np.float32))
+    return buf.copy_(x)
 
 
 @dataclass
@@ -252,21 +244,22 @@ class DeltaAccumulator:
         if not self.is_float:
             same = n - int(torch.count_nonzero(b != t))
             return _Partial([same] * len(self.atols), n - same, 0, 0.0, 0.0, 0.0)
-        d = torch.sub(t, b)
+        d = torch.from_numpy(_buffer("delta", n, self._np_int)).view(self.cmp)
+        torch.sub(t, b, out=d)
         if self._full_delta is not None:
             self._full_delta[offset : offset + n] = d
         bits = np.bitwise_and(d.view(self._int).numpy(), self._abs_mask, out=_buffer("bits", n, self._np_int))
-        mask = _buffer("mask", n, np.bool_)
-        unchanged = [int(np.count_nonzero(np.less_equal(bits, thr, out=mask))) for thr in self._thr_bits]
         nonzero = int(np.count_nonzero(bits))
+        mask = _buffer("mask", n, np.bool_)
+        unchanged = [n - nonzero if thr == 0 else int(np.count_nonzero(np.less_equal(bits, thr, out=mask))) for thr in self._thr_bits]
         max_bits = int(bits.max())
         if max_bits >= self._nan_floor:
             return self._reduce_nonfinite(b, t, d, unchanged, nonzero)
-        absd = _abs_as_float(bits, self.cmp)
-        abs_sum = float(absd.sum(dtype=absd.dtype))
-        sq_sum = _sq_sum(absd)
-        base_bits = np.bitwise_and(b.view(self._int).numpy(), self._abs_mask, out=_buffer("bits", n, self._np_int))
-        base_sq = _sq_sum(_abs_as_float(base_bits, self.cmp))
+        absd = _as_float(torch.from_numpy(bits).view(self.cmp))  # |Δ|: the sign-cleared bits
+        abs_sum = float(absd.sum())
+        sq_sum = float(torch.dot(absd, absd))
+        bf = _as_float(b)
+        base_sq = float(torch.dot(bf, bf))
         if not math.isfinite(abs_sum + sq_sum + base_sq):  # fp32 overflow of a sum: redo in float64
             df, bf = d.double(), b.double()
             abs_sum, sq_sum, base_sq = df.abs().sum().item(), df.square().sum().item(), bf.square().sum().item()
