@@ -5,6 +5,12 @@ exits with status 2; library users catch :class:`RlsubnetError`.
 """
 
 
+def listing(items, show: int = 8) -> str:
+    """The first ``show`` items, comma-separated, and how many more: for errors that list names."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:show]) + (f" ... and {len(items) - show} more" if len(items) > show else "")
+
+
 class RlsubnetError(Exception):
     """Base class: a problem with the user's input, reported in one line."""
 

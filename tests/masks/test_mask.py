@@ -111,13 +111,13 @@ def test_metadata_records_settings_and_identity(sharded_pair, tmp_path):
         assert ident["source"] == str(path)
         assert ident["numel"] == ck.numel and ident["n_tensors"] == len(specs)
         # the content hash is the project's checkpoint hash, computed while streaming
-        assert ident["content_sha256"] == hash_checkpoint(ck).digest
+        assert ident["content_hash"] == hash_checkpoint(ck).digest
         assert ident["content_scope"] == "all tensors"
     # identity does not depend on sharding: the same tensors in one file hash the same
     one_file = tmp_path / "one"
     save_state_dict({n: open_checkpoint(base).read(n) for n in open_checkpoint(base).names()}, one_file)
     m2 = build_mask(one_file, tuned, atol=1e-5)
-    assert m2.meta["base"]["content_sha256"] == m.meta["base"]["content_sha256"]
+    assert m2.meta["base"]["content_hash"] == m.meta["base"]["content_hash"]
     assert m2.meta["base"]["layout_sha256"] == m.meta["base"]["layout_sha256"]
     # ... and any changed weight changes it
     edited = {n: open_checkpoint(base).read(n) for n in open_checkpoint(base).names()}
@@ -125,8 +125,8 @@ def test_metadata_records_settings_and_identity(sharded_pair, tmp_path):
     edited[name] = edited[name].clone()
     edited[name].view(torch.int16).reshape(-1)[0] ^= 1
     m3 = build_mask(edited, tuned, atol=1e-5)
-    assert m3.meta["base"]["content_sha256"] != m.meta["base"]["content_sha256"]
-    assert build_mask(base, tuned, hash_content=False).meta["base"]["content_sha256"] is None
+    assert m3.meta["base"]["content_hash"] != m.meta["base"]["content_hash"]
+    assert build_mask(base, tuned, hash_content=False).meta["base"]["content_hash"] is None
 
 
 def test_mismatched_checkpoints(sharded_pair, tmp_path):

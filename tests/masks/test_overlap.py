@@ -155,7 +155,7 @@ def test_mixed_settings_and_foreign_base_are_flagged(sharded_pair):
     r2 = overlap_many([m5, m0], ["a", "b"], base=tuned)  # the wrong base: same layout, other weights
     assert any("different weights" in w for w in r2.warnings)
     for m in (m5, m0):  # hashes recorded under another scheme (older masks: SHA-256) are not compared
-        m.meta["base"] = dict(m.meta["base"], content_hash_scheme="sha256-tensors-v1", content_sha256="ab" * 32)
+        m.meta["base"] = dict(m.meta["base"], content_hash_scheme="sha256-tensors-v1", content_hash="ab" * 32)
     r3 = overlap_many([m5, m0], ["a", "b"], base=base)
     assert not any("different weights" in w for w in r3.warnings)
 

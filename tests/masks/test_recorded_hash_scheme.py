@@ -20,7 +20,7 @@ def test_train_warns_on_another_base_only_under_the_same_scheme(sharded_pair):
         warnings.simplefilter("always")
         warn_if_other_base(m, tuned)
     assert any("weights differ" in str(w.message) for w in caught)
-    m.meta["base"] = dict(m.meta["base"], content_hash_scheme="sha256-tensors-v1", content_sha256="ab" * 32)
+    m.meta["base"] = dict(m.meta["base"], content_hash_scheme="sha256-tensors-v1", content_hash="ab" * 32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_other_base(m, tuned)  # an older mask's SHA-256 hash: not comparable, no false alarm

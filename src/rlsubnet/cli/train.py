@@ -158,7 +158,7 @@ def warn_if_other_base(mask, base_dir) -> None:
     from rlsubnet.checkpoint.hashing import HASH_SCHEME, hash_checkpoint
 
     rec = mask.meta.get("base") or {}
-    if not rec.get("content_sha256") or rec.get("content_scope") != "all tensors":
+    if not rec.get("content_hash") or rec.get("content_scope") != "all tensors":
         return
     if rec.get("content_hash_scheme") != HASH_SCHEME:  # an older mask's hash: not comparable
         return
@@ -167,7 +167,7 @@ def warn_if_other_base(mask, base_dir) -> None:
         digest = hash_checkpoint(ck).digest
     finally:
         ck.close()
-    if digest != rec["content_sha256"]:
+    if digest != rec["content_hash"]:
         msg = (f"the mask was measured from base {rec.get('source')!r}, whose weights differ from {base_dir} "
                "(content hashes differ): this is not that run's subnetwork")
         warnings.warn(msg, stacklevel=2)

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from rlsubnet.checkpoint.index import TensorInfo
 from rlsubnet.errors import MismatchError
-
-_SHOW = 8  # names listed in an error before "... and N more"
+from rlsubnet.errors import listing as _listing
 
 
 @dataclass(frozen=True)
@@ -20,11 +19,6 @@ class Skipped:
 
     def to_record(self) -> dict:
         return {"name": self.name, "reason": self.reason}
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_SHOW])
-    return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
 def align(

@@ -26,8 +26,8 @@ import torch
 from rlsubnet.errors import UsageError
 
 COMPARE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "native": None}
-_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_ABS_MASK = {2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}
+INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # float width -> int dtype to view its bits as
+ABS_MASK = {2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}  # clears the sign bit
 SUB_BLOCK = 1 << 18  # elements per pass: a sub-block's operands and temporaries stay in the CPU cache
 
 
@@ -49,6 +49,11 @@ def comparison_dtype(mode: str, base_dtype: torch.dtype, tuned_dtype: torch.dtyp
     if dtype.itemsize == 1:
         return torch.bfloat16
     return dtype
+
+
+def threshold_bits(atol: float, dtype: torch.dtype) -> int:
+    """Bit pattern of the effective tolerance in a float ``dtype``: |x| ≤ atol ⇔ (bits(x) & ABS_MASK) ≤ this."""
+    return int(torch.tensor(atol_threshold(atol, dtype), dtype=dtype).view(INT_VIEW[dtype.itemsize]))
 
 
 def atol_threshold(atol: float, dtype: torch.dtype) -> float:
@@ -192,10 +197,10 @@ class DeltaAccumulator:
         self.is_float = self.cmp.is_floating_point
         if self.is_float:
             size = self.cmp.itemsize
-            self._int = _INT_OF[size]
+            self._int = INT_VIEW[size]
             self._np_int = _NP_INT[size]
-            self._abs_mask = _ABS_MASK[size]
-            self._thr_bits = [int(torch.tensor(atol_threshold(a, self.cmp), dtype=self.cmp).view(self._int)) for a in self.atols]
+            self._abs_mask = ABS_MASK[size]
+            self._thr_bits = [threshold_bits(a, self.cmp) for a in self.atols]
             self._nan_floor = int(torch.tensor(float("inf"), dtype=self.cmp).view(self._int))  # bits above: NaN
         self.unchanged = [0] * len(self.atols)
         self.nonzero = 0
@@ -221,7 +226,7 @@ class DeltaAccumulator:
             stop = min(n, start + SUB_BLOCK)
             return self._reduce(base[start:stop], tuned[start:stop], self.seen + start)
 
-        partials = list(_pool().map(work, starts)) if len(starts) > 1 else [work(0)] if n else []
+        partials = list(worker_pool().map(work, starts)) if len(starts) > 1 else [work(0)] if n else []
         for p in partials:
             self._add(p)
         self.seen += n
@@ -317,7 +322,8 @@ class DeltaAccumulator:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
+def worker_pool() -> ThreadPoolExecutor:
+    """The shared pool that reduces sub-blocks in parallel (numpy and torch release the GIL)."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="rlsubnet-diff")

@@ -11,18 +11,16 @@ that also hashes the bytes it read; peak memory is a few blocks plus the packed 
 
 Checkpoint identity (recorded in the mask for both sides): the source as given, format, tensor count, numel,
 bytes, dtypes, ``layout_sha256`` (SHA-256 over the sorted ``name, dtype, shape`` lines: cheap, from headers) and
-``content_sha256``: the project's checkpoint hash (:mod:`rlsubnet.checkpoint.hashing`, scheme recorded as
+``content_hash``: the project's checkpoint hash (:mod:`rlsubnet.checkpoint.hashing`, scheme recorded as
 ``content_hash_scheme``) over the tensors in the mask, computed from the blocks the build reads anyway (``None``
-with ``hash_content=False``). Both are independent of sharding and storage order, and ``content_sha256`` equals
+with ``hash_content=False``). Both are independent of sharding and storage order, and ``content_hash`` equals
 ``hash_checkpoint(ck).digest`` when the mask covers every tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ import torch
 from rlsubnet.checkpoint import Checkpoint, dtype_name, element_size, open_checkpoint
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes
 from rlsubnet.diff.pairs import align
-from rlsubnet.diff.stats import _ABS_MASK, _INT_OF, COMPARE_DTYPES, atol_threshold, comparison_dtype, single_threaded_torch
+from rlsubnet.diff.stats import ABS_MASK, INT_VIEW, COMPARE_DTYPES, atol_threshold, comparison_dtype, single_threaded_torch, threshold_bits, worker_pool
 from rlsubnet._threads import prefetch
 from rlsubnet.errors import UsageError
 from rlsubnet.masks.mask import Mask, packed_size
@@ -38,15 +36,7 @@ from rlsubnet.masks.mask import Mask, packed_size
 DEFAULT_BLOCK_BYTES = 16 << 20
 
 
-_POOL: ThreadPoolExecutor | None = None
 SUB_BLOCK = 1 << 18  # entries per parallel piece (a multiple of 8: each piece packs into whole bytes)
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="rlsubnet-mask")
-    return _POOL
 
 
 class ChangedTest:
@@ -57,9 +47,9 @@ class ChangedTest:
         self.is_float = self.cmp.is_floating_point
         if self.is_float:
             size = self.cmp.itemsize
-            self._int = _INT_OF[size]
-            self._abs_mask = _ABS_MASK[size]
-            self._thr_bits = int(torch.tensor(atol_threshold(atol, self.cmp), dtype=self.cmp).view(self._int))
+            self._int = INT_VIEW[size]
+            self._abs_mask = ABS_MASK[size]
+            self._thr_bits = threshold_bits(atol, self.cmp)
 
     def __call__(self, base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         b = base.reshape(-1).to(self.cmp)
@@ -86,7 +76,7 @@ class ChangedTest:
         starts = range(0, n, SUB_BLOCK)
         with single_threaded_torch():
             if len(starts) > 1:
-                list(_pool().map(work, starts))
+                list(worker_pool().map(work, starts))
             elif n:
                 work(0)
 
@@ -108,8 +98,7 @@ def layout_sha256(infos: Mapping) -> str:
 
 def checkpoint_identity(ck: Checkpoint, content: Mapping[str, str] | None = None) -> dict:
     """A cheap identity of a checkpoint (see the module docstring); ``content`` maps tensor name -> content
-    hash (:mod:`rlsubnet.checkpoint.hashing`; the key ``content_sha256`` is historical: the scheme, XXH3-128
-    now, is recorded next to it as ``content_hash_scheme``)."""
+    hash (:mod:`rlsubnet.checkpoint.hashing`; its scheme is recorded next to it as ``content_hash_scheme``)."""
     dtypes: dict[str, int] = {}
     for i in ck.infos.values():
         dtypes[dtype_name(i.dtype)] = dtypes.get(dtype_name(i.dtype), 0) + 1
@@ -121,10 +110,10 @@ def checkpoint_identity(ck: Checkpoint, content: Mapping[str, str] | None = None
         "nbytes": ck.nbytes,
         "dtypes": dict(sorted(dtypes.items())),
         "layout_sha256": layout_sha256(ck.infos),
-        "content_sha256": None,
+        "content_hash": None,
     }
     if content is not None:
-        ident["content_sha256"] = combine_hashes(content)
+        ident["content_hash"] = combine_hashes(content)
         ident["content_hash_scheme"] = HASH_SCHEME
         ident["content_scope"] = "tensors in the mask" if len(content) != len(ck.infos) else "all tensors"
     return ident
@@ -252,7 +241,7 @@ def describe_identity(ident: Mapping | None) -> str:
     """One line for tables: source, numel and the first hex digits of the hashes."""
     if not ident:
         return "-"
-    content = ident.get("content_sha256")
+    content = ident.get("content_hash")
     return (f"{ident.get('source')} ({ident.get('numel', 0):,} params, layout {ident.get('layout_sha256', '')[:12]}, "
             f"content {content[:12] if content else 'not hashed'})")
 

@@ -45,11 +45,11 @@ import torch
 from rlsubnet._version import __version__
 from rlsubnet.diff.names import MODULE_KINDS, layer_of, module_kind
 from rlsubnet.errors import MismatchError, RlsubnetError
+from rlsubnet.errors import listing as _listing
 
 FORMAT = "rlsubnet.mask"
 FORMAT_VERSION = 1
 BITORDER = "big"
-_SHOW = 8
 # Bits set in each byte value: popcount without unpacking.
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -91,11 +91,6 @@ def _pad_bits_clear(packed: np.ndarray, numel: int) -> bool:
     if rem == 0 or packed.size == 0:
         return True
     return int(packed[-1]) & ((1 << (8 - rem)) - 1) == 0
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_SHOW])
-    return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
 def group_density(records: Iterable[dict], key: str) -> list[dict]:

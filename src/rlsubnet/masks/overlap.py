@@ -357,7 +357,8 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
         reshaped = [f"{t.name} {list(ck.infos[t.name].shape)} vs {list(masks[0].shape(t.name))}"
                     for t in tcs if t.name in ck.infos and ck.infos[t.name].shape != masks[0].shape(t.name)]
         if missing or reshaped:
-            from rlsubnet.masks.mask import MaskMismatchError, _listing
+            from rlsubnet.errors import listing as _listing
+            from rlsubnet.masks.mask import MaskMismatchError
 
             parts = []
             if missing:
@@ -368,7 +369,7 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
         from rlsubnet.checkpoint.hashing import HASH_SCHEME
 
         # only hashes of this scheme compare (masks written before the switch to XXH3 hold SHA-256 ones)
-        recorded = {(m.meta.get("base") or {}).get("content_sha256") for m in masks
+        recorded = {(m.meta.get("base") or {}).get("content_hash") for m in masks
                     if (m.meta.get("base") or {}).get("content_hash_scheme") == HASH_SCHEME} - {None}
         want_hash = bool(recorded)
         hashes: dict[str, str] = {}
@@ -438,10 +439,10 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
                     f"--base {ck.source} has a different layout (names, dtypes, shapes) from the base "
                     f"{rec.get('source')!r} recorded in mask {m.meta.get('path') or m.kind}"
                 )
-            if (rec.get("content_sha256") and ident.get("content_sha256")
+            if (rec.get("content_hash") and ident.get("content_hash")
                     and rec.get("content_hash_scheme") == ident.get("content_hash_scheme")
                     and rec.get("content_scope") == ident.get("content_scope")
-                    and rec["content_sha256"] != ident["content_sha256"]):
+                    and rec["content_hash"] != ident["content_hash"]):
                 warnings.append(
                     f"--base {ck.source} holds different weights from the base {rec.get('source')!r} recorded in "
                     f"mask {m.meta.get('path') or m.kind} (content hashes differ)"

@@ -33,7 +33,7 @@ from rlsubnet.checkpoint.hashing import TensorHasher, combine_hashes, hash_check
 from rlsubnet.checkpoint.index import ST_DTYPES
 from rlsubnet.checkpoint.layout import Layout, aux_files, layout_of, write_index
 from rlsubnet.checkpoint.writer import plan_shards, shard_file_names
-from rlsubnet.errors import UsageError
+from rlsubnet.errors import UsageError, listing
 from rlsubnet.fileio import atomic_dir, atomic_write_bytes
 from rlsubnet._threads import prefetch
 from rlsubnet.patch._buffers import Recycler
@@ -44,7 +44,6 @@ from rlsubnet.patch.format import PatchFile
 DEFAULT_READ_BYTES = 16 << 20
 THREADS_FROM_BYTES = 64 << 20  # below this many bytes of output, apply runs in one thread
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # for outputs with no base layout to follow (a chain starting at an anchor)
-_SHOW = 6
 # Integer views for in-place bit writes (torch has no XOR on uint16/32/64 everywhere; signed is the same bits).
 _SIGNED = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NP_SIGNED = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -59,10 +58,6 @@ class ApplySummary:
     changed: int
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _listing(items: list[str]) -> str:
-    return ", ".join(items[:_SHOW]) + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
 # --------------------------------------------------------------------------------------------------- chains
@@ -127,11 +122,11 @@ def _check_base_layout(base: Checkpoint, first: PatchFile) -> None:
     if missing or extra or differ:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} tensors missing: {_listing(missing)}")
+            parts.append(f"{len(missing)} tensors missing: {listing(missing)}")
         if extra:
-            parts.append(f"{len(extra)} unexpected tensors: {_listing(extra)}")
+            parts.append(f"{len(extra)} unexpected tensors: {listing(extra)}")
         if differ:
-            parts.append(f"{len(differ)} with another dtype or shape: {_listing(differ)}")
+            parts.append(f"{len(differ)} with another dtype or shape: {listing(differ)}")
         raise WrongBaseError(
             f"{base.location} is not the base {first.path} was made from ({'; '.join(parts)}); nothing written"
         )
@@ -141,7 +136,7 @@ def _base_mismatch(base: Checkpoint, first: PatchFile, bad: list[str], got: str 
     what = f"base hash {short(got)}, " if got else ""
     return WrongBaseError(
         f"{base.location} is not the base {first.path} was made from: {len(bad)} tensor(s) differ "
-        f"({_listing(bad)}); {what}patch expects {short(first.base_hash)}; nothing written"
+        f"({listing(bad)}); {what}patch expects {short(first.base_hash)}; nothing written"
     )
 
 
@@ -636,7 +631,7 @@ def apply_patch_(model, patch, *, verify: bool = True) -> str:
     bad_ops = [n for n, e in entries.items() if e["op"] == "remove" or (e["op"] == "full" and p.kind == "delta")]
     if bad_ops:
         raise UsageError(
-            f"{p.path}: adds, removes or re-shapes tensors ({_listing(bad_ops)}); apply it to a checkpoint folder instead"
+            f"{p.path}: adds, removes or re-shapes tensors ({listing(bad_ops)}); apply it to a checkpoint folder instead"
         )
     missing = [n for n in entries if n not in tensors]
     extra = [n for n in tensors if n not in entries]
@@ -646,9 +641,9 @@ def apply_patch_(model, patch, *, verify: bool = True) -> str:
         if n in tensors and (ST_DTYPES.get(e["dtype"]) != tensors[n].dtype or list(tensors[n].shape) != e["shape"])
     ]
     if missing or extra or differ:
-        parts = [f"{len(missing)} missing: {_listing(missing)}"] if missing else []
-        parts += [f"{len(extra)} not in the patch: {_listing(extra)}"] if extra else []
-        parts += [f"{len(differ)} with another dtype or shape: {_listing(differ)}"] if differ else []
+        parts = [f"{len(missing)} missing: {listing(missing)}"] if missing else []
+        parts += [f"{len(extra)} not in the patch: {listing(extra)}"] if extra else []
+        parts += [f"{len(differ)} with another dtype or shape: {listing(differ)}"] if differ else []
         raise WrongBaseError(
             f"the model does not have the tensors {p.path} was made for ({'; '.join(parts)}); nothing changed"
         )
@@ -657,7 +652,7 @@ def apply_patch_(model, patch, *, verify: bool = True) -> str:
         if bad:
             raise WrongBaseError(
                 f"the model does not hold the base of {p.path} (expected {short(p.base_hash)}): {len(bad)} tensor(s) "
-                f"differ ({_listing(bad)}); nothing changed"
+                f"differ ({listing(bad)}); nothing changed"
             )
     p.verify()
 

@@ -25,7 +25,7 @@ from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes, hash_checkpoint_tensor
 from rlsubnet.checkpoint.index import TORCH_TO_ST, TensorInfo
 from rlsubnet.checkpoint.layout import aux_files
-from rlsubnet.errors import MismatchError, UsageError
+from rlsubnet.errors import MismatchError, UsageError, listing
 from rlsubnet._threads import prefetch
 from rlsubnet.patch._buffers import Recycler
 from rlsubnet.patch.codec import BLOCK_NUMEL, MAX_BLOCK_NUMEL, UINT_OF, VALUE_CODINGS, TensorEncoder
@@ -36,7 +36,6 @@ DEFAULT_READ_BYTES = 16 << 20
 THREADS_FROM_BYTES = 64 << 20  # below this many bytes read, create runs in one thread
 MAX_AUX_FILE_BYTES = 64 << 20
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SHOW = 8
 
 # At level 1, XOR values are coded with a 256-entry match table instead of level 1's 16384: they are noisy
 # low mantissa bits with few long matches, and the small table stays in L1 cache. Measured on 1 GiB bf16
@@ -80,10 +79,6 @@ class PatchSummary:
         return self.manifest["target"]["nbytes"]
 
 
-def _listing(items: list[str]) -> str:
-    return ", ".join(items[:_SHOW]) + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
-
-
 def _spec(info: TensorInfo) -> str:
     return f"{str(info.dtype).removeprefix('torch.')}{list(info.shape)}"
 
@@ -103,13 +98,13 @@ def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bo
     if (missing or extra or relaid) and not allow_mismatch:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing from the target: {_listing(missing)}")
+            parts.append(f"{len(missing)} missing from the target: {listing(missing)}")
         if extra:
-            parts.append(f"{len(extra)} only in the target: {_listing(extra)}")
+            parts.append(f"{len(extra)} only in the target: {listing(extra)}")
         if relaid:
             parts.append(
                 f"{len(relaid)} with another dtype or shape: "
-                + _listing([f"{n} {_spec(b[n])} vs {_spec(t[n])}" for n in relaid])
+                + listing([f"{n} {_spec(b[n])} vs {_spec(t[n])}" for n in relaid])
             )
         raise MismatchError(
             f"{base.location} and {target.location} hold different tensors ({'; '.join(parts)}); pass "
@@ -203,7 +198,7 @@ def encode_checkpoints(
     if base_hashes is not None:
         missing = [p.name for p in plans if p.base is not None and p.name not in base_hashes]
         if missing:
-            raise ValueError(f"base_hashes lacks {_listing(missing)}")
+            raise ValueError(f"base_hashes lacks {listing(missing)}")
     hash_base = base_hashes is None
     lazy = hash_target_lazily and base_hashes is not None
     cctx = compressors(level, values if base is not None else "absolute")

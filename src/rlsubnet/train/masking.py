@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, _listing, as_mask
+from rlsubnet.errors import listing as _listing
+from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, as_mask
 
 EXACT_STATE_KEYS: dict[type, tuple[str, ...]] = {
     torch.optim.SGD: ("momentum_buffer",),
