@@ -9,31 +9,31 @@ from rlsubnet._version import __version__
 from rlsubnet.errors import CheckpointError, MismatchError, RlsubnetError, UsageError
 
 
+# name -> module it lives in; imported on first use so `import rlsubnet` and `rlsubnet --help` stay instant.
+_LAZY = {
+    "compare": "rlsubnet.engine",
+    "compare_many": "rlsubnet.engine",
+    "CompareResult": "rlsubnet.diff.summary",
+    "open_checkpoint": "rlsubnet.checkpoint",
+    "Mask": "rlsubnet.masks",
+    "build_mask": "rlsubnet.masks",
+    "random_mask": "rlsubnet.masks",
+    "overlap": "rlsubnet.masks",
+    "identity": "rlsubnet.masks",
+    "MaskedOptimizer": "rlsubnet.train",
+    "attach_mask": "rlsubnet.train",
+    "create_patch": "rlsubnet.patch",
+    "apply_patches": "rlsubnet.patch",
+    "apply_patch_": "rlsubnet.patch",
+}
+
+
 def __getattr__(name):
-    # Heavy imports (torch) happen on first use, so `rlsubnet --help` stays instant.
-    if name in ("compare", "compare_many"):
-        from rlsubnet import engine as _compare_module
+    if name in _LAZY:
+        import importlib
 
-        return getattr(_compare_module, name)
-    if name == "CompareResult":
-        from rlsubnet.diff.summary import CompareResult
-
-        return CompareResult
-    if name == "open_checkpoint":
-        from rlsubnet.checkpoint import open_checkpoint
-
-        return open_checkpoint
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rlsubnet' has no attribute {name!r}")
 
 
-__all__ = [
-    "CheckpointError",
-    "CompareResult",
-    "MismatchError",
-    "RlsubnetError",
-    "UsageError",
-    "__version__",
-    "compare",
-    "compare_many",
-    "open_checkpoint",
-]
+__all__ = ["CheckpointError", "MismatchError", "RlsubnetError", "UsageError", "__version__", *_LAZY]
