@@ -23,10 +23,29 @@ def fix_mode(path: str | Path, mode: int = 0o666) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def cannot_write(folder: Path, exc: OSError, what: str) -> RlsubnetError:
+    """The one-line error for an output that cannot be created in ``folder``."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                return RlsubnetError(f"{p}: is not a folder; cannot write {what} under it")
+            break
+    return RlsubnetError(f"{folder}: cannot write {what} there ({exc.strerror or exc})")
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """Create (with its folder) a private temporary file next to ``path``; (fd, name). An unwritable place is
+    an :class:`RlsubnetError` naming it, not an ``OSError`` from deep inside."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise cannot_write(path.parent, exc, path.name) from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     fix_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -43,6 +62,48 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_file_set(out_dir: str | Path, files: dict[str, bytes], *, stale: tuple[str, ...] = ()) -> list[Path]:
+    """Write a set of output files into ``out_dir``, all or none.
+
+    Every file is first written and fsynced under a temporary name; only when all of them are on disk are they
+    renamed into place, so a failure (a full disk, a name taken by a folder) leaves the folder as it was.
+    Files matching the glob patterns ``stale`` that this set does not contain are removed afterwards: outputs
+    of an earlier run that would otherwise sit beside the new ones (a ``heatmap-3.png`` of a run with more
+    checkpoints). An ``OSError`` becomes an :class:`RlsubnetError` naming the path.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RlsubnetError(f"{out}: exists and is not a folder")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                target = out / name
+                if target.is_dir():
+                    raise RlsubnetError(f"{target}: is a folder; cannot write an output file there")
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out)
+                staged.append((Path(tmp), target))
+                fix_mode(tmp)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            for tmp, target in staged:
+                os.replace(tmp, target)
+        except OSError as exc:
+            raise cannot_write(out, exc, "the output files") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    keep = {out / name for name in files}
+    for pattern in stale:
+        for old in out.glob(pattern):
+            if old not in keep and old.is_file():
+                old.unlink(missing_ok=True)
+    return [target for _, target in staged]
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and rename it to ``out_dir`` only if the block succeeds.
@@ -54,8 +115,11 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
         raise RlsubnetError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise RlsubnetError(f"{out_dir}: folder exists and is not empty (choose another output or remove it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as exc:
+        raise cannot_write(out_dir.parent, exc, out_dir.name) from None
     fix_mode(tmp, 0o777)
     try:
         yield tmp

@@ -136,6 +136,17 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
         assert torch.equal(ck.read("w"), torch.ones(3))
     with pytest.raises(CheckpointError, match="acme/other.*--allow-download"):
         open_checkpoint("acme/other")
+    # Ids without an organisation ("gpt2") and with a revision resolve the same way.
+    legacy = cache / "models--tiny2"
+    (legacy / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({"v": torch.zeros(2)}, legacy / "snapshots" / "0123abcd" / "model.safetensors")
+    (legacy / "refs").mkdir()
+    (legacy / "refs" / "main").write_text("0123abcd")
+    for spec in ("tiny2", "tiny2@main"):
+        with open_checkpoint(spec) as ck:
+            assert ck.names() == ["v"]
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such file or folder$"):
+        open_checkpoint("nope.safetensors")
 
 
 def test_module_with_tied_weights_matches_its_saved_checkpoint(tmp_path):

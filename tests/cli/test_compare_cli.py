@@ -75,11 +75,20 @@ def test_several_tuned_in_one_table(capsys, sharded_pair, tmp_path):
     other_base, other = tmp_path / "b2", tmp_path / "t2"
     changed2 = write_synthetic_pair(other_base, other, specs=specs, density=0.05, seed=1)
     code, out, _ = run_cli(capsys, "compare", str(base), str(tuned), str(base), "--json", "-q")
+    assert code == 0
     doc = json.loads(out)
     assert [c["global"][0]["changed"] for c in doc["comparisons"]] == [changed, 0]
-    code, out, _ = run_cli(capsys, "compare", str(other_base), str(other), str(other_base), "-q")
-    assert code == 0 and "[0]" in out and "[1]" in out and "[1] sparsity%" in out
-    assert changed2 < changed
+    assert [c["tuned"] for c in doc["comparisons"]] == [str(tuned), str(base)]
+    # Three tuned checkpoints, one table: each row is that checkpoint's own figure.
+    code, out, _ = run_cli(capsys, "compare", str(other_base), str(other), str(other_base), str(tuned), "-q", "--atol", "0")
+    assert code == 0, out
+    numel = doc["comparisons"][0]["global"][0]["numel"]
+    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith("[") and "tuned:" not in l}
+    assert float(rows["[0]"][1]) == pytest.approx(100 * (1 - changed2 / numel), abs=0.006)
+    assert rows["[1]"][1] == "100.00"
+    expected_2 = run_cli(capsys, "compare", str(other_base), str(tuned), "--json", "-q", "--atol", "0")[1]
+    assert float(rows["[2]"][1]) == pytest.approx(100 * json.loads(expected_2)["global"][0]["sparsity"], abs=0.006)
+    assert "[2] sparsity%" in out and "[2] matrix mean%" in out
 
 
 def test_nonexistent_path(capsys, tmp_path, sharded_pair):
@@ -216,3 +225,95 @@ def test_help_is_fast_to_import():
     code = "import sys, rlsubnet.cli.main as m; m.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False", "building the CLI parser must not import torch"
+
+
+@pytest.mark.parametrize(
+    "header,needle",
+    [
+        ({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, "unsupported dtype"),
+        ({"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, "malformed header entry"),
+        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, "malformed header entry"),
+    ],
+)
+def test_malformed_header_entries(capsys, tmp_path, sharded_pair, header, needle):
+    raw = json.dumps(header).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    code, _, err = run_cli(capsys, "compare", str(bad), str(sharded_pair[1]))
+    assert_clean_error(code, err, bad, needle)
+
+
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+         b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "appears twice"),
+    ],
+)
+def test_pathological_headers(capsys, tmp_path, sharded_pair, raw, needle):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    code, _, err = run_cli(capsys, "compare", str(bad), str(sharded_pair[1]))
+    assert_clean_error(code, err, bad, needle)
+
+
+def test_unreadable_folder(capsys, monkeypatch, tmp_path, sharded_pair):
+    # As a non-root user, a folder without the x bit fails stat() on every file inside it (root never does,
+    # so the test simulates what the file system says).
+    import pathlib
+
+    base, tuned, _, _ = sharded_pair
+    real_stat = pathlib.Path.stat
+
+    def deny(self, *a, **k):
+        if self.parent == tuned:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "stat", deny)
+    code, _, err = run_cli(capsys, "compare", str(base), str(tuned), "--out", str(tmp_path / "o"))
+    assert_clean_error(code, err, tuned, "Permission denied", out_dir=tmp_path / "o")
+
+
+def test_out_that_cannot_be_written_leaves_nothing(capsys, tmp_path, sharded_pair):
+    base, tuned, _, _ = sharded_pair
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "compare", str(base), str(tuned), "-q", "--out", str(tmp_path / "afile" / "o"))
+    assert_clean_error(code, err, tmp_path / "afile")
+    out_dir = tmp_path / "o"
+    (out_dir / "layers.csv").mkdir(parents=True)  # one of the names taken by a folder
+    code, _, err = run_cli(capsys, "compare", str(base), str(tuned), "-q", "--out", str(out_dir))
+    assert_clean_error(code, err, out_dir / "layers.csv", "is a folder")
+    assert [p.name for p in out_dir.iterdir()] == ["layers.csv"]  # no summary.json beside it: all or none
+
+
+def test_out_replaces_an_earlier_runs_files(capsys, tmp_path, sharded_pair):
+    base, tuned, _, _ = sharded_pair
+    out_dir = tmp_path / "o"
+    assert run_cli(capsys, "compare", str(base), str(tuned), str(base), "-q", "--out", str(out_dir))[0] == 0
+    assert {"heatmap-0.png", "heatmap-1.png"} <= {p.name for p in out_dir.iterdir()}
+    assert run_cli(capsys, "compare", str(base), str(tuned), "-q", "--out", str(out_dir))[0] == 0
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["heatmap.png", "layers.csv", "sparsity_vs_atol.png", "summary.json", "tensors.jsonl"]
+
+
+def test_no_tensor_in_common_is_an_error_not_100_percent(capsys, tmp_path):
+    _write(tmp_path / "a", {"x": torch.zeros(3)})
+    _write(tmp_path / "b", {"y": torch.zeros(3)})
+    code, out, err = run_cli(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--allow-mismatch", "--json", "-q")
+    assert_clean_error(code, err, "no tensor in common")
+    assert out == ""
+
+
+def test_pickle_folder_of_a_trainer_ignores_its_other_files(capsys, tmp_path):
+    sd = {"w": torch.arange(4.0)}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        torch.save(sd if name == "a" else {"w": sd["w"] + 1}, tmp_path / name / "pytorch_model.bin")
+        torch.save({"lr": 1e-6, "step": 3}, tmp_path / name / "training_args.bin")
+        torch.save({"state": {}}, tmp_path / name / "optimizer.pt")
+        torch.save({"rng": torch.zeros(2)}, tmp_path / name / "rng_state.pth")
+    code, out, err = run_cli(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--allow-pickle", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["global"][0] == {"atol": 0.0, "numel": 4, "changed": 4, "sparsity": 0.0, "density": 1.0}

@@ -97,6 +97,36 @@ def test_bf16_ties_fp32_changes_rounded_away():
     assert native.changed == (4,) and native.compare_dtype == "float32"
 
 
+def test_bf16_cast_rounds_half_ulp_ties_to_even():
+    # At 1.0 a bf16 ULP is 2^-7. Exactly half a ULP up rounds to the even neighbour: down from 1.0 (even),
+    # up from 1 + 2^-7 (odd). A cast that truncated, or rounded ties away from zero, would count differently.
+    half = 2.0**-8
+    base = torch.tensor([1.0, 1.0 + 2 * half, 1.0, 1.0], dtype=torch.float32)
+    tuned = torch.tensor([1.0 + half, 1.0 + 3 * half, 1.0 + half + 2.0**-20, 1.0 - half / 2], dtype=torch.float32)
+    s = tensor_stats("w", base, tuned, atols=(0.0,), dtype="bf16")
+    assert s.changed == (2,)  # entries 1 (tie up to 1 + 2^-6) and 2 (just past the tie); 0 and 3 round back
+    assert s.max_abs_delta == 2.0**-7
+
+
+def test_rank_buffers_are_allocated_one_matrix_at_a_time():
+    from rlsubnet.diff.stats import DeltaAccumulator
+
+    accs = [DeltaAccumulator(f"m{i}", (64, 64), torch.bfloat16, torch.bfloat16, rank=True) for i in range(4)]
+    assert all(a._full_delta is None for a in accs)  # nothing reserved before a matrix's first block
+    b = torch.zeros(64 * 64, dtype=torch.bfloat16)
+    accs[0].update(b, b + 1)
+    assert accs[0]._full_delta is not None and all(a._full_delta is None for a in accs[1:])
+    assert accs[0].finish().rank == 1 and accs[0]._full_delta is None
+
+
+@pytest.mark.parametrize("atol", [float("inf"), 1e39, float("nan"), -1e-5])
+def test_atol_that_is_not_a_finite_bf16_number_is_refused(atol):
+    from rlsubnet.errors import UsageError
+
+    with pytest.raises(UsageError, match="atol"):
+        tensor_stats("w", torch.zeros(2), torch.tensor([0.0, float("inf")]), atols=(atol,))
+
+
 def test_tolerance_hides_one_ulp_changes_of_small_weights():
     # |w| < 2^-9: one bf16 ULP is below 1e-5, so a real change disappears at atol 1e-5
     small = torch.tensor([0.001, -0.0015, 0.0005], dtype=torch.bfloat16)

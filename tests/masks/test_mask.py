@@ -284,6 +284,49 @@ def test_metadata_that_lies_about_shapes(saved_mask, tmp_path):
         Mask.load(bad)
 
 
+def _with_metadata(saved_mask, tmp_path, **fields):
+    header, data = _read_header(saved_mask)
+    for k, v in fields.items():
+        if v is None:
+            header["__metadata__"].pop(k)
+        else:
+            header["__metadata__"][k] = v
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return bad
+
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"atol": '"abc"'}, "atol is 'abc'"),
+        ({"atol": "-1"}, "atol is -1"),
+        ({"dtype": "3"}, "dtype is 3"),
+        ({"base": "5"}, "base is int"),
+        ({"extra": "[1, 2]"}, "extra is list"),
+        ({"tensors": "[1]"}, "corrupt mask metadata"),
+        ({"tensors": json.dumps({"a": {"shape": [-100], "changed": 0}, "b": {"shape": [13], "changed": 13}})},
+         "non-negative integer, got -100"),
+        ({"tensors": json.dumps({"a": {"shape": [100.0], "changed": 0}, "b": {"shape": [13], "changed": 13}})},
+         "non-negative integer, got 100.0"),
+        ({"bits_sha256": None}, "no bits_sha256"),
+    ],
+)
+def test_corrupt_metadata_fails_at_load_in_one_line(saved_mask, tmp_path, capsys, fields, needle):
+    """The checksum covers the bits only: metadata of the wrong type must fail at load, not deep in a report."""
+    from rlsubnet.cli.main import main
+
+    bad = _with_metadata(saved_mask, tmp_path, **fields)
+    with pytest.raises(MaskError, match="corrupt mask metadata"):
+        Mask.load(bad)
+    for argv in (["mask", "--info", str(bad)], ["overlap", str(bad), str(saved_mask)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
 def test_in_memory_constructors_validate():
     with pytest.raises(MaskError, match="padding bits"):
         Mask({"w": (3,)}, {"w": np.array([0xFF], dtype=np.uint8)})

@@ -188,3 +188,13 @@ def test_many_masks_take_the_other_counting_path():
         two = overlap(masks[i], masks[j], base=base)
         assert p.figures == two.figures
         assert p.modules == two.modules and p.buckets == two.buckets
+
+
+def test_empty_and_full_masks_are_flagged_not_silent():
+    a = Mask.from_bool({"w": _flags(10, [])})
+    b = Mask.from_bool({"w": _flags(10, range(3))})
+    c = Mask.from_bool({"w": _flags(10, range(10))})
+    r = overlap_many([a, b, c], labels=["empty", "some", "all"])
+    assert any("empty is empty (density 0)" in w for w in r.warnings)
+    assert any("all holds every parameter (density 1)" in w for w in r.warnings)
+    assert overlap(a, b).o1 is None and overlap(b, c).o1 == 1.0

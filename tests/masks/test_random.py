@@ -93,3 +93,11 @@ def test_chunked_tensors_keep_exact_counts():
     assert r.changed == round(0.001 * numel)
     flags = r.numpy("big")
     assert flags[:CHUNK].any() and flags[CHUNK : 2 * CHUNK].any()
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_seed_must_be_a_non_negative_integer(seed):
+    from rlsubnet.errors import UsageError
+
+    with pytest.raises(UsageError, match="seed must be a non-negative integer"):
+        random_mask({"w": (4, 4)}, density=0.5, seed=seed)

@@ -6,6 +6,7 @@ Each must raise a clear error and leave no output (and no temporary leftovers) b
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,80 @@ def test_cli_prints_one_line_and_exits_2(made, tmp_path, capsys):
     assert "delta patch: give the base" in capsys.readouterr().err
     assert main(["patch", "info", str(b / "model-00001-of-00002.safetensors")]) == 2
     assert "not an rlsubnet patch" in capsys.readouterr().err
+
+
+def _rewrite_manifest(p, tmp_path, mutate):
+    """A patch whose manifest was edited and whose trailer hash was recomputed: what a buggy or foreign writer
+    would produce. Only the schema checks can catch it."""
+    import hashlib
+    import json
+
+    import zstandard
+
+    from rlsubnet.patch.format import TRAILER
+
+    data = p.read_bytes()
+    m_off, m_len, _, end = TRAILER.unpack(data[-TRAILER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(data[m_off : m_off + m_len]))
+    mutate(manifest)
+    frame = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
+    bad = tmp_path / "edited.rlpatch"
+    bad.write_bytes(data[:m_off] + frame + TRAILER.pack(m_off, len(frame), hashlib.sha256(frame).digest(), end))
+    return bad
+
+
+def _drop_from_tensors(key, inner=None):
+    def mutate(m):
+        for t in m["tensors"]:
+            if inner is None:
+                t.pop(key, None)
+            elif t.get(inner):
+                t[inner].pop(key, None)
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda m: m.pop("totals"), "'totals'"),
+        (lambda m: m["totals"].pop("compared_numel"), "'compared_numel'"),
+        (_drop_from_tensors("numel"), "'numel'"),
+        (_drop_from_tensors("sha256", inner="record"), "'sha256'"),
+        (lambda m: m.__setitem__("tensors", [1, 2]), "without a name"),
+        (lambda m: m["tensors"][0].__setitem__("shape", [-1, 3]), "shape"),
+        (lambda m: m["target"].pop("nbytes"), "'nbytes'"),
+    ],
+)
+def test_incomplete_manifest_is_refused_in_one_line(made, tmp_path, capsys, mutate, needle):
+    b, t, p = made
+    bad = _rewrite_manifest(p, tmp_path, mutate)
+    with pytest.raises(PatchError, match="damaged manifest"):
+        apply_patches(b, [bad], tmp_path / "out")
+    assert_nothing_left(tmp_path, "out")
+    for argv in (["patch", "info", str(bad)], ["patch", "apply", str(b), str(bad), "-o", str(tmp_path / "out"), "-q"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "damaged manifest" in err[0] and needle in err[0], err
+
+
+def test_unknown_header_flags_are_refused(made, tmp_path):
+    b, t, p = made
+    data = bytearray(p.read_bytes())
+    data[12:16] = struct.pack("<I", 1)
+    bad = tmp_path / "flags.rlpatch"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(PatchError, match="unknown header flags 0x1"):
+        apply_patches(b, [bad], tmp_path / "out")
+    assert_nothing_left(tmp_path, "out")
+
+
+def test_outputs_under_a_regular_file_give_one_line(made, tmp_path, capsys):
+    b, t, p = made
+    (tmp_path / "afile").write_text("x")
+    for argv in (["patch", "apply", str(b), str(p), "-o", str(tmp_path / "afile" / "out"), "-q"],
+                 ["patch", "create", str(b), str(t), "-o", str(tmp_path / "afile" / "p.rlpatch"), "-q"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0] == f"rlsubnet: error: {tmp_path / 'afile'}: is not a folder; cannot write " \
+            f"{Path(argv[-2]).name} under it", err
+    assert (tmp_path / "afile").read_text() == "x"

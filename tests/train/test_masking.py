@@ -382,3 +382,81 @@ def test_tied_weights_and_wrapped_models():
     m = _mask_for(wrapped.module)
     masked = MaskedOptimizer(opt, m, wrapped)
     assert masked.n_trainable == m.changed
+
+
+def test_a_parameter_group_added_after_attaching_is_masked_too():
+    model = Net()
+    mask = _mask_for(model)
+    opt = torch.optim.AdamW([{"params": [model.embed.weight, model.fc1.weight, model.fc1.bias]}], lr=1e-2, weight_decay=0.1)
+    MaskedOptimizer(opt, mask, model)
+    opt.add_param_group({"params": [model.norm.weight, model.norm.bias, model.fc2.weight, model.fc2.bias]})
+    before = frozen_snapshot(model, mask)
+    _train(model, opt)
+    frozen, trainable = _moved(model, mask, before)
+    assert frozen == 0 and trainable > 0
+    assert not torch.equal(model.fc2.weight, before["fc2.weight"])  # the late group did train
+    # A group with a parameter the model does not name cannot be masked: refused at the next step.
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(MaskMismatchError, match="added to the optimizer after the mask was attached"):
+        _train(model, opt, steps=1)
+
+
+def test_sgd_maximize_keeps_frozen_negative_zeros():
+    model = Net()
+    with torch.no_grad():
+        model.fc1.weight[0, :4] = -0.0
+        model.fc1.weight[1, :4] = 0.0
+    t = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    t["fc1.weight"][:2, :4] = False
+    mask = Mask.from_bool(t, {"atol": 1e-5, "dtype": "bf16"})
+    for opts in ({"maximize": True, "momentum": 0.9}, {"maximize": True}, {"maximize": False, "momentum": 0.9}):
+        m = Net()
+        m.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(m.parameters(), lr=1e-2, **opts)
+        MaskedOptimizer(opt, mask, m)  # exact mode: the first step is verified bit for bit, so it would raise
+        _train(m, opt, steps=3)
+        assert torch.signbit(m.fc1.weight[0, :4]).all() and not torch.signbit(m.fc1.weight[1, :4]).any(), opts
+
+
+def test_weight_decay_is_restored_after_a_step_that_raised():
+    model = Net()
+    mask = _mask_for(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    masked = MaskedOptimizer(opt, mask, model)
+
+    def failing_closure():
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step(failing_closure)
+    before = frozen_snapshot(model, mask)
+    _train(model, opt, steps=2)  # the next step restores the group's decay first, then masks it again
+    assert _moved(model, mask, before)[0] == 0
+    assert all(g["weight_decay"] == 0.1 for g in opt.param_groups)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step(failing_closure)
+    masked.remove()
+    assert all(g["weight_decay"] == 0.1 for g in opt.param_groups)
+
+
+def test_a_full_mask_warns_once():
+    model = Net()
+    full = Mask.full({n: p.shape for n, p in model.named_parameters()}, True, {"dtype": "bf16"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MaskedOptimizer(torch.optim.AdamW(model.parameters()), full, model)
+    assert [type(w.message) for w in caught] == [FullMaskWarning]
+
+
+def test_frozen_master_check_counts_and_refuses_what_it_cannot_check():
+    from rlsubnet.errors import MismatchError
+    from rlsubnet.train import check_frozen_masters
+
+    base = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]).bfloat16(), "b": torch.zeros(2).bfloat16()}
+    master = {"a": torch.tensor([1.0, 2.5, 3.0, 4.0 + 2**-20]), "b": torch.zeros(2)}
+    mask = Mask.from_bool({"a": torch.tensor([False, True, False, False]), "b": torch.zeros(2, dtype=torch.bool)})
+    r = check_frozen_masters(mask, base, master)
+    assert (r["frozen_entries_checked"], r["frozen_entries_moved"], r["moved_by_tensor"]) == (5, 1, {"a": 1})
+    assert (r["trainable_entries"], r["trainable_entries_moved"]) == (1, 1)
+    with pytest.raises(MismatchError, match="holds no tensor b of the mask"):
+        check_frozen_masters(mask, base, {"a": master["a"]})

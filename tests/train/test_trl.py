@@ -78,6 +78,23 @@ def test_dpo_micro_run_with_a_mask_file(tokenizer, tiny_model, tmp_path):
     assert trainer.mask_callback.last_report["order"] == "mask, then clip"
 
 
+def test_mask_before_clip_changes_what_the_clipping_sees(tokenizer, tiny_model, tmp_path):
+    """The trainer logs the norm its clipping measured. Masked first, that is the subnetwork's gradient norm:
+    smaller than the full gradient's, which the paper's order (clip, then mask) clips. Same model, data, step."""
+    ds = Dataset.from_dict({"prompt": PROMPTS, "chosen": [str(eval(p[:-1])) for p in PROMPTS], "rejected": ["0"] * len(PROMPTS)})
+    norms = {}
+    for before_clip in (False, True):
+        model = tiny_model(tokenizer)
+        args = DPOConfig(output_dir=str(tmp_path / f"dpo{before_clip}"), per_device_train_batch_size=8, bf16=True,
+                         **{**COMMON, "max_steps": 1})
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tokenizer)
+        mask = _mask(model, density=0.1)
+        attach_mask(trainer, mask, mask_before_clip=before_clip)
+        trainer.train()
+        norms[before_clip] = next(h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h)
+    assert 0 < norms[True] < 0.8 * norms[False], norms
+
+
 def _sft(model, tok, tmp_path, **over):
     ds = Dataset.from_dict({"prompt": PROMPTS, "completion": [str(eval(p[:-1])) for p in PROMPTS]})
     args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=8, bf16=True, **{**COMMON, **over})

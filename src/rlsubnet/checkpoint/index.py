@@ -70,6 +70,24 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys; a header naming a tensor twice is ambiguous, not valid.
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one safetensors file's header; return its tensors (in data order) and metadata."""
     path = Path(path)
@@ -89,9 +107,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header (key {exc.args[0]!r} appears twice)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
 
@@ -104,11 +126,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     for name, entry in header.items():
         try:
             st_dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
+            # Integers only (bool is an int to Python, and 1.5 must not pass as 1), as safetensors itself insists.
+            if not isinstance(shape, list) or not all(_is_int(v) for v in (*shape, begin, end)):
+                raise TypeError
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if st_dtype not in ST_DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype!r}")
         dtype = ST_DTYPES[st_dtype]
         if any(s < 0 for s in shape):

@@ -6,6 +6,7 @@ This is the only module that may reach the network, and only with ``allow_downlo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from rlsubnet.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Pickle files a transformers Trainer writes beside the weights.
+NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "scaler", "rng_state", "trainer_state")
+# A repository id on the hub: "name" or "org/name", optionally "@revision".
+_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _refuse_pickle(what: Path) -> None:
@@ -43,7 +48,10 @@ def _pickle_files_in(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index_path}: names missing shard file(s): {', '.join(missing)}")
         return files
-    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    candidates = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    # A Trainer output folder also holds training_args.bin, optimizer.pt, rng_state.pth...: not weights.
+    named = [p for p in candidates if p.name.startswith(("pytorch_model", "model"))]
+    return named or [p for p in candidates if not p.name.startswith(NOT_WEIGHTS)]
 
 
 def _from_folder(source: str, folder: Path, allow_pickle: bool) -> Checkpoint:
@@ -62,8 +70,12 @@ def _from_folder(source: str, folder: Path, allow_pickle: bool) -> Checkpoint:
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+    repo_id = spec.partition("@")[0]
+    parts = repo_id.split("/")
+    if not 1 <= len(parts) <= 2 or not all(_REPO_PART.fullmatch(p) for p in parts):
+        return False
+    # "model.safetensors" that does not exist is a missing file, not a hub id.
+    return not repo_id.endswith((".safetensors", ".json", *PICKLE_SUFFIXES))
 
 
 def _from_hub(spec: str, allow_download: bool) -> Path:
@@ -80,7 +92,8 @@ def _from_hub(spec: str, allow_download: bool) -> Path:
         )
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{spec}: not a local path, and not in the local Hugging Face cache; pass --allow-download to fetch it"
+            f"{spec}: no such file or folder, and not in the local Hugging Face cache "
+            "(pass --allow-download to fetch it from the hub)"
         ) from None
     except Exception as exc:  # hub errors come in many types; the message is what the user needs
         raise CheckpointError(f"{spec}: cannot resolve from the Hugging Face hub ({exc})") from None
@@ -114,7 +127,7 @@ def open_checkpoint(
     """Open a checkpoint for streaming reads.
 
     ``spec`` is a Hugging Face model folder (``model.safetensors`` or shards with
-    ``model.safetensors.index.json``), a single ``.safetensors`` file, a hub id (``org/name[@revision]``) found in
+    ``model.safetensors.index.json``), a single ``.safetensors`` file, a hub id (``[org/]name[@revision]``) found in
     the local cache, an in-memory state dict or module, or an already open :class:`Checkpoint`.
     """
     if isinstance(spec, Checkpoint):
@@ -125,6 +138,13 @@ def open_checkpoint(
         return StateDictCheckpoint(spec, label or "<state dict>")
     source = str(spec)
     path = Path(source).expanduser()
+    try:
+        return _open_path(source, path, allow_pickle, allow_download)
+    except OSError as exc:  # a folder we may not list, a file we may not open...
+        raise CheckpointError(f"{exc.filename or path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _open_path(source: str, path: Path, allow_pickle: bool, allow_download: bool) -> Checkpoint:
     if path.is_dir():
         return _from_folder(source, path, allow_pickle)
     if path.is_file():

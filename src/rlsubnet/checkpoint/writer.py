@@ -20,7 +20,7 @@ import torch
 
 from rlsubnet.checkpoint.index import TORCH_TO_ST, element_size
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import DirectFile, atomic_write_text, fix_mode
+from rlsubnet.fileio import DirectFile, atomic_write_text, fix_mode, temp_file_beside
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -61,8 +61,7 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = temp_file_beside(self.path)
         self._tmp = Path(tmp)
         fix_mode(tmp)
         self._f = DirectFile(fd) if direct else os.fdopen(fd, "wb")

@@ -59,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`rlsubnet compare ... | head`): stop quietly, as the Python docs advise.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        # The library turns the errors it expects into RlsubnetError; this catches what the file system says
+        # anywhere else (a full disk, a folder we may not write, an output path under a regular file). Outputs
+        # are written under temporary names, so nothing half-written is left; say which path, in one line.
+        where = exc.filename if exc.filename is not None else "rlsubnet"
+        print(f"rlsubnet: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

@@ -59,4 +59,8 @@ def align(
         for n in reshaped
     ]
     bad = set(missing) | set(reshaped)
-    return [n for n in base if n not in bad], skipped
+    names = [n for n in base if n not in bad]
+    if not names and base:
+        # Otherwise the run would "measure" 0 parameters and report them 100% sparse.
+        raise MismatchError(f"{base_label} and {tuned_label} have no tensor in common (of the same shape): nothing to compare")
+    return names, skipped

@@ -58,11 +58,19 @@ def threshold_bits(atol: float, dtype: torch.dtype) -> int:
 
 def atol_threshold(atol: float, dtype: torch.dtype) -> float:
     """The tolerance torch.isclose effectively applies to a Δ of ``dtype``: atol rounded to that dtype."""
-    if atol < 0 or math.isnan(atol):
-        raise UsageError(f"atol must be a non-negative number, got {atol}")
+    if not 0 <= atol < math.inf:
+        raise UsageError(f"atol must be a finite, non-negative number, got {atol}")
     if not dtype.is_floating_point:
         return float(atol)
-    return float(torch.tensor(atol, dtype=dtype).item())
+    rounded = float(torch.tensor(atol, dtype=dtype).item())
+    if math.isinf(rounded):
+        # An infinite threshold would call an infinite Δ unchanged, which torch.isclose never does.
+        raise UsageError(f"atol {atol:g} is beyond the largest {dtype_label(dtype)} value")
+    return rounded
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -211,7 +219,7 @@ class DeltaAccumulator:
         self.nonfinite = {"base_nan": 0, "base_inf": 0, "tuned_nan": 0, "tuned_inf": 0, "delta_nonfinite": 0}
         self.seen = 0
         self.want_rank = rank and len(self.shape) == 2 and self.is_float
-        self._full_delta = torch.empty(self.shape, dtype=torch.float32).reshape(-1) if self.want_rank else None
+        self._full_delta = None  # the fp32 Δ for the rank, allocated on the first block: one matrix at a time
 
     def update(self, base: torch.Tensor, tuned: torch.Tensor) -> None:
         base, tuned = base.reshape(-1), tuned.reshape(-1)
@@ -226,6 +234,8 @@ class DeltaAccumulator:
             stop = min(n, start + SUB_BLOCK)
             return self._reduce(base[start:stop], tuned[start:stop], self.seen + start)
 
+        if self.want_rank and self._full_delta is None:
+            self._full_delta = torch.empty(self.numel, dtype=torch.float32)
         partials = list(worker_pool().map(work, starts)) if len(starts) > 1 else [work(0)] if n else []
         for p in partials:
             self._add(p)

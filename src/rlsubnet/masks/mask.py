@@ -458,8 +458,9 @@ class Mask:
                 "extra": json.loads(md.get("extra", "{}")),
                 "rlsubnet_version": md.get("rlsubnet_version"),
             }
-            shapes = {str(n): tuple(int(s) for s in rec["shape"]) for n, rec in tensors.items()}
-            counts = {str(n): int(rec["changed"]) for n, rec in tensors.items()}
+            shapes = {str(n): tuple(_dim(s) for s in rec["shape"]) for n, rec in tensors.items()}
+            counts = {str(n): _dim(rec["changed"]) for n, rec in tensors.items()}
+            _check_meta_types(meta)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MaskError(f"{path}: corrupt mask metadata ({type(exc).__name__}: {exc})") from None
         if set(infos) != set(shapes):
@@ -497,7 +498,9 @@ class Mask:
                 f"{path}: corrupt mask: tensor {n!r} has {mask._counts[n]} bits set but the metadata records "
                 f"{counts[n]}" + (f" ({len(bad) - 1} more tensors disagree)" if len(bad) > 1 else "")
             )
-        if "bits_sha256" in md and md["bits_sha256"] != mask.bits_sha256():
+        if "bits_sha256" not in md:
+            raise MaskError(f"{path}: corrupt mask metadata (no bits_sha256 checksum)")
+        if md["bits_sha256"] != mask.bits_sha256():
             raise MaskError(f"{path}: corrupt mask: checksum of the packed bits does not match bits_sha256")
         mask.meta["path"] = str(path)
         return mask
@@ -511,6 +514,29 @@ class Mask:
         return isinstance(other, Mask) and self.same_bits(other)
 
     __hash__ = None  # mutable metadata; masks are compared by bits
+
+
+def _dim(v: object) -> int:
+    # A dimension or a count: a non-negative JSON integer (not 1.5, not true, not -5).
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"expected a non-negative integer, got {v!r}")
+    return v
+
+
+def _check_meta_types(meta: dict) -> None:
+    # The checksum covers the bits only: a metadata field of the wrong type must fail here, not deep in a report.
+    atol = meta["atol"]
+    if atol is not None and (not isinstance(atol, (int, float)) or isinstance(atol, bool) or not 0 <= atol < math.inf):
+        raise ValueError(f"atol is {atol!r}")
+    if meta["dtype"] is not None and not isinstance(meta["dtype"], str):
+        raise ValueError(f"dtype is {meta['dtype']!r}")
+    if not isinstance(meta["kind"], str):
+        raise ValueError(f"kind is {meta['kind']!r}")
+    for key in ("base", "tuned"):
+        if meta[key] is not None and not isinstance(meta[key], dict):
+            raise ValueError(f"{key} is {type(meta[key]).__name__}, expected an object")
+    if not isinstance(meta["extra"], dict):
+        raise ValueError(f"extra is {type(meta['extra']).__name__}, expected an object")
 
 
 def operand_summary(mask: Mask) -> dict:

@@ -260,6 +260,11 @@ def overlap_many(
         if len(values) > 1:
             warnings.append(f"masks were built with different {key}: " + ", ".join(
                 f"{lab}={m.meta.get(key)!r}" for lab, m in zip(labels, masks)))
+    for lab, m in zip(labels, masks):
+        if m.changed == 0:
+            warnings.append(f"{lab} is empty (density 0): its overlaps are undefined (reported as null)")
+        elif m.changed == m.numel:
+            warnings.append(f"{lab} holds every parameter (density 1): any mask lies inside it")
     pairs_idx = [(i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
     names = masks[0].names()
     nb = n_buckets(bins_per_octave)

@@ -88,6 +88,8 @@ def random_mask(
     With ``like`` a Mask and ``density=None`` the counts match it exactly (per tensor or in total, by ``scope``);
     with ``density`` given each tensor (``per_tensor``) or the whole model (``global``) gets round(density × n).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"the random-mask seed must be a non-negative integer, got {seed!r}")
     scope = scope.replace("-", "_")
     if scope not in SCOPES:
         raise UsageError(f"unknown random-mask scope {scope!r} (choose per_tensor or global)")

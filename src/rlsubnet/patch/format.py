@@ -34,7 +34,7 @@ import zstandard
 
 from rlsubnet._version import __version__
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, combine_hashes
-from rlsubnet.fileio import fix_mode
+from rlsubnet.fileio import cannot_write, fix_mode
 from rlsubnet.patch.errors import PatchError, PatchVersionError
 
 MAGIC = b"RLSPATCH"
@@ -46,6 +46,8 @@ TRAILER = struct.Struct("<QQ32s8s")
 SUFFIX = ".rlpatch"
 
 OPS = ("same", "delta", "full", "remove")
+TOTALS_KEYS = ("numel", "changed", "compared_numel", "compared_changed", "tensors_changed", "tensors_full",
+               "tensors_removed", "positions_nbytes", "values_nbytes")
 KINDS = ("delta", "anchor")
 MANIFEST_LEVEL = 9
 
@@ -69,8 +71,11 @@ class PatchWriter:
             raise PatchError(f"{self.path}: is a folder; give a file name for the patch")
         if self.path.exists() and not overwrite:
             raise PatchError(f"{self.path}: exists (choose another output or pass --overwrite)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise PatchError(str(cannot_write(self.path.parent, exc, self.path.name))) from None
         fix_mode(tmp)
         self._tmp = Path(tmp)
         self._f = os.fdopen(fd, "wb")
@@ -132,8 +137,12 @@ class PatchFile:
                 head = f.read(HEAD.size)
                 if len(head) < HEAD.size or head[:8] != MAGIC:
                     raise PatchError(f"{path}: not an rlsubnet patch (no RLSPATCH magic at the start)")
-                _, version, _flags = HEAD.unpack(head)
+                _, version, flags = HEAD.unpack(head)
                 _check_version(path, version)
+                if flags != 0:
+                    raise PatchError(
+                        f"{path}: unknown header flags {flags:#x} (damaged, or written by a newer rlsubnet)"
+                    )
                 if size < HEAD.size + TRAILER.size:
                     raise PatchError(f"{path}: truncated patch ({size} bytes; no trailer)")
                 f.seek(size - TRAILER.size)
@@ -178,14 +187,22 @@ class PatchFile:
         tensors = m.get("tensors")
         if not isinstance(tensors, list):
             raise PatchError(f"{path}: manifest has no tensor list")
+        _require(path, "manifest", m, {"block_numel": _positive_int, "totals": dict, "target": dict,
+                                       "zstd_level": int, "rlsubnet_version": str})
+        _require(path, "totals", m["totals"], {k: _count for k in TOTALS_KEYS})
+        for side in ("base", "target") if m["kind"] == "delta" else ("target",):
+            _require(path, side, m.get(side), {"hash": str, "tensors": _count, "numel": _count, "nbytes": _count})
         base_hashes, target_hashes, seen = {}, {}, set()
         for t in tensors:
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                raise PatchError(f"{path}: damaged manifest (a tensor entry without a name)")
             name, op = t.get("name"), t.get("op")
             if name in seen:
                 raise PatchError(f"{path}: tensor {name!r} listed twice")
             seen.add(name)
             if op not in OPS:
                 raise PatchError(f"{path}: tensor {name!r} has unknown op {op!r}")
+            _check_tensor_entry(path, t)
             if m["kind"] == "anchor" and op != "full":
                 raise PatchError(f"{path}: tensor {name!r}: an anchor stores every tensor whole (damaged manifest)")
             if t.get("base_hash"):
@@ -198,7 +215,11 @@ class PatchFile:
                 if rec["offset"] < HEAD.size or end > records_end:
                     raise PatchError(f"{path}: tensor {name!r}: record outside the records area (damaged manifest)")
         for f in m.get("files") or []:
+            _require(path, f"file entry {f.get('name')!r}" if isinstance(f, dict) else "a file entry", f,
+                     {"name": str, "nbytes": _count, "sha256": str})
             rec = f.get("record")
+            if rec is not None:
+                _check_record(path, f"file {f['name']!r}", rec)
             if rec is not None and (rec["offset"] < HEAD.size or rec["offset"] + sum(rec["nbytes"]) > records_end):
                 raise PatchError(f"{path}: file {f.get('name')!r}: record outside the records area (damaged manifest)")
         base, target = m.get("base"), m.get("target")
@@ -278,6 +299,57 @@ class PatchFile:
 
     def __repr__(self) -> str:
         return f"PatchFile({str(self.path)!r}, {self.kind}, {len(self.tensors)} tensors)"
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_int(v) -> bool:
+    return _count(v) and v > 0
+
+
+def _require(path: Path, what: str, obj, fields: dict) -> None:
+    """Each key of ``fields`` is present in ``obj`` with the right type (a type, or a predicate)."""
+    if not isinstance(obj, dict):
+        raise PatchError(f"{path}: damaged manifest ({what} is not an object)")
+    for key, kind in fields.items():
+        v = obj.get(key)
+        ok = isinstance(v, kind) if isinstance(kind, type) else kind(v)
+        if not ok:
+            raise PatchError(f"{path}: damaged manifest ({what} has no valid {key!r}: {v!r})")
+
+
+def _check_record(path: Path, what: str, rec) -> None:
+    _require(path, f"{what}'s record", rec, {"offset": _count, "sha256": str, "nbytes": list})
+    if not all(_count(n) for n in rec["nbytes"]):
+        raise PatchError(f"{path}: damaged manifest ({what}'s record has invalid frame sizes)")
+
+
+def _check_tensor_entry(path: Path, t: dict) -> None:
+    """The keys every reader of an entry relies on, so a damaged manifest fails here, not in a KeyError later."""
+    from rlsubnet.checkpoint.index import ST_DTYPES
+
+    what = f"tensor {t['name']!r}"
+    op = t["op"]
+    if op == "remove":
+        _require(path, what, t, {"base_hash": str})
+        return
+    _require(path, what, t, {"dtype": str, "shape": list, "numel": _count, "changed": _count, "target_hash": str})
+    if t["dtype"] not in ST_DTYPES or not all(_count(d) for d in t["shape"]):
+        raise PatchError(f"{path}: damaged manifest ({what} has dtype {t['dtype']!r}, shape {t['shape']!r})")
+    numel = 1
+    for d in t["shape"]:
+        numel *= d
+    if numel != t["numel"] or t["changed"] > numel:
+        raise PatchError(f"{path}: damaged manifest ({what}: numel {t['numel']}, changed {t['changed']}, shape {t['shape']})")
+    if op in ("same", "delta"):
+        _require(path, what, t, {"base_hash": str})
+    if op in ("delta", "full"):
+        if t.get("record") is None and (op == "full" or t["changed"]):
+            raise PatchError(f"{path}: damaged manifest ({what}: op {op} without a record)")
+    if t.get("record") is not None:
+        _check_record(path, what, t["record"])
 
 
 def _check_version(path: Path, version: int) -> None:

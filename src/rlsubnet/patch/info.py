@@ -59,6 +59,7 @@ def patch_info(patch, *, verify: bool = False) -> dict:
         "density": totals["compared_changed"] / totals["compared_numel"] if totals["compared_numel"] else None,
         "ratio_to_target": target_nbytes / p.nbytes if p.nbytes else None,
         "bits_per_changed": 8 * p.nbytes / totals["changed"] if totals["changed"] else None,
+        "dtypes": _dtype_counts(entries),
         "modules": modules,
         "layers": layers,
         "tensors": [
@@ -71,6 +72,18 @@ def patch_info(patch, *, verify: bool = False) -> dict:
         "metadata": m.get("metadata") or {},
         "verified": verify,
     }
+
+
+def _dtype_counts(entries: list[dict]) -> dict[str, dict]:
+    """Per stored dtype of the target: tensors and parameters (removed tensors have none)."""
+    out: dict[str, dict] = {}
+    for e in entries:
+        if e["op"] == "remove":
+            continue
+        d = out.setdefault(e["dtype"], {"tensors": 0, "numel": 0})
+        d["tensors"] += 1
+        d["numel"] += e["numel"]
+    return out
 
 
 def _size(n: float) -> str:
@@ -109,10 +122,13 @@ def format_info(info: dict, *, tensors: bool = False, layers: bool = False) -> s
         )
     if t["tensors_full"] or t["tensors_removed"]:
         lines.append(f"whole    {t['tensors_full']} tensors stored whole, {t['tensors_removed']} removed")
+    if info.get("dtypes"):
+        lines.append("dtypes   " + ", ".join(f"{k}: {v['tensors']} tensors, {v['numel']:,} params" for k, v in info["dtypes"].items()))
     ratio = info["ratio_to_target"]
     bits = info["bits_per_changed"]
+    share = f"= 1/{ratio:.1f} of the target's {_size(target['nbytes'])}" if ratio else "(the target holds 0 bytes of weights)"
     lines.append(
-        f"size     {_size(info['nbytes'])} = 1/{ratio:.1f} of the target's {_size(target['nbytes'])}"
+        f"size     {_size(info['nbytes'])} {share}"
         + (f"; {bits:.2f} bits per changed param" if bits else "")
         + f" (positions {_size(t['positions_nbytes'])}, values {_size(t['values_nbytes'])})"
     )

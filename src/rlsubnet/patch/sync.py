@@ -150,7 +150,11 @@ class SyncWriter:
         return entry
 
     def sync(self, model, step: int) -> dict | None:
-        """Write the patch from the last synced snapshot to the model's current state; None if nothing changed."""
+        """Write the patch from the last synced snapshot to the model's current state; returns its index entry.
+
+        A sync in which no entry changed still writes a (tiny) patch whose base and target hashes are equal, so
+        the chain has one link per sync and a receiver's position in it stays unambiguous; receivers skip it.
+        """
         if self.snapshot is None:
             raise UsageError("SyncWriter.sync called before start")
         live = LiveCheckpoint(model, self.dtype, f"step {step}")

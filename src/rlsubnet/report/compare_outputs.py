@@ -1,5 +1,5 @@
-"""The files ``rlsubnet compare --out DIR`` writes. Everything is rendered in memory first, then each file is
-written atomically, so a failure never leaves a partial set of outputs."""
+"""The files ``rlsubnet compare --out DIR`` writes. Everything is rendered in memory first, then the set is
+written all or none (:func:`rlsubnet.fileio.write_file_set`), so a failure never leaves a partial set of outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlsubnet._version import __version__
 from rlsubnet.diff.summary import CompareResult
-from rlsubnet.fileio import atomic_write_bytes
+from rlsubnet.fileio import write_file_set
 from rlsubnet.report import plots
 from rlsubnet.report.tables import fmt_atol, headline_atol, layers_csv
 
@@ -59,14 +59,5 @@ def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]
 
 
 def write_compare_outputs(results: Sequence[CompareResult], out_dir: str | Path) -> list[Path]:
-    files = render_compare_outputs(results)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        from rlsubnet.errors import UsageError
-
-        raise UsageError(f"{out}: --out must be a folder")
-    written = []
-    for name, data in files.items():
-        atomic_write_bytes(out / name, data)
-        written.append(out / name)
-    return written
+    # All files or none; heatmaps of an earlier run with more tuned checkpoints would mislead: removed.
+    return write_file_set(out_dir, render_compare_outputs(results), stale=("heatmap.png", "heatmap-*.png"))

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from rlsubnet._version import __version__
-from rlsubnet.fileio import atomic_write_bytes
+from rlsubnet.fileio import write_file_set
 from rlsubnet.masks.overlap import OverlapResult
 from rlsubnet.report import plots
 from rlsubnet.report.tables import fmt_pct, render_table
@@ -156,14 +156,4 @@ def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
 
 
 def write_overlap_outputs(result: OverlapResult, out_dir: str | Path) -> list[Path]:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        from rlsubnet.errors import UsageError
-
-        raise UsageError(f"{out}: --out must be a folder")
-    files = render_overlap_outputs(result)
-    written = []
-    for name, data in files.items():
-        atomic_write_bytes(out / name, data)
-        written.append(out / name)
-    return written
+    return write_file_set(out_dir, render_overlap_outputs(result))

@@ -47,6 +47,10 @@ def _columns(results: Sequence[CompareResult]) -> tuple[list[str], list[tuple[in
 
 def _group_table(results: Sequence[CompareResult], groups_of, key: str) -> str:
     names, cols = _columns(results)
+    atols = results[0].atols
+    h = atols.index(headline_atol(atols))
+    tag = "" if len(results) == 1 else "[{k}] "
+    means = [tag.format(k=k) + f"matrix mean% @{fmt_atol(atols[h])}" for k in range(len(results))]
     per_result = [{g[key]: g for g in groups_of(r)} for r in results]
     keys = list(per_result[0])
     for d in per_result[1:]:
@@ -58,9 +62,12 @@ def _group_table(results: Sequence[CompareResult], groups_of, key: str) -> str:
         for ri, ai in cols:
             g = per_result[ri].get(k)
             row.append(fmt_pct(g["by_atol"][ai]["sparsity"]) if g else "-")
+        for ri, g in enumerate(per_result):  # the unweighted mean over the group's matrices, at the headline atol
+            g = g.get(k)
+            row.append(fmt_pct(g["by_atol"][h]["mean_matrix_sparsity"]) if g else "-")
         rows.append(row)
     label = "layer" if key == "layer" else "module"
-    return render_table([label, "tensors", "params", *names], rows)
+    return render_table([label, "tensors", "params", *names, *means], rows)
 
 
 def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -> str:
@@ -81,9 +88,13 @@ def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -
             row.append(fmt_pct(r.mean_rank_ratio, 1))
         rows.append(row)
     out.append("Global sparsity (share of parameters unchanged; density = 100 - sparsity)")
+    if show_groups:
+        legend = "Group tables: sparsity% pools the group's parameters; matrix mean% is the unweighted mean over its matrices."
+    else:
+        legend = None
     out.append(render_table(headers, rows))
     if show_groups:
-        out += ["", "Per layer", _group_table(results, CompareResult.layers, "layer")]
+        out += ["", legend, "", "Per layer", _group_table(results, CompareResult.layers, "layer")]
         out += ["", "Per module kind", _group_table(results, CompareResult.modules, "module")]
     for k, r in enumerate(results):
         if r.skipped:

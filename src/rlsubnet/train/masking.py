@@ -221,7 +221,7 @@ class MaskedOptimizer:
             raise MaskError(
                 f"the mask selects none of the {self.numel:,} entries this optimizer trains: nothing would change"
             )
-        if self.n_trainable == self.numel and not allow_full:
+        if self.n_trainable == self.numel and not allow_full and self.mask.changed != self.mask.numel:
             warnings.warn(FullMaskWarning(
                 f"the mask selects all {self.numel:,} entries this optimizer trains: the run is not restricted"
             ), stacklevel=2)
@@ -259,16 +259,38 @@ class MaskedOptimizer:
 
     def mask_gradients(self) -> None:
         """Zero the gradient outside the mask (``grad = None`` for tensors entirely outside it)."""
-        for pm in self._active:
-            g = pm.param.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise MaskError(f"{pm.name}: sparse gradients are not supported by the masked optimizer")
-            if pm.all_frozen:
-                pm.param.grad = None
-            elif pm.frozen is not None:
-                g.masked_fill_(pm.frozen, 0)
+        self._sync_active()
+        for group in self.optimizer.param_groups:
+            # SGD with maximize negates the gradient before the step: a +0 would become -0, and p - lr·(-0)
+            # turns a frozen -0.0 into +0.0. Filling with -0 leaves it +0 after the negation, so no bit moves.
+            zero = -0.0 if group.get("maximize", False) else 0.0
+            for p in group["params"]:
+                pm = self._pmasks[id(p)]
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise MaskError(f"{pm.name}: sparse gradients are not supported by the masked optimizer")
+                if pm.all_frozen:
+                    p.grad = None
+                elif pm.frozen is not None:
+                    g.masked_fill_(pm.frozen, zero)
+
+    def _sync_active(self) -> None:
+        """Follow parameter groups added after attaching (``add_param_group``): mask them too, or refuse."""
+        ids = [id(p) for g in self.optimizer.param_groups for p in g["params"]]
+        if len(ids) == len(self._active) and all(i == id(pm.param) for i, pm in zip(ids, self._active)):
+            return
+        unknown = [i for i in ids if i not in self._pmasks]
+        if unknown:
+            raise MaskMismatchError(
+                f"{len(unknown)} parameter(s) were added to the optimizer after the mask was attached, and the "
+                "model the mask was resolved against does not name them: they would train unmasked"
+            )
+        self._active = [self._pmasks[i] for i in ids]
+        self.numel = sum(pm.numel for pm in self._active)
+        self.n_trainable = sum(pm.n_trainable for pm in self._active)
+        self._state_dirty = True
 
     def _has_frozen(self, p) -> bool:
         return self._pm(p).frozen is not None or self._pm(p).all_frozen
@@ -330,7 +352,14 @@ class MaskedOptimizer:
             elif pm.frozen is not None:
                 self._snapshot.append((pm, pm.param.detach().masked_select(pm.frozen)))
 
+    def _restore_weight_decay(self) -> None:
+        for group, wd in self._saved_wd:
+            group["weight_decay"] = wd
+        self._saved_wd = []
+
     def _pre_hook(self, opt, args, kwargs):
+        self._restore_weight_decay()  # left zeroed if the previous step raised before its post-hook
+        self._sync_active()
         if self.exact and self._state_dirty:
             self._clean_state()
         self._zero_group_weight_decay()
@@ -352,9 +381,7 @@ class MaskedOptimizer:
         return (args[0], masked_closure, *args[2:]), kwargs
 
     def _post_hook(self, opt, args, kwargs) -> None:
-        for group, wd in self._saved_wd:
-            group["weight_decay"] = wd
-        self._saved_wd = []
+        self._restore_weight_decay()
         moved_report = []
         for pm, saved in self._snapshot:
             p = pm.param.detach()
@@ -400,6 +427,7 @@ class MaskedOptimizer:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._restore_weight_decay()
         if getattr(self.optimizer, "_rlsubnet_masked", None) is self:
             del self.optimizer._rlsubnet_masked
 

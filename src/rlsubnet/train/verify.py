@@ -12,7 +12,8 @@ def check_frozen_masters(mask, base, master) -> dict:
 
     ``base`` is θ0 (a bf16 checkpoint: the masters start at its values exactly) and ``master`` the fp32 master
     weights written after training; both are anything :func:`rlsubnet.open_checkpoint` opens. Tensors of the
-    master file that the mask does not cover are not checked. Returns ``{"frozen_entries_checked",
+    master file that the mask does not cover are not checked; a mask tensor missing from the master file is an
+    error (it could not be checked). Returns ``{"frozen_entries_checked",
     "frozen_entries_moved", "moved_by_tensor", "trainable_entries", "trainable_entries_moved"}`` (the last two
     count the mask's own entries, and how many of them differ from θ0 in fp32).
     """
@@ -20,6 +21,7 @@ def check_frozen_masters(mask, base, master) -> dict:
 
     from rlsubnet.checkpoint import open_checkpoint
     from rlsubnet.errors import MismatchError
+    from rlsubnet.errors import listing as _listing
 
     base_ck = open_checkpoint(base, label="base")
     master_ck = open_checkpoint(master, label="master")
@@ -45,6 +47,13 @@ def check_frozen_masters(mask, base, master) -> dict:
             trainable_moved += int((differs & trains).sum())
             if n_moved:
                 per_tensor[name] = n_moved
+        # A mask tensor the master file lacks would otherwise go unchecked and read as "0 moved".
+        unchecked = [n for n in mask.names() if n not in master_ck.infos]
+        if unchecked:
+            raise MismatchError(
+                f"{master}: holds no tensor {_listing(unchecked)} of the mask ({len(unchecked)} unchecked): "
+                "is this the master file of the masked run?"
+            )
     finally:
         if base_ck is not base:
             base_ck.close()
