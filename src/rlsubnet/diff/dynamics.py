@@ -31,19 +31,23 @@ _ABS_MASK = {2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}
 
 def changed_mask(base: torch.Tensor, tuned: torch.Tensor, atol: float = 1e-5, dtype: str = "bf16") -> torch.Tensor:
     """Boolean tensor: True where ``tuned`` differs from ``base`` by more than ``atol`` (the engine's test)."""
+    return changed_masks(base, tuned, (atol,), dtype)[0]
+
+
+def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float], dtype: str = "bf16") -> list[torch.Tensor]:
+    """:func:`changed_mask` at several tolerances, computing Δ once."""
     if base.shape != tuned.shape:
         raise ValueError(f"shapes differ: {list(base.shape)} vs {list(tuned.shape)}")
     cmp = comparison_dtype(dtype, base.dtype, tuned.dtype)
     if not cmp.is_floating_point:
-        return base.to(cmp) != tuned.to(cmp)
+        return [base.to(cmp) != tuned.to(cmp) for _ in atols]
     d = tuned.to(cmp) - base.to(cmp)
     # The engine's test on the bit patterns: |d| <= t  <=>  bits(|d|) <= bits(t) for non-NaN d, and NaN patterns
     # sort above every threshold (a NaN counts as changed, as in isclose). Integer compares are also much faster
     # than bf16 arithmetic on a CPU.
     size = cmp.itemsize
-    thr_bits = int(torch.tensor(atol_threshold(atol, cmp), dtype=cmp).view(_INT_OF[size]))
     bits = d.contiguous().view(_INT_OF[size]) & _ABS_MASK[size]
-    return bits > thr_bits
+    return [bits > int(torch.tensor(atol_threshold(a, cmp), dtype=cmp).view(_INT_OF[size])) for a in atols]
 
 
 @dataclass
@@ -91,7 +95,7 @@ def decompose_tensor(
     k = 0
     for snap in snapshots:
         k += 1
-        last = [changed_mask(base, snap, a, dtype) for a in atols]
+        last = changed_masks(base, snap, atols, dtype)
         for e, m in zip(ever, last):
             e |= m
     if last is None:

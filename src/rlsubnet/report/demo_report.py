@@ -45,10 +45,10 @@ CRITERIA = {
     # precision: "dense in fp32" = at most this share of fp32 masters bitwise unchanged; "cannot change above the
     # drift bound" = at most this share of the weights with |w| ≥ 512·lr·T changed in bf16
     "fp32_dense_at_most": 0.05,
+    "changed_above_bound_at_most": 0.01,
     # the summary says bf16 rounding, not the optimizer, makes the sparsity only when every trained stage is dense in
     # fp32 (above) and its fp32 sparsity is at most this fraction of its bf16 sparsity (both bitwise)
     "fp32_at_most_of_bf16": 0.5,
-    "changed_above_bound_at_most": 0.01,
     # stages that share a learning rate (and step count) "fall on one curve" of P(changed | |w|) at atol 0 when, in
     # every |w| bucket of at least one_curve_min_bucket weights, their P(changed) differ by at most this many points
     "one_curve_points": 5.0,
@@ -150,8 +150,8 @@ def assess(results: dict) -> list[dict]:
         out.append({
             "id": "pretrain-target", "claim": "θ0 reached its pretraining accuracy target.",
             "paper": "–",
-            "ours": f"stopped after {th0['steps_done']} steps (at most {th0['spec']['max_steps']}) below the target of "
-                    f"{pct(tgt)} validation accuracy on every task"
+            "ours": f"stopped after {th0['steps_done']} of at most {th0['spec']['max_steps']} steps without reaching the target "
+                    f"(validation accuracy ≥ {pct(tgt)} on every task)"
                     + (f"; last validation accuracy {', '.join(f'{t} {pct(v)}' for t, v in last.items())}" if last else ""),
             "verdict": "warning",
             "why": "every stage below starts from a weaker base than the configuration asked for; how sparse an update is "
@@ -305,7 +305,7 @@ def assess(results: dict) -> list[dict]:
         rft_min = CRITERIA["rft_sparse_at_least"]
         as_rl = v_rft >= rft_min
         d_rft, d_sft = st["rft"].get("data") or {}, st["sft"].get("data") or {}
-        pools = (f" ({d_rft['pool']:,} prompts θ0 solved at least once, against {d_sft['pool']:,} for sft)"
+        pools = (f" (a pool of {d_rft['pool']:,} training prompts against sft's {d_sft['pool']:,})"
                  if "pool" in d_rft and "pool" in d_sft else "")
         out.append({
             "id": "in-distribution",
@@ -321,7 +321,7 @@ def assess(results: dict) -> list[dict]:
                    f"{'reached' if 100 * v_rft >= paper.RFT_SPARSITY else 'not reached'} at lr {lr:g}. A confound of this "
                    "lab task: the reward is an exact match of the normalised completion with the reference answer, so a "
                    "correct sample of θ0 is the reference answer and every rft row is the sft row for its prompt; rft "
-                   f"differs from sft only in which prompts it keeps{pools}, those θ0 already solves, not in the text "
+                   f"differs from sft only in which prompts it keeps, those θ0 already solves{pools}, not in the text "
                    "it trains on.",
         })
 
@@ -383,7 +383,7 @@ def assess(results: dict) -> list[dict]:
             else:
                 mech = ""
             res_note = (" A change made and undone between two snapshots is invisible to the snapshots, hence the check "
-                        "after every step as well (the figures above are from it)." if dec_step else
+                        "after every step as well (the shares checked above are from it)." if dec_step else
                         " Only snapshots were checked: a change made and undone between two of them is invisible, so the "
                         "returned share is a lower bound.")
             out.append({
@@ -901,7 +901,10 @@ def _fig_pretrain(results):
     ax.set_ylabel("greedy accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("Pretraining θ0 until validation accuracy reaches the target\n" + th["settings"], fontsize=7, wrap=True)
+    c = results["config"]
+    ax.set_title("Pretraining θ0 until validation accuracy reaches the target\n" + th["settings"]
+                 + f"; size {c['size']} ({th['parameters']:,} params); validation accuracy of the fp32 training weights, "
+                 "θ0 saved in bf16", fontsize=7, wrap=True)
     return fig
 
 
@@ -928,10 +931,19 @@ def _fig_accuracy(results):
     return fig
 
 
-def _sub_settings(results: dict) -> str:
+def _sub_settings(results: dict, names: Sequence[str] | None = None) -> str:
+    """Settings line of a subnetwork figure: every learning rate, step count and seed among ``names``' runs."""
     c = results["config"]
-    return (f"size {c['size']} ({results['theta0']['parameters']:,} params), {c['steps']} steps, batch {c['batch_size']}, "
-            f"RL lr {c['rl_lr']:g}, seed {c['seed']}; masks: bf16, atol 1e-5")
+    specs = [x for x in (_spec_of(results, n) for n in (names or [])) if x is not None]
+    if not specs:
+        specs = [{"learning_rate": c["rl_lr"], "steps": c["steps"], "batch_size": c["batch_size"], "seed": c["seed"]}]
+
+    def vals(key):
+        return ", ".join(f"{v:g}" for v in sorted({x[key] for x in specs}))
+
+    return (f"size {c['size']} ({results['theta0']['parameters']:,} params), {vals('steps')} steps, batch "
+            f"{vals('batch_size')}, lr {vals('learning_rate')}, seed {vals('seed')};\nbf16 checkpoints, masks at atol 1e-5 "
+            "against θ0")
 
 
 def _fig_identity(results):
@@ -964,8 +976,9 @@ def _fig_identity(results):
         ax.set_ylabel(f"identical to θ_full = `{sec['full']}` (%)")
         ax.set_title(f"{alg.upper()}: re-runs from θ0 vs the full run (mask density {pct(sec['mask']['density'])})", fontsize=9)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    names = [n for sec in sub["reruns"].values() for n in [sec["full"]] + [r["run"] for r in sec["rows"]]]
     fig.suptitle("Subnetwork re-runs vs θ_full (the paper's Table 3): share of parameters with |θ_full − θ| ≤ atol\n"
-                 + _sub_settings(results) + "; bf16 checkpoints", fontsize=9)
+                 + _sub_settings(results, names), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -976,7 +989,7 @@ def _fig_overlap(results, which: str):
     ov = results["subnetwork"]["overlap"]
     labels = ov["labels"]
     m = ov["matrix"]
-    settings = _sub_settings(results)
+    settings = _sub_settings(results, labels)
     if which == "o1":
         return matrix_heatmap(labels, m["o1"], "Subnetwork overlap o1 = |A∩B| / |A| (%), row A, column B", settings,
                               cbar_label="o1 (%)", vmax=100)
@@ -1174,12 +1187,12 @@ def subnetwork_differences(results: dict) -> list[str]:
                     + ("only " if below else "") + ", ".join(f"{c['o1_over_magnitude_chance']:.2f}×" for c in data)
                     + (f"; SFT at the RL learning rate and RL: {sft_txt}" if sft_rows else ""))
             if algo_gap is not None:
-                line += ("; SFT-vs-GRPO and GRPO-vs-DPO differ by at most "
-                         f"{algo_gap:.2f}× ({', '.join(f'{c['a']}/{c['b']} {c['o1_over_magnitude_chance']:.2f}×' for c in grpo_dpo)})")
+                gd_txt = ", ".join(f"{c['a']}/{c['b']} {c['o1_over_magnitude_chance']:.2f}×" for c in grpo_dpo)
+                line += f"; GRPO vs DPO {gd_txt}, at most {algo_gap:.2f}× from every SFT-vs-GRPO ratio"
             if below and algo_gap is not None and algo_gap <= margin:
                 line += (": what the masks share beyond |w| follows the task data, not the RL algorithm (the two-task "
-                         "ratio is below every same-task one, and swapping RL for SFT moves the ratio by no more than "
-                         f"{margin:.2f}×).")
+                         f"ratio is below every same-task one, and swapping RL for SFT moves the ratio by {algo_gap:.2f}×, "
+                         f"within the {margin:.2f}× margin).")
             else:
                 why_not = []
                 if not below:
@@ -1331,6 +1344,17 @@ def subnetwork_markdown(results: dict) -> list[str]:
     return md
 
 
+def fp32_explains_sparsity(results: dict) -> bool:
+    """Whether every trained stage is dense in fp32 (bitwise) and well below its bf16 bitwise sparsity there."""
+    st = [s for s in results["stages"].values() if trained(s)]
+    return bool(st) and all(_fp32_dense(s) for s in st)
+
+
+def _fp32_dense(s: dict) -> bool:
+    return (sp(s, 0.0, "fp32") <= CRITERIA["fp32_dense_at_most"]
+            and sp(s, 0.0, "fp32") <= CRITERIA["fp32_at_most_of_bf16"] * sp(s, 0.0))
+
+
 def summary_lines(results: dict, claims: list[dict]) -> list[str]:
     """A few measured facts, each with its settings; no number here is not also in the tables below."""
     st = results["stages"]
@@ -1349,9 +1373,20 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
     if unchanged32:
         worst = max(unchanged32, key=lambda n: unchanged32[n]["sparsity"])
         g = unchanged32[worst]
-        out.append(f"- Compared in fp32 (master weights against θ0), the stage with the most exactly-unchanged parameters "
-                   f"({worst}) has {g['numel'] - g['changed']:,} of {g['numel']:,} ({pct(g['sparsity'], 3)}): the sparsity "
-                   "above is what rounding to bf16 lets through, not weights the optimizer left alone.")
+        line = (f"- Compared in fp32 (master weights against θ0), the stage with the most exactly-unchanged parameters "
+                f"({worst}) has {g['numel'] - g['changed']:,} of {g['numel']:,} ({pct(g['sparsity'], 3)})")
+        if fp32_explains_sparsity(results):
+            line += (": the sparsity above is what rounding to bf16 lets through, not weights the optimizer left alone "
+                     f"(every stage has at most {pct(CRITERIA['fp32_dense_at_most'], 0)} of its masters bitwise unchanged "
+                     f"and at most {CRITERIA['fp32_at_most_of_bf16']:g}× its bf16 bitwise sparsity).")
+        else:
+            bad = [n for n in unchanged32 if not _fp32_dense(st[n])]
+            rows = ", ".join(f"{n} {pct(sp(st[n], 0.0, 'fp32'))} in fp32 vs {pct(sp(st[n], 0.0))} in bf16" for n in bad)
+            line += (f". Not every stage is dense in fp32 (dense = at most {pct(CRITERIA['fp32_dense_at_most'], 0)} of the "
+                     f"masters bitwise unchanged and at most {CRITERIA['fp32_at_most_of_bf16']:g}× the bf16 bitwise "
+                     f"sparsity): {rows}; there, part of the sparsity above is weights the optimizer left alone, not "
+                     "rounding.")
+        out.append(line)
     th = results["theta0"]["accuracy"][c["task"]]["bf16"]
     for lr in sorted(by_lr):
         d = {n: st[n]["accuracy"][c["task"]]["bf16"]["accuracy"] - th["accuracy"] for n in by_lr[lr]}
@@ -1383,6 +1418,16 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
         verdicts.setdefault(cl["verdict"], []).append(cl["id"])
     out.append("- Claims checked: " + "; ".join(f"{v}: {', '.join(ids)}" for v, ids in verdicts.items()) + ".")
     return out
+
+
+def seeds_per_algorithm(results: dict) -> dict[str, int]:
+    """For each stage that has full runs with other seeds: the number of distinct seeds of its full runs."""
+    runs = (results.get("subnetwork") or {}).get("runs") or {}
+    out: dict[str, set] = {}
+    for r in runs.values():
+        if r["role"] == "full run, another seed" and r["of"] in results["stages"]:
+            out.setdefault(r["of"], {results["stages"][r["of"]]["spec"]["seed"]}).add(r["spec"]["seed"])
+    return {of: len(seeds) for of, seeds in out.items()}
 
 
 def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[str]) -> str:
@@ -1460,7 +1505,16 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
         "than two standard errors",
         f"it 'beats' a baseline by more than {CRITERIA['beats_baseline_points']:g} points of identity at 1e-5",
         f"overlap is 'far above chance' when its reach is ≥ {CRITERIA['above_chance_reach']:.2f} (the paper's Table 4 "
-        f"rows: {_paper_reach_range()})")) + ".")
+        f"rows: {_paper_reach_range()})",
+        f"RFT is 'also sparse' when it keeps ≥ {pct(CRITERIA['rft_sparse_at_least'])} unchanged",
+        f"sparsity 'decays monotonically' when no snapshot rises by more than {CRITERIA['monotone_tolerance_points']:g} "
+        "points",
+        f"the decomposition matches when each share is within {CRITERIA['decomposition_share_points']:g} points of the "
+        f"paper's and the ever-updated share outside the final subnetwork within a factor "
+        f"{CRITERIA['ever_outside_factor']:g} of {paper.EVER_UPDATED_OUTSIDE_FINAL:g}%",
+        f"a run is 'dense in fp32' when ≤ {pct(CRITERIA['fp32_dense_at_most'], 0)} of its masters are bitwise unchanged",
+        f"stages 'fall on one curve' of P(changed | |w|) when they differ by ≤ {CRITERIA['one_curve_points']:g} points in "
+        f"every bucket of ≥ {CRITERIA['one_curve_min_bucket']:,} weights")) + ".")
     md.append("")
     md.append(_table(["claim", "paper", "ours", "verdict"],
                      [[c_["claim"], c_["paper"], c_["ours"] + f" — {c_['why']}", f"**{c_['verdict']}**"] for c_ in claims]))
@@ -1513,9 +1567,13 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
                   + (f", {la1[0]:.2f}, {la1[1]:.2f}, {la1[2]:.2f} at the end" if la1 else "")
                   + " (this run's own processes included): other jobs on the machine lengthen every wall time above.")
     md += ["", "## What this run does not show", ""]
+    seed_counts = seeds_per_algorithm(results)
+    spread = (("run-to-run spread is measured only for " + " and ".join(
+        f"{of.upper()} ({k} seed{'s' if k > 1 else ''})" for of, k in seed_counts.items()) + ", in the subnetwork sections")
+        if seed_counts else "run-to-run spread is not measured")
     md += [
-        f"- One seed ({c['seed']}) for every issue-3 stage; run-to-run spread is measured only for GRPO (3 seeds) and DPO "
-        "(2 seeds), in the subnetwork sections. Same seed, same machine and thread count: same numbers.",
+        f"- One seed ({c['seed']}) for every issue-3 stage; {spread}. Same seed, same machine and thread count: same "
+        "numbers.",
         f"- A {th['parameters']:,}-parameter model and {c['steps']}-step runs, against the paper's 7B–671B models and full "
         "training runs. Sparsity depends on lr × steps and on weight magnitudes (see the P(changed | |w|) figure), so our "
         "absolute numbers transfer to no other setting.",
