@@ -318,3 +318,17 @@ def test_target_not_reached_gives_a_warning(results):
     results["theta0"].update(target_reached=False, reached_at_step=None, steps_done=2000)
     c = claim(results, "pretrain-target")
     assert c["verdict"] == "warning" and "2000 of at most 2000 steps" in c["ours"] and "add 63.0%" in c["ours"]
+
+
+def test_commuted_twins_of_heldout_problems_are_counted():
+    from rlsubnet.lab.tasks import get_task
+    from rlsubnet.report.demo_report import commuted_twins_lines
+
+    add = get_task("add")
+    train = {(p.prompt[:-1].split("+")[0], p.prompt[:-1].split("+")[1]) for p in add.split("train")}
+    held = [tuple(p.prompt[:-1].split("+")) for p in add.split("heldout")]
+    twins = sum(1 for a, b in held if a != b and (b, a) in train)
+    n = sum(1 for a, b in held if a != b)
+    (line,) = commuted_twins_lines({"config": {"task": "add", "second_task": "sub"}})
+    assert f"for {twins:,} of the {n:,} held-out problems" in line and 0 < twins < n
+    assert commuted_twins_lines({"config": {"task": "sub", "second_task": None}}) == []

@@ -627,6 +627,23 @@ def assess_subnetworks(results: dict) -> list[dict]:
     return out
 
 
+def commuted_twins_lines(results: dict) -> list[str]:
+    """How 'held out' the held-out addition problems are: a+b is never trained on, but b+a may be."""
+    from rlsubnet.lab.tasks import get_task
+
+    tasks = [results["config"]["task"], results["config"].get("second_task")]
+    if "add" not in tasks:
+        return []
+    add = get_task("add")
+    train = {p.prompt for p in add.split("train")}
+    held = [p.prompt for p in add.split("heldout")]
+    asym = [q for q in held if q.split("+")[0] != q.split("+")[1].rstrip("=")]
+    twins = sum(1 for q in asym if f"{q.split('+')[1].rstrip('=')}+{q.split('+')[0]}=" in train)
+    return [f"- The held-out addition problems are never trained on as written, but addition commutes: for {twins:,} of the "
+            f"{len(asym):,} held-out problems a+b with a ≠ b ({twins / len(asym):.0%}), the training split holds b+a. "
+            "Held-out accuracy measures unseen strings, not unseen pairs of operands."]
+
+
 def one_curve_gap(results: dict) -> tuple[float, tuple[float, dict, list[str]]] | None:
     """The largest gap in P(changed | |w| bucket) (bf16, atol 0) between trained stages on the main task that share a
     learning rate and step count, over buckets of at least ``CRITERIA["one_curve_min_bucket"]`` weights.
@@ -1600,6 +1617,7 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
         f"- The subnetwork re-runs repeat the paper's protocol on {c['steps']}-step runs of a {th['parameters']:,}-parameter "
         "model; the paper's runs are full training runs of 7B-scale models. The overlap 'algorithm' comparison here is GRPO "
         "vs DPO (the paper: DPO vs PRIME), and 'data' is two tasks (two kinds of prompts), not two preference data sets.",
+        *commuted_twins_lines(results),
         "", "## Files", "",
         "- `results.json`: every number above and the data of every figure.",
         "- `stages/<name>/`: per stage `stage.json`, the bf16 checkpoint `model/`, `master-fp32.safetensors`, `snapshots/`, "
