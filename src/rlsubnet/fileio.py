@@ -23,30 +23,31 @@ def fix_mode(path: str | Path, mode: int = 0o666) -> None:
     os.chmod(path, mode & ~_umask())
 
 
-def cannot_write(folder: Path, exc: OSError, what: str) -> RlsubnetError:
+def cannot_write(folder: Path, exc: OSError, what: str, error: type[RlsubnetError] = RlsubnetError) -> RlsubnetError:
     """The one-line error for an output that cannot be created in ``folder``."""
     for p in (folder, *folder.parents):
         if p.exists():
             if not p.is_dir():
-                return RlsubnetError(f"{p}: is not a folder; cannot write {what} under it")
+                return error(f"{p}: is not a folder; cannot write {what} under it")
             break
-    return RlsubnetError(f"{folder}: cannot write {what} there ({exc.strerror or exc})")
+    return error(f"{folder}: cannot write {what} there ({exc.strerror or exc})")
 
 
-def temp_file_beside(path: Path) -> tuple[int, str]:
-    """Create (with its folder) a private temporary file next to ``path``; (fd, name). An unwritable place is
-    an :class:`RlsubnetError` naming it, not an ``OSError`` from deep inside."""
+def temp_file_beside(path: Path, error: type[RlsubnetError] = RlsubnetError) -> tuple[int, str]:
+    """Create (with its folder) a temporary file next to ``path``, with a plain file's permissions; (fd, name).
+    An unwritable place is an ``error`` naming it, not an ``OSError`` from deep inside."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise cannot_write(path.parent, exc, path.name) from None
+        raise cannot_write(path.parent, exc, path.name, error) from None
+    fix_mode(tmp)
+    return fd, tmp
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = temp_file_beside(path)
-    fix_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -76,23 +77,20 @@ def write_file_set(out_dir: str | Path, files: dict[str, bytes], *, stale: tuple
         raise RlsubnetError(f"{out}: exists and is not a folder")
     staged: list[tuple[Path, Path]] = []
     try:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for name, data in files.items():
-                target = out / name
-                if target.is_dir():
-                    raise RlsubnetError(f"{target}: is a folder; cannot write an output file there")
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out)
-                staged.append((Path(tmp), target))
-                fix_mode(tmp)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            for tmp, target in staged:
-                os.replace(tmp, target)
-        except OSError as exc:
-            raise cannot_write(out, exc, "the output files") from None
+        for name, data in files.items():
+            target = out / name
+            if target.is_dir():
+                raise RlsubnetError(f"{target}: is a folder; cannot write an output file there")
+            fd, tmp = temp_file_beside(target)
+            staged.append((Path(tmp), target))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise cannot_write(out, exc, "the output files") from None
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

@@ -111,18 +111,22 @@ def test_tampered_manifest_is_refused(made, tmp_path):
     assert_nothing_left(tmp_path, "out")
 
 
+def _with_head_word(p, tmp_path, offset: int, value: int, name: str):
+    """A copy of patch ``p`` with the u32 of its head at byte ``offset`` (8: version, 12: flags) set to ``value``."""
+    data = bytearray(p.read_bytes())
+    data[offset : offset + 4] = struct.pack("<I", value)
+    out = tmp_path / name
+    out.write_bytes(bytes(data))
+    return out
+
+
 def test_newer_format_version_is_refused(made, tmp_path):
     b, t, p = made
-    data = bytearray(p.read_bytes())
-    data[8:12] = struct.pack("<I", 3)
-    newer = tmp_path / "newer.rlpatch"
-    newer.write_bytes(bytes(data))
+    newer = _with_head_word(p, tmp_path, 8, 3, "newer.rlpatch")
     with pytest.raises(PatchVersionError, match="format version 3 is newer than this rlsubnet .* reads \\(up to 2\\); upgrade"):
         apply_patches(b, [newer], tmp_path / "out")
     assert_nothing_left(tmp_path, "out")
-    data[8:12] = struct.pack("<I", 1)  # the development format with SHA-256 content hashes
-    older = tmp_path / "older.rlpatch"
-    older.write_bytes(bytes(data))
+    older = _with_head_word(p, tmp_path, 8, 1, "older.rlpatch")  # the development format with SHA-256 content hashes
     with pytest.raises(PatchVersionError, match="format version 1 .* no longer read; re-create the patch"):
         apply_patches(b, [older], tmp_path / "out")
     assert_nothing_left(tmp_path, "out")
@@ -239,10 +243,7 @@ def test_incomplete_manifest_is_refused_in_one_line(made, tmp_path, capsys, muta
 
 def test_unknown_header_flags_are_refused(made, tmp_path):
     b, t, p = made
-    data = bytearray(p.read_bytes())
-    data[12:16] = struct.pack("<I", 1)
-    bad = tmp_path / "flags.rlpatch"
-    bad.write_bytes(bytes(data))
+    bad = _with_head_word(p, tmp_path, 12, 1, "flags.rlpatch")
     with pytest.raises(PatchError, match="unknown header flags 0x1"):
         apply_patches(b, [bad], tmp_path / "out")
     assert_nothing_left(tmp_path, "out")

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from rlsubnet.checkpoint.index import TORCH_TO_ST, element_size
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import DirectFile, atomic_write_text, fix_mode, temp_file_beside
+from rlsubnet.fileio import DirectFile, atomic_write_text, temp_file_beside
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -63,7 +62,6 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
         fd, tmp = temp_file_beside(self.path)
         self._tmp = Path(tmp)
-        fix_mode(tmp)
         self._f = DirectFile(fd) if direct else os.fdopen(fd, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0

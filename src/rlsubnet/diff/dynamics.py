@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlsubnet.diff.stats import atol_threshold, comparison_dtype
+from rlsubnet.diff.stats import comparison_dtype, threshold_bits
 
 
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -47,7 +47,7 @@ def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float
     # than bf16 arithmetic on a CPU.
     size = cmp.itemsize
     bits = d.contiguous().view(_INT_OF[size]) & _ABS_MASK[size]
-    return [bits > int(torch.tensor(atol_threshold(a, cmp), dtype=cmp).view(_INT_OF[size])) for a in atols]
+    return [bits > threshold_bits(float(a), cmp) for a in atols]
 
 
 @dataclass

@@ -14,6 +14,7 @@ times faster than torch's on the CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -51,6 +52,7 @@ def comparison_dtype(mode: str, base_dtype: torch.dtype, tuned_dtype: torch.dtyp
     return dtype
 
 
+@functools.lru_cache(maxsize=256)
 def threshold_bits(atol: float, dtype: torch.dtype) -> int:
     """Bit pattern of the effective tolerance in a float ``dtype``: |x| ≤ atol ⇔ (bits(x) & ABS_MASK) ≤ this."""
     return int(torch.tensor(atol_threshold(atol, dtype), dtype=dtype).view(INT_VIEW[dtype.itemsize]))
@@ -65,12 +67,8 @@ def atol_threshold(atol: float, dtype: torch.dtype) -> float:
     rounded = float(torch.tensor(atol, dtype=dtype).item())
     if math.isinf(rounded):
         # An infinite threshold would call an infinite Δ unchanged, which torch.isclose never does.
-        raise UsageError(f"atol {atol:g} is beyond the largest {dtype_label(dtype)} value")
+        raise UsageError(f"atol {atol:g} is beyond the largest {str(dtype).removeprefix('torch.')} value")
     return rounded
-
-
-def dtype_label(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass

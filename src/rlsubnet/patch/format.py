@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,8 @@ import zstandard
 
 from rlsubnet._version import __version__
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, combine_hashes
-from rlsubnet.fileio import cannot_write, fix_mode
+from rlsubnet.checkpoint.index import ST_DTYPES
+from rlsubnet.fileio import temp_file_beside
 from rlsubnet.patch.errors import PatchError, PatchVersionError
 
 MAGIC = b"RLSPATCH"
@@ -71,12 +72,7 @@ class PatchWriter:
             raise PatchError(f"{self.path}: is a folder; give a file name for the patch")
         if self.path.exists() and not overwrite:
             raise PatchError(f"{self.path}: exists (choose another output or pass --overwrite)")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        except OSError as exc:
-            raise PatchError(str(cannot_write(self.path.parent, exc, self.path.name))) from None
-        fix_mode(tmp)
+        fd, tmp = temp_file_beside(self.path, PatchError)
         self._tmp = Path(tmp)
         self._f = os.fdopen(fd, "wb")
         self._f.write(HEAD.pack(MAGIC, FORMAT_VERSION, 0))
@@ -328,8 +324,6 @@ def _check_record(path: Path, what: str, rec) -> None:
 
 def _check_tensor_entry(path: Path, t: dict) -> None:
     """The keys every reader of an entry relies on, so a damaged manifest fails here, not in a KeyError later."""
-    from rlsubnet.checkpoint.index import ST_DTYPES
-
     what = f"tensor {t['name']!r}"
     op = t["op"]
     if op == "remove":
@@ -338,9 +332,7 @@ def _check_tensor_entry(path: Path, t: dict) -> None:
     _require(path, what, t, {"dtype": str, "shape": list, "numel": _count, "changed": _count, "target_hash": str})
     if t["dtype"] not in ST_DTYPES or not all(_count(d) for d in t["shape"]):
         raise PatchError(f"{path}: damaged manifest ({what} has dtype {t['dtype']!r}, shape {t['shape']!r})")
-    numel = 1
-    for d in t["shape"]:
-        numel *= d
+    numel = math.prod(t["shape"])
     if numel != t["numel"] or t["changed"] > numel:
         raise PatchError(f"{path}: damaged manifest ({what}: numel {t['numel']}, changed {t['changed']}, shape {t['shape']})")
     if op in ("same", "delta"):

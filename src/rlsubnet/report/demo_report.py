@@ -85,6 +85,16 @@ def se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / n) if n else float("nan")
 
 
+def two_se(a: dict, b: dict) -> float:
+    """Two standard errors of the difference of two accuracy records ({"accuracy", "n"}), independent binomials."""
+    return 2 * math.sqrt(se(a["accuracy"], a["n"]) ** 2 + se(b["accuracy"], b["n"]) ** 2)
+
+
+def dense_in_fp32(stage: dict) -> bool:
+    """At most CRITERIA["fp32_dense_at_most"] of the stage's fp32 masters are bitwise equal to θ0."""
+    return sp(stage, 0.0, "fp32") <= CRITERIA["fp32_dense_at_most"]
+
+
 def trained(stage: dict) -> bool:
     """Whether any fp32 master weight moved at all (a GRPO run whose groups all had equal rewards does not)."""
     return sp(stage, 0.0, "fp32") < 1.0
@@ -419,7 +429,7 @@ def assess(results: dict) -> list[dict]:
         above = [b for b in mag if b["lo"] >= bound]
         n_above = sum(b["numel"] for b in above)
         ch_above = sum(b["numel"] * b["p_changed"]["0.0"] for b in above)
-        fp32_dense = sp(g, 0.0, "fp32") <= CRITERIA["fp32_dense_at_most"]
+        fp32_dense = dense_in_fp32(g)
         bound_ok = n_above == 0 or ch_above / n_above <= CRITERIA["changed_above_bound_at_most"]
         curve = one_curve_gap(results)
         checks = [fp32_dense, bound_ok]
@@ -463,7 +473,7 @@ def assess(results: dict) -> list[dict]:
             continue
         a = acc(st[n], tsk)
         diff = a["accuracy"] - th["accuracy"]
-        noise = 2 * math.sqrt(se(th["accuracy"], th["n"]) ** 2 + se(a["accuracy"], a["n"]) ** 2)
+        noise = two_se(th, a)
         rows.append((n, st[n]["spec"]["learning_rate"], diff, noise))
     if rows:
         improved = [n for n, _, d, z in rows if d > z]
@@ -505,7 +515,7 @@ def _acc_diff(section: dict, row: dict, task: str) -> tuple[float, float, dict] 
     mine = row["accuracy"].get(task, {}).get("bf16")
     if not full or not mine:
         return None
-    noise = 2 * math.sqrt(se(full["accuracy"], full["n"]) ** 2 + se(mine["accuracy"], mine["n"]) ** 2)
+    noise = two_se(full, mine)
     return mine["accuracy"] - full["accuracy"], noise, mine
 
 
@@ -1120,7 +1130,7 @@ def _full_gain(results: dict, sec: dict, task: str) -> tuple[float, float, float
     spec = _spec_of(results, sec["full"])
     if not full or not base or spec is None:
         return None
-    noise = 2 * math.sqrt(se(full["accuracy"], full["n"]) ** 2 + se(base["accuracy"], base["n"]) ** 2)
+    noise = two_se(full, base)
     return full["accuracy"] - base["accuracy"], noise, spec["learning_rate"]
 
 
@@ -1236,7 +1246,7 @@ def _why_fp32(results: dict, sec: dict) -> str:
     if full is None:
         return "."
     kept32 = sp(full, 0.0, "fp32")  # masters of the full run bitwise equal to θ0
-    if kept32 <= CRITERIA["fp32_dense_at_most"]:
+    if dense_in_fp32(full):
         return (f": the full run moved all but {pct(kept32, 3)} of its masters away from θ0, yet its bf16 checkpoint "
                 f"still equals θ0 in {pct(sp(full, 0.0))} of the entries (those masters moved by less than half a bf16 "
                 "step), while the re-run left every master outside M at θ0; so the Table 3 identity is a property of the "
@@ -1252,7 +1262,6 @@ def subnetwork_markdown(results: dict) -> list[str]:
         return []
     c = results["config"]
     tsk = c["task"]
-    tasks = list(results["theta0"]["accuracy"])
     md = ["", "## Subnetwork re-runs (the paper's Table 3)", ""]
     dpo_beta = results["stages"].get("dpo", {}).get("spec", {}).get("beta")
     md.append(
@@ -1387,8 +1396,7 @@ def fp32_explains_sparsity(results: dict) -> bool:
 
 
 def _fp32_dense(s: dict) -> bool:
-    return (sp(s, 0.0, "fp32") <= CRITERIA["fp32_dense_at_most"]
-            and sp(s, 0.0, "fp32") <= CRITERIA["fp32_at_most_of_bf16"] * sp(s, 0.0))
+    return dense_in_fp32(s) and sp(s, 0.0, "fp32") <= CRITERIA["fp32_at_most_of_bf16"] * sp(s, 0.0)
 
 
 def summary_lines(results: dict, claims: list[dict]) -> list[str]:

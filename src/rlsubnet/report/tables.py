@@ -70,6 +70,9 @@ def _group_table(results: Sequence[CompareResult], groups_of, key: str) -> str:
     return render_table([label, "tensors", "params", *names, *means], rows)
 
 
+GROUP_LEGEND = "Group tables: sparsity% pools the group's parameters; matrix mean% is the unweighted mean over its matrices."
+
+
 def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -> str:
     """The terminal report of ``rlsubnet compare``."""
     r0 = results[0]
@@ -88,13 +91,9 @@ def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -
             row.append(fmt_pct(r.mean_rank_ratio, 1))
         rows.append(row)
     out.append("Global sparsity (share of parameters unchanged; density = 100 - sparsity)")
-    if show_groups:
-        legend = "Group tables: sparsity% pools the group's parameters; matrix mean% is the unweighted mean over its matrices."
-    else:
-        legend = None
     out.append(render_table(headers, rows))
     if show_groups:
-        out += ["", legend, "", "Per layer", _group_table(results, CompareResult.layers, "layer")]
+        out += ["", GROUP_LEGEND, "", "Per layer", _group_table(results, CompareResult.layers, "layer")]
         out += ["", "Per module kind", _group_table(results, CompareResult.modules, "module")]
     for k, r in enumerate(results):
         if r.skipped:
