@@ -10,7 +10,7 @@ checkpoint, against zstd of the tuned checkpoint's tensor bytes and against zstd
 and to apply the patch (default: one pass; also with ``verify_base_first``) against the time to read both
 checkpoints (rlsubnet's reader into one reused buffer), with the page cache cold (each file's pages dropped
 with posix_fadvise) and warm, wall-clock and CPU seconds (all threads of this process), and whether the
-issue's goal (each within 3x the cold read) is met. Generated pairs are Llama-shaped (hidden 2048, MLP 5632,
+speed goal (each within 3x the cold read) is met. Generated pairs are Llama-shaped (hidden 2048, MLP 5632,
 N(0, 0.02) weights, unit norms), written in 256 MiB shards:
 
   flip  the lowest mantissa bit of a random ``density`` share of entries flips (rlsubnet.testing): every
@@ -42,7 +42,7 @@ from rlsubnet.patch import apply_patches, create_patch
 from rlsubnet.testing import base_tensor, changed_positions, llama_specs
 
 READ_BLOCK = 16 << 20
-GOAL = 3.0  # the speed goal: create and apply each within 3x the time to read both checkpoints
+GOAL = 3.0  # the speed goal: create and apply each within 3x the time to read both checkpoints
 
 
 def specs_for(gib: float):

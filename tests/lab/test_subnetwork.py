@@ -1,4 +1,4 @@
-"""The demo's subnetwork phase (issue 4): masked re-runs keep frozen masters bit-identical, results.json's identity
+"""The demo's subnetwork phase: masked re-runs keep frozen masters bit-identical, results.json's identity
 and overlap sections agree with a recomputation from the files, and worker processes change no number."""
 
 from __future__ import annotations

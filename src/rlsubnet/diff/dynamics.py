@@ -5,7 +5,7 @@ that a weight changed as a function of its magnitude. Pure functions over tensor
 dtype, unchanged when |Δ| ≤ atol rounded to that dtype, NaN counted as changed. Counts made here therefore agree
 with the engine's to the entry, which the demo checks.
 
-Dynamics (``shared/paper.md`` claim 6). Given θ0 and snapshots θ1 … θK of one run (θK the final model), each
+Dynamics (the paper's decomposition). Given θ0 and snapshots θ1 … θK of one run (θK the final model), each
 entry falls in exactly one of
 - **never changed**: equal to θ0 (within atol) at every snapshot;
 - **changed and returned**: differs from θ0 at some snapshot but not at the end (updated, then cancelled);

@@ -1,6 +1,6 @@
 """Per-tensor update statistics, accumulated block by block. Pure functions over tensors: no files here.
 
-Definitions (``shared/paper.md`` §2): Δ = tuned − base computed in the comparison dtype; an entry is *unchanged*
+Definitions (the paper's): Δ = tuned − base computed in the comparison dtype; an entry is *unchanged*
 at ``atol`` when ``torch.isclose(Δ, 0, atol=atol)``, i.e. |Δ| ≤ atol where torch rounds atol to Δ's dtype
 first (in bf16, atol 1e-5 is 1.0014e-5). ``density`` = changed / numel, ``sparsity`` = 1 − density.
 

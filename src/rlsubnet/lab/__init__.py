@@ -9,5 +9,5 @@ Needs the ``train`` extra (transformers, trl, datasets, accelerate), imported la
 - ``stages``: :class:`~rlsubnet.lab.stages.StageSpec` and :func:`~rlsubnet.lab.stages.run_stage`, one TRL trainer
   per stage, with hooks for a masked optimizer and extra callbacks.
 - ``measure``, ``pipeline``: the measurements and the whole demo (``rlsubnet demo``).
-- ``subnet``: the demo's subnetwork phase (issue 4): masked re-runs, baselines, identity and overlap tables.
+- ``subnet``: the demo's subnetwork phase: masked re-runs, baselines, identity and overlap tables.
 """

@@ -3,7 +3,7 @@
 Sizes (parameters counted once, embeddings tied to the LM head, vocabulary of the default tokenizer):
 ``micro`` for tests (~26k), ``small`` (~1.05M, the demo default) and ``medium`` (~4.2M). Their linear weights
 start at N(0, 0.02), the magnitude of an LLM's, which matters here: whether a bf16 weight can change at all
-depends on |w| (``shared/paper.md`` §4).
+depends on |w|.
 
 Checkpoints are Hugging Face folders (config.json + model.safetensors [+ tokenizer]) that
 ``AutoModelForCausalLM.from_pretrained`` opens offline; each parameter is stored once (the tied LM head is not

@@ -3,8 +3,8 @@
     rlsubnet demo --out runs/demo                 # size small (~1M parameters), the default
     rlsubnet demo --out runs/micro --size micro --steps 4
 
-θ0 (pretraining) and its samples come first; then the finetuning stages of issue 3, the extra-seed full runs and
-the masked re-runs of issue 4 (:mod:`rlsubnet.lab.subnet`), ``--jobs`` at a time in worker processes, each re-run
+θ0 (pretraining) and its samples come first; then the finetuning stages, the extra-seed full runs and
+the masked re-runs (:mod:`rlsubnet.lab.subnet`), ``--jobs`` at a time in worker processes, each re-run
 as soon as its full run has finished. Each stage writes ``OUT/stages/<name>/`` atomically, so an interrupted run
 resumes from the last finished stages and a re-run reuses every stage whose fingerprint (settings + inputs, the
 mask's bits for a masked stage) still matches. ``OUT/run.json`` records the configuration: a folder holding another
@@ -522,7 +522,7 @@ def default_jobs(threads: int = 1) -> int:
 
 
 def stage_plan(cfg: DemoConfig, specs: list, prepare_rerun) -> list[PlannedStage]:
-    """Every finetuning stage of the run, in the order they start: issue 3's stages, the extra-seed full runs and
+    """Every finetuning stage of the run, in the order they start: the finetuning stages, the extra-seed full runs and
     the masked re-runs (``prepare_rerun(of, kind, done)`` makes their jobs once the full run ``of`` has finished).
 
     GRPO stages come first (they are the long ones), ``grpo`` and ``dpo`` before all (the re-runs wait for
@@ -681,7 +681,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
         samples_path = smp.dir / "samples.jsonl"
         samples_digest = file_digest(samples_path)
 
-        # 3. finetuning stages: issue 3's, then issue 4's extra seeds and masked re-runs (the paper's Tables 3, 4)
+        # 3. finetuning stages, then the extra seeds and masked re-runs (the paper's Tables 3, 4)
         from rlsubnet.lab import subnet
 
         ctx = StageContext(folder=folder, theta0=theta0, base_digest=base_digest, samples_path=samples_path,

@@ -12,7 +12,7 @@ A stage trains fp32 master weights that start at θ0's bf16 values exactly, and 
     data.jsonl                 the training rows in the order the trainer saw them
     log.jsonl                  the trainer's logs, one line per step
 
-Issue 4 reuses :func:`run_stage` for subnetwork re-runs: pass the same spec (same ``seed`` and ``data_seed``, so
+Subnetwork re-runs reuse :func:`run_stage`: pass the same spec (same ``seed`` and ``data_seed``, so
 the same rows in the same order and the same sampling RNG), an ``optimizer_factory`` that wraps
 :func:`default_optimizer` in a masked optimizer, and/or extra ``callbacks`` / a ``configure_trainer`` hook.
 """

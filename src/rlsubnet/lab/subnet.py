@@ -1,4 +1,4 @@
-"""The demo's subnetwork phase (issue 4): the paper's Table 3 and Table 4 on the lab model, with baselines.
+"""The demo's subnetwork phase: the paper's Table 3 and Table 4 on the lab model, with baselines.
 
 - **Re-runs** (Table 3): for GRPO and DPO, the full run's mask M (entries of the bf16 checkpoint that changed
   against θ0, |Δ| > 1e-5) and a re-run from θ0 with the *same spec* (seed, data seed, hence the same rows in
@@ -327,7 +327,7 @@ def measure(theta0: Path, out: Path, stages: Mapping, extra: Mapping, extra_spec
             cfg) -> dict:
     """``results["subnetwork"]``: the new runs, the masks, Table 3 per algorithm and Table 4 (see the module doc).
 
-    ``stages``: issue 3's finished stages; ``extra``: the extra-seed runs and the masked re-runs (finished);
+    ``stages``: the finished finetuning stages; ``extra``: the extra-seed runs and the masked re-runs (finished);
     ``store``: the run's :class:`rlsubnet.lab.pipeline.MaskStore`; ``skipped``: stage name -> why it did not run.
     """
     from rlsubnet.report import paper_numbers as paper

@@ -1,5 +1,5 @@
 """Subnetwork masks: the bit-packed artifact, building one from a checkpoint pair, combining, random baselines
-and overlap against chance. See the README section "Subnetworks".
+and overlap against chance. See docs/masks-and-training.md.
 
 >>> from rlsubnet.masks import build_mask, Mask, random_mask, overlap
 >>> m = build_mask("base/", "grpo/", atol=1e-5); m.save("grpo.mask.safetensors")

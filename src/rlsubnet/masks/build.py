@@ -256,7 +256,7 @@ def identity(
     dtype: str = "bf16",
     **kw,
 ) -> list[dict]:
-    """Identity of two trained models (``shared/paper.md`` §2): the share of entries with |θ_full − θ_other| ≤ atol,
+    """Identity of two trained models: the share of entries with |θ_full − θ_other| ≤ atol,
     per atol, overall and (with ``inside``) among the entries of a mask, e.g. the subnetwork that was trained.
 
     Same test as everywhere (|Δ| ≤ atol in the comparison dtype), so identity at atol = sparsity of the pair.

@@ -1,6 +1,6 @@
 """The mask artifact: one bit per parameter, packed, with the metadata that says what the bits mean.
 
-A mask m marks the entries that changed between two checkpoints (``shared/paper.md`` §2: m_i = 1 where
+A mask m marks the entries that changed between two checkpoints (m_i = 1 where
 |θ1 − θ0| > atol in the comparison dtype). In memory and on disk each tensor's mask is its flattened boolean
 array packed 8 entries per byte with ``numpy.packbits(..., bitorder="big")`` (entry 0 is the most significant
 bit of byte 0; the unused bits of the last byte are zero), so a mask costs ~1 bit per parameter.

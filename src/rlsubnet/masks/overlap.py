@@ -1,4 +1,4 @@
-"""Overlap of subnetworks, against two chance baselines (``shared/paper.md`` §2).
+"""Overlap of subnetworks, against two chance baselines.
 
 For masks A and B over the same n parameters:
 
@@ -9,7 +9,7 @@ For masks A and B over the same n parameters:
   its |w| in the base, with p_A,b = |A ∩ bucket b| / n_b estimated from the masks themselves, the expected
   intersection is Σ_b n_b·p_A,b·p_B,b, so chance o1 = that / |A|, chance o2 = that / |B|. Overlap above the
   density chance but at the magnitude-matched chance is explained by weight magnitude (bf16 rounding decides
-  which weights can change at all, §4), not by a shared subnetwork.
+  which weights can change at all), not by a shared subnetwork.
 
 Buckets are log-spaced on |w| (the base value upcast to float32): ``bins_per_octave`` buckets per power of two.
 With the default 1, a bucket is [2^(e−1), 2^e): exactly the weights sharing one bf16 exponent, hence one bf16

@@ -1,4 +1,4 @@
-"""Random masks of matched density: the baseline every subnetwork claim must beat (``shared/paper.md`` §4).
+"""Random masks of matched density: the baseline every subnetwork claim must beat.
 
 Two scopes (recorded in the mask's ``extra.random.scope``):
 

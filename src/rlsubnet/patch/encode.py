@@ -31,7 +31,7 @@ from rlsubnet.patch._buffers import Recycler
 from rlsubnet.patch.codec import BLOCK_NUMEL, MAX_BLOCK_NUMEL, UINT_OF, VALUE_CODINGS, TensorEncoder
 from rlsubnet.patch.format import FORMAT_NAME, FORMAT_VERSION, PatchWriter
 
-DEFAULT_LEVEL = 1  # measured: smaller AND faster than 3-19 on position and XOR-value streams (README, "Sparse patches")
+DEFAULT_LEVEL = 1  # measured: smaller AND faster than 3-19 on position and XOR-value streams (docs/patches.md)
 DEFAULT_READ_BYTES = 16 << 20
 THREADS_FROM_BYTES = 64 << 20  # below this many bytes read, create runs in one thread
 MAX_AUX_FILE_BYTES = 64 << 20

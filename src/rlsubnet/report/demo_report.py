@@ -492,7 +492,7 @@ def assess(results: dict) -> list[dict]:
     return out
 
 
-# -- the subnetwork phase (issue 4): accessors and claims
+# -- the subnetwork phase: accessors and claims
 
 ROLE_LABEL = {"subnetwork re-run": "θ_sub: its own subnetwork", "random-mask re-run": "random mask, equal density",
               "full run, another seed": "full run, another seed"}
@@ -1256,7 +1256,7 @@ def _why_fp32(results: dict, sec: dict) -> str:
 
 
 def subnetwork_markdown(results: dict) -> list[str]:
-    """The report's sections for the paper's Tables 3 and 4 (issue 4)."""
+    """The report's sections for the paper's Tables 3 and 4."""
     sub = results.get("subnetwork")
     if not sub:
         return []
@@ -1616,8 +1616,8 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
         f"{of.upper()} ({k} seed{'s' if k > 1 else ''})" for of, k in seed_counts.items()) + ", in the subnetwork sections")
         if seed_counts else "run-to-run spread is not measured")
     md += [
-        f"- One seed ({c['seed']}) for every issue-3 stage; {spread}. Same seed, same machine and thread count: same "
-        "numbers.",
+        f"- One seed ({c['seed']}) for every finetuning stage; {spread}. Same seed, same machine and thread count: "
+        "same numbers.",
         f"- A {th['parameters']:,}-parameter model and {c['steps']}-step runs, against the paper's 7B–671B models and full "
         "training runs. Sparsity depends on lr × steps and on weight magnitudes (see the P(changed | |w|) figure), so our "
         "absolute numbers transfer to no other setting.",

@@ -1,4 +1,4 @@
-"""The paper's numbers that the demo report puts beside ours (``shared/paper.md`` §3; arXiv 2505.11711).
+"""The paper's numbers that the demo report puts beside ours (arXiv 2505.11711).
 
 All sparsities are in % of parameters unchanged, measured on bf16 checkpoints at atol 1e-5 unless noted.
 """

@@ -1,4 +1,4 @@
-"""Restrict any torch optimizer's updates to a mask: the subnetwork training of ``shared/paper.md`` §1.3.
+"""Restrict any torch optimizer's updates to a mask: training only the subnetwork, as in the paper.
 
 :class:`MaskedOptimizer` attaches to an existing optimizer through torch's step pre/post hooks, so the optimizer
 object itself is unchanged (learning-rate schedulers, ``accelerate``'s wrapper, ``state_dict`` and checkpoint
@@ -13,7 +13,7 @@ optimizer's own update:
 2. **Weight decay is applied only inside the mask**: for SGD, Adam and AdamW the group's ``weight_decay`` is set
    to 0 for the step and applied here to the masked entries only: decoupled (AdamW, or Adam with
    ``decoupled_weight_decay``: p ← p·(1 − lr·wd)) or coupled (L2: g ← g + wd·p). Without this, decoupled decay
-   moves "frozen" fp32 weights whenever lr·wd is above ~6e-8 (``shared/lab-notes.md``). Groups whose parameters
+   moves "frozen" fp32 weights whenever lr·wd is above ~6e-8 (2^-24, half an fp32 ULP). Groups whose parameters
    are all fully inside the mask are left to the optimizer (a density-1 mask reproduces an unmasked run bit for bit).
 3. **Optimizer state cannot leak**: on the first step (and after ``load_state_dict``) the momentum / moment
    buffers of frozen entries are zeroed, so a buffer loaded from an unmasked run cannot move them; afterwards a
