@@ -18,6 +18,46 @@ def _umask() -> int:
     return mask
 
 
+# Longest file name most file systems take (bytes, after UTF-8 encoding).
+MAX_NAME_BYTES = 255
+
+
+def member_name_problem(name) -> str | None:
+    """Why ``name`` cannot be a file directly inside a folder, or None when it can.
+
+    Names read from inputs (a patch's embedded files, an index's shard names, a sync chain's patch files)
+    become paths under a folder we read or write; only a plain name stays there. No separators of either
+    platform, no ``.``/``..``, nothing a platform reads as absolute or as a drive, no control characters.
+    """
+    if not isinstance(name, str):
+        return f"not a string ({type(name).__name__})"
+    if not name:
+        return "empty"
+    if name in (".", ".."):
+        return "a reference to a folder"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if len(name) >= 2 and name[1] == ":" and name[0].isascii() and name[0].isalpha():
+        return "starts with a drive letter"
+    try:
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            return f"longer than {MAX_NAME_BYTES} bytes"
+    except UnicodeEncodeError:
+        return "not valid Unicode"
+    return None
+
+
+def safe_member_name(name, what: str, error: type[RlsubnetError] = RlsubnetError) -> str:
+    """``name`` when it is a plain file name (:func:`member_name_problem`); else an ``error`` naming ``what``
+    (the input and the entry it was read from) and the reason."""
+    problem = member_name_problem(name)
+    if problem is not None:
+        raise error(f"{what}: {name!r} is not a plain file name ({problem})")
+    return name
+
+
 def fix_mode(path: str | Path, mode: int = 0o666) -> None:
     # mkstemp/mkdtemp create private files; outputs get the permissions a plain open() would give.
     os.chmod(path, mode & ~_umask())

@@ -104,3 +104,12 @@ def test_demo_never_trains_on_heldout(micro_demo):
         for task, acc in st["accuracy"].items():
             assert acc["heldout_digest"] == get_task(task).split_digest("heldout")
             assert acc["bf16"]["n"] == len(get_task(task).split("heldout"))
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "..", "", "x\ny"])
+def test_stage_names_are_plain_file_names(name):
+    """A stage's name names its folder and its mask files."""
+    from rlsubnet.lab.stages import StageSpec
+
+    with pytest.raises(UsageError, match="stage name: .* is not a plain file name"):
+        StageSpec(name, "sft", task="add", data="gold", learning_rate=1e-6, steps=1, batch_size=1)

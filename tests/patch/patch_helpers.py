@@ -79,3 +79,33 @@ def assert_nothing_left(parent: Path, out_name: str) -> None:
     """No output and no temporary leftovers of it."""
     assert not (parent / out_name).exists()
     assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{out_name}.")]
+
+
+def with_manifest_area(data: bytes, area: bytes) -> bytes:
+    """``data`` (a patch's bytes) with its manifest area replaced by ``area`` and the trailer recomputed to
+    match: what a writer who controls the file, but holds no signing key, can produce."""
+    import hashlib
+
+    from rlsubnet.patch.format import TRAILER
+
+    m_off, _, _, end = TRAILER.unpack(data[-TRAILER.size:])
+    return data[:m_off] + area + TRAILER.pack(m_off, len(area), hashlib.sha256(area).digest(), end)
+
+
+def rewrite_manifest(p: Path, out: Path, mutate) -> Path:
+    """A copy of patch ``p`` at ``out`` whose manifest was edited by ``mutate`` and whose trailer hash was
+    recomputed (any signature is dropped with the old manifest): what a buggy or foreign writer would produce.
+    Only the manifest's own checks can catch it."""
+    import json
+
+    import zstandard
+
+    from rlsubnet.patch.format import TRAILER
+
+    data = Path(p).read_bytes()
+    m_off, m_len, _, _ = TRAILER.unpack(data[-TRAILER.size:])
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(data[m_off : m_off + m_len]))
+    mutate(manifest)
+    frame = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
+    out.write_bytes(with_manifest_area(data, frame))
+    return out

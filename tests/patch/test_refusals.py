@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from patch.patch_helpers import assert_nothing_left, assert_same_checkpoint, edge_pair, write_pair
+from patch.patch_helpers import (
+    assert_nothing_left,
+    assert_same_checkpoint,
+    edge_pair,
+    rewrite_manifest,
+    write_pair,
+)
 from rlsubnet.checkpoint import save_state_dict
 from rlsubnet.cli.main import main
 from rlsubnet.errors import MismatchError, RlsubnetError
@@ -188,23 +194,7 @@ def test_cli_prints_one_line_and_exits_2(made, tmp_path, capsys):
 
 
 def _rewrite_manifest(p, tmp_path, mutate):
-    """A patch whose manifest was edited and whose trailer hash was recomputed: what a buggy or foreign writer
-    would produce. Only the schema checks can catch it."""
-    import hashlib
-    import json
-
-    import zstandard
-
-    from rlsubnet.patch.format import TRAILER
-
-    data = p.read_bytes()
-    m_off, m_len, _, end = TRAILER.unpack(data[-TRAILER.size:])
-    manifest = json.loads(zstandard.ZstdDecompressor().decompress(data[m_off : m_off + m_len]))
-    mutate(manifest)
-    frame = zstandard.ZstdCompressor().compress(json.dumps(manifest).encode())
-    bad = tmp_path / "edited.rlpatch"
-    bad.write_bytes(data[:m_off] + frame + TRAILER.pack(m_off, len(frame), hashlib.sha256(frame).digest(), end))
-    return bad
+    return rewrite_manifest(p, tmp_path / "edited.rlpatch", mutate)
 
 
 def _drop_from_tensors(key, inner=None):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rlsubnet.errors import CheckpointError
+from rlsubnet.fileio import safe_member_name
 
 # safetensors dtype codes -> torch dtypes. Sizes come from torch itself.
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -156,7 +157,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 
 def read_index_json(index_path: Path) -> dict[str, Path]:
-    """weight_map of a sharded checkpoint: tensor name -> shard path. Every named shard must exist."""
+    """weight_map of a sharded checkpoint: tensor name -> shard path. Every named shard must exist.
+
+    A shard is named by a plain file name in the index's folder: a name with a separator, ``..`` or an
+    absolute path would read a file elsewhere, and is refused. (A shard that is a symlink is followed: the
+    hub cache links every file of a snapshot to its blob.)
+    """
     index_path = Path(index_path)
     try:
         with open(index_path, encoding="utf-8") as f:
@@ -172,7 +178,7 @@ def read_index_json(index_path: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     missing: set[str] = set()
     for name, shard in weight_map.items():
-        shard_path = folder / str(shard)
+        shard_path = folder / safe_member_name(shard, f"{index_path}: shard of tensor {name!r}", CheckpointError)
         if not shard_path.is_file():
             missing.add(str(shard))
         out[str(name)] = shard_path

@@ -15,7 +15,7 @@ from rlsubnet.checkpoint.index import INDEX_NAMES, read_safetensors_header
 from rlsubnet.checkpoint.reader import Checkpoint, PickleCheckpoint, SafetensorsCheckpoint
 from rlsubnet.checkpoint.writer import TensorSpec, shard_file_names
 from rlsubnet.errors import CheckpointError
-from rlsubnet.fileio import atomic_write_text
+from rlsubnet.fileio import atomic_write_text, member_name_problem
 
 # Files in a model folder that hold weights (or their index) rather than configuration.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl")
@@ -81,6 +81,8 @@ def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int, meta
 
 
 def is_weight_file(name: str) -> bool:
+    """Weights or a weight index by its name; without case, as a case-insensitive file system sees it."""
+    name = name.lower()
     return name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEX_SUFFIX)
 
 
@@ -88,8 +90,8 @@ def aux_files(folder: Path, max_bytes: int, own: set[str] = frozenset()) -> tupl
     """The non-weight regular files at the top of a model folder, and the ones left out with the reason.
 
     Hidden files and ``own`` (the checkpoint's own weight and index files) are passed over; sub-folders,
-    other weight-like files (``training_args.bin``, a second format's weights...) and files over
-    ``max_bytes`` are left out and listed, so the caller can record them rather than drop them silently.
+    other weight-like files (``training_args.bin``, a second format's weights...), files over ``max_bytes``
+    and names that are not plain portable file names (a backslash, a control character) are left out and listed, so the caller can record them rather than drop them silently.
     """
     kept: list[Path] = []
     skipped: list[tuple[str, str]] = []
@@ -97,7 +99,10 @@ def aux_files(folder: Path, max_bytes: int, own: set[str] = frozenset()) -> tupl
         name = path.name
         if name.startswith(".") or name in own:
             continue
-        if path.is_dir():
+        problem = member_name_problem(name)
+        if problem is not None:  # a patch would carry it under a name its readers refuse
+            skipped.append((name, f"name {problem}"))
+        elif path.is_dir():
             skipped.append((name + "/", "sub-folder"))
         elif not path.is_file():
             skipped.append((name, "not a regular file"))

@@ -20,6 +20,7 @@ from rlsubnet.checkpoint.reader import (
     safetensors_files_in,
 )
 from rlsubnet.errors import CheckpointError
+from rlsubnet.fileio import safe_member_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -41,9 +42,12 @@ def _pickle_files_in(folder: Path) -> list[Path]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path}: corrupt index ({exc})") from None
-        files = sorted({folder / str(s) for s in weight_map.values()})
+        files = sorted({folder / safe_member_name(s, f"{index_path}: shard of tensor {n!r}", CheckpointError)
+                        for n, s in weight_map.items()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index_path}: names missing shard file(s): {', '.join(missing)}")

@@ -5,6 +5,9 @@
     rlsubnet patch apply base/ step-10.rlpatch step-20.rlpatch -o step-20/    # a chain, in order
     rlsubnet patch apply anchor.rlpatch step-30.rlpatch -o step-30/          # a chain from a full anchor
     rlsubnet patch info grpo.rlpatch --verify
+    rlsubnet patch keygen -o trainer.key                                   # trainer.key (0600) + trainer.key.pub
+    rlsubnet patch create base/ grpo/ -o grpo.rlpatch --sign trainer.key
+    rlsubnet patch apply base/ grpo.rlpatch -o out/ --trust trainer.key.pub
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def add_parser(sub) -> None:
         help="make, apply and inspect lossless sparse patches (ship only the parameters that changed)",
         description="A patch holds, per tensor, the positions whose bits differ and their new values, "
         "zstd-compressed, with content hashes of the base and the target. Applying it rebuilds the target "
-        "bit for bit; a wrong base, a chain out of order or a damaged patch is refused and nothing is written.",
+        "bit for bit; a wrong base, a chain out of order or a damaged patch is refused and nothing is written. "
+        "Patches can be signed (keygen, create --sign) and required to be signed (apply --trust).",
     )
     psub = p.add_subparsers(dest="patch_command", metavar="ACTION")
 
@@ -58,6 +62,9 @@ def add_parser(sub) -> None:
     c.add_argument("--no-files", action="store_true", help="leave out TUNED's non-weight files (config, tokenizer...)")
     c.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata to record (repeatable)")
     c.add_argument("--overwrite", action="store_true", help="replace PATCH if it exists")
+    c.add_argument(
+        "--sign", metavar="KEY", help="sign the patch with this Ed25519 private key (see `rlsubnet patch keygen`)"
+    )
     add_checkpoint_options(c)
     c.add_argument("--json", action="store_true", help="print the patch summary as JSON")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -89,6 +96,7 @@ def add_parser(sub) -> None:
         "base); by default each base tensor's hash is checked as it streams, and OUT appears only if all match",
     )
     a.add_argument("--weights-only", action="store_true", help="write only the weights, not config/tokenizer files")
+    a.add_argument(*TRUST_ARGS, **TRUST_OPTS)
     add_checkpoint_options(a)
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -100,9 +108,31 @@ def add_parser(sub) -> None:
     i.add_argument("--tensors", action="store_true", help="also list every tensor")
     i.add_argument("--layers", action="store_true", help="also break down by layer")
     i.add_argument("--json", action="store_true", help="print everything as JSON")
+    i.add_argument(*TRUST_ARGS, **TRUST_OPTS)
     i.set_defaults(run=run_info)
 
+    k = psub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing patches",
+        description="Write a new Ed25519 private key to KEY (PEM, readable by you only: mode 0600) and its public "
+        "key to KEY.pub. Sign patches with `patch create --sign KEY`; give KEY.pub to whoever applies them "
+        "(`patch apply --trust KEY.pub`). Keep KEY secret: whoever holds it can sign patches that pass.",
+    )
+    k.add_argument("-o", "--out", required=True, metavar="KEY", help="private key file to write (KEY.pub beside it)")
+    k.add_argument("--overwrite", action="store_true", help="replace KEY and KEY.pub if they exist")
+    k.set_defaults(run=run_keygen)
+
     p.set_defaults(run=lambda args: _usage(p))
+
+
+TRUST_ARGS = ("--trust",)
+TRUST_OPTS = dict(
+    nargs="+",
+    action="extend",
+    metavar="PUBKEY",
+    help="require every patch to be signed by one of these Ed25519 public keys (KEY.pub files; repeatable); "
+    "an unsigned patch, or one signed by another key, is refused before anything is written",
+)
 
 
 def _usage(p: argparse.ArgumentParser) -> int:
@@ -143,6 +173,7 @@ def run_create(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         allow_download=args.allow_download,
         progress=not args.quiet,
+        sign_key=args.sign,
     )
     info = patch_info(summary.path)
     if args.json:
@@ -158,7 +189,9 @@ def run_apply(args: argparse.Namespace) -> int:
     from rlsubnet.errors import UsageError
     from rlsubnet.patch.apply import apply_patches
     from rlsubnet.patch.format import PatchFile, is_patch_file
+    from rlsubnet.patch.signing import trusted_keys
 
+    keys = trusted_keys(args.trust)  # a bad key file fails before any patch or checkpoint is read
     inputs = list(args.inputs)
     if is_patch_file(inputs[0]):
         base = None
@@ -181,6 +214,7 @@ def run_apply(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         allow_download=args.allow_download,
         progress=not args.quiet,
+        trusted_keys=keys,
     )
     if args.json:
         json.dump(
@@ -198,9 +232,10 @@ def run_apply(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         files = f" and {len(summary.files)} other files" if summary.files else ""
+        signed = f", {len(inputs)} patch signature(s) checked" if keys is not None else ""
         print(
             f"wrote {summary.out}: {summary.tensors} tensors ({summary.nbytes:,} bytes){files}, target hash "
-            f"{summary.target_hash} verified, in {summary.seconds:.2f} s"
+            f"{summary.target_hash} verified{signed}, in {summary.seconds:.2f} s"
         )
     return 0
 
@@ -208,10 +243,21 @@ def run_apply(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from rlsubnet.patch.info import format_info, patch_info
 
-    info = patch_info(args.patch, verify=args.verify)
+    info = patch_info(args.patch, verify=args.verify, trusted_keys=args.trust)
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_info(info, tensors=args.tensors, layers=args.layers))
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from rlsubnet.patch.signing import generate_key
+
+    private, public, fp = generate_key(args.out, overwrite=args.overwrite)
+    print(f"wrote {private} (private key, mode 0600: keep it secret) and {public} (public key)")
+    print(f"key fingerprint {fp}")
+    print(f"sign:   rlsubnet patch create BASE TUNED -o P.rlpatch --sign {private}")
+    print(f"verify: rlsubnet patch apply BASE P.rlpatch -o OUT --trust {public}")
     return 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rlsubnet._version import __version__
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import atomic_dir, atomic_write_text
+from rlsubnet.fileio import atomic_dir, atomic_write_text, safe_member_name
 from rlsubnet.lab.tasks import Problem, get_task, ordered
 
 ALGORITHMS = ("grpo", "dpo", "sft")
@@ -70,6 +70,7 @@ class StageSpec:
     description: str = ""
 
     def __post_init__(self):
+        safe_member_name(self.name, "stage name", UsageError)  # names its folder and mask files
         if self.algorithm not in ALGORITHMS:
             raise UsageError(f"stage {self.name}: unknown algorithm {self.algorithm!r} (choose from {', '.join(ALGORITHMS)})")
         if self.data not in DATA_SOURCES[self.algorithm]:
@@ -524,7 +525,9 @@ class StageResult:
 
     @property
     def snapshots(self) -> list[tuple[int, Path]]:
-        return [(s["step"], self.dir / "snapshots" / s["file"]) for s in self.record.get("snapshots", [])]
+        where = f"{self.dir / 'stage.json'}: snapshot"
+        return [(s["step"], self.dir / "snapshots" / safe_member_name(s["file"], where, UsageError))
+                for s in self.record.get("snapshots", [])]
 
     @property
     def fingerprint(self) -> str:

@@ -3,6 +3,7 @@
     create_patch(base, tuned, "p.rlpatch")           # positions of differing bits + their new values
     apply_patches(base, ["p.rlpatch"], "out/")       # rebuild the target bit for bit, in the base's layout
     apply_patch_(model, "p.rlpatch")                 # update a loaded model in place (live weight sync)
+    generate_key("me.key"); create_patch(..., sign_key="me.key"); apply_patches(..., trusted_keys=["me.key.pub"])
     SparseSyncCallback(out_dir, every_steps=K, anchor_every=M)   # a transformers/TRL trainer callback
 
 File format: :mod:`rlsubnet.patch.format`; bit-level coding: :mod:`rlsubnet.patch.codec`.
@@ -23,6 +24,9 @@ _LAZY = {
     "SparseSyncCallback": "rlsubnet.patch.sync",
     "SyncWriter": "rlsubnet.patch.sync",
     "sync_receive": "rlsubnet.patch.sync",
+    "generate_key": "rlsubnet.patch.signing",
+    "load_private_key": "rlsubnet.patch.signing",
+    "load_public_key": "rlsubnet.patch.signing",
 }
 
 

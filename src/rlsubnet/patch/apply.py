@@ -39,7 +39,8 @@ from rlsubnet._threads import prefetch
 from rlsubnet.patch._buffers import Recycler
 from rlsubnet.patch.codec import UINT_OF, RecordCursor, apply_changes
 from rlsubnet.patch.errors import PatchError, WrongBaseError
-from rlsubnet.patch.format import PatchFile
+from rlsubnet.patch.format import PatchFile, check_file_name
+from rlsubnet.patch.signing import trusted_keys as as_trusted
 
 DEFAULT_READ_BYTES = 16 << 20
 THREADS_FROM_BYTES = 64 << 20  # below this many bytes of output, apply runs in one thread
@@ -219,8 +220,9 @@ def _resolve_files(chain: list[PatchFile], base_folder: Path | None) -> list[tup
         files = p.manifest.get("files")
         if files is None:
             continue
-        new = {}
+        new, names = {}, set()
         for f in files:
+            check_file_name(p.path, f["name"], names)  # checked on open too; these names become paths
             if f["source"] == "patch":
                 new[f["name"]] = ((p, f), f["sha256"])
             else:
@@ -303,6 +305,7 @@ def apply_patches(
     read_bytes: int = DEFAULT_READ_BYTES,
     direct_io: bool = True,
     progress: bool = False,
+    trusted_keys=None,
 ) -> ApplySummary:
     """Rebuild the target of a chain of patches from ``base`` (None when the chain starts with an anchor).
 
@@ -314,13 +317,19 @@ def apply_patches(
     is refused before any output byte is written, even to the temporary name: one more read of the base.
     ``direct_io``: write the output with O_DIRECT where the file system allows it (no page-cache copy;
     the output is then not in the page cache afterwards); False writes through the page cache.
+    ``trusted_keys``: public keys (paths, ``Ed25519PublicKey`` objects or raw 32-byte keys); when given, every
+    patch of the chain must carry a valid signature by one of them, checked before anything is read from
+    the base or written.
     """
     t0 = time.perf_counter()
+    keys = as_trusted(trusted_keys)
     chain = open_chain(patches)
     if chain[0].kind == "delta" and base is None:
         raise UsageError(f"{chain[0].path} is a delta patch: give the base checkpoint it applies to")
     if chain[0].kind == "anchor" and base is not None:
         raise UsageError(f"{chain[0].path} is a full anchor: apply it without a base")
+    for p in chain:
+        p.check_signature(keys)
     for p in chain:
         p.verify()
     base_ck = None
@@ -352,7 +361,8 @@ def apply_patches(
 
         def write_all(folder: Path | None) -> str:
             return _stream(
-                chain, base_ck, plans, layout, folder, out, not verify_base_first, read_bytes, progress, direct_io
+                chain, base_ck, plans, layout, folder, out, not verify_base_first, read_bytes, progress, direct_io,
+                keys is not None,
             )
 
         if single:
@@ -377,14 +387,17 @@ def apply_patches(
     )
 
 
-def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_bytes, progress, direct_io) -> str:
+def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_bytes, progress, direct_io,
+            recheck_records=False) -> str:
     """Write every output tensor, shard by shard; returns the output's content hash (checked: the target's).
 
     Four threads share the work, each a few blocks ahead of the next: a reader reads (and, single pass,
     hashes) the base into recycled buffers; a decoder decompresses and decodes each patch's changes for the
     block; the calling thread applies them in chain order and hashes the result; a writer thread writes it
     (O_DIRECT when ``direct_io``) and hands the buffer back. Reads, hashing, numpy, zstd and disk writes
-    release the GIL, so they overlap on as many cores as are free.
+    release the GIL, so they overlap on as many cores as are free. ``recheck_records``: check each record's
+    sha256 again as it is decoded (signed patches: what is decoded is then what the signature covered, even
+    if the file changed after it was checked).
     """
     by_name = {p.name: p for p in plans}
     out_hashes: dict[str, str] = {}
@@ -438,8 +451,9 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
         for fname, p, start, stop, buf, words, base_digest in items:
             if start == 0:  # a new tensor; every record was verified by apply_patches
                 esize = element_size(p.dtype)
-                source = _cursor(chain[p.full_from], p.name, esize, check=False) if p.full_from is not None else None
-                cursors = [(_cursor(chain[i], p.name, esize, check=False), chain[i].values) for i in p.deltas]
+                check = recheck_records
+                source = _cursor(chain[p.full_from], p.name, esize, check=check) if p.full_from is not None else None
+                cursors = [(_cursor(chain[i], p.name, esize, check=check), chain[i].values) for i in p.deltas]
             changes = [(source.changes(start, stop), "set")] if source is not None else []
             changes += [(cur.changes(start, stop), cur.mode(coding)) for cur, coding in cursors]
             yield fname, p, start, stop, buf, words, base_digest, changes
@@ -615,7 +629,7 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def apply_patch_(model, patch, *, verify: bool = True) -> str:
+def apply_patch_(model, patch, *, verify: bool = True, trusted_keys=None) -> str:
     """Update a loaded model (or a dict of tensors) in place with one patch; returns the new content hash.
 
     The model's tensors (:func:`model_tensors`) must have the names, dtypes and shapes of the patch's base,
@@ -624,8 +638,10 @@ def apply_patch_(model, patch, *, verify: bool = True) -> str:
     hash after; if one does not match, every tensor already changed is restored. A full anchor needs no base.
     ``verify=False`` skips hashing the model (one pass over its bytes, at memory speed) when the caller tracks the
     hash itself. Tensors may live on any device; a patch cannot add, remove or re-shape tensors in place.
+    ``trusted_keys``: as for :func:`apply_patches`; the signature is checked before anything changes.
     """
     p = patch if isinstance(patch, PatchFile) else PatchFile.open(patch)
+    p.check_signature(trusted_keys)
     tensors = model_tensors(model)
     entries = p.entries()
     bad_ops = [n for n, e in entries.items() if e["op"] == "remove" or (e["op"] == "full" and p.kind == "delta")]

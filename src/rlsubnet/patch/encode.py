@@ -312,7 +312,12 @@ def _files_section(writer: PatchWriter, base: Checkpoint | None, target: Checkpo
     kept, skipped = aux_files(folder, MAX_AUX_FILE_BYTES, own)
     cctx = zstandard.ZstdCompressor(level=max(level, 9))
     files = []
+    seen: dict[str, str] = {}
     for path in kept:
+        if path.name.lower() in seen:  # readers refuse two entries one case-insensitive file system merges
+            skipped.append((path.name, f"same name as {seen[path.name.lower()]} but for case"))
+            continue
+        seen[path.name.lower()] = path.name
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         entry = {"name": path.name, "nbytes": len(data), "sha256": digest}
@@ -362,10 +367,15 @@ def write_patch(
     base_hashes: dict[str, str] | None = None,
     hash_target_lazily: bool = False,
     progress: bool = False,
+    sign_key=None,
 ) -> PatchSummary:
-    """Write the patch from open checkpoints (``base`` None: a full anchor of ``target``)."""
+    """Write the patch from open checkpoints (``base`` None: a full anchor of ``target``).
+
+    ``sign_key``: sign the patch with this Ed25519 private key (a key file path, an ``Ed25519PrivateKey`` or
+    its 32 raw bytes; see :mod:`rlsubnet.patch.signing`).
+    """
     t0 = time.perf_counter()
-    with PatchWriter(out, overwrite=overwrite) as writer:
+    with PatchWriter(out, overwrite=overwrite, sign_key=sign_key) as writer:
         entries, b_hashes, t_hashes = encode_checkpoints(
             writer,
             base,
@@ -417,12 +427,14 @@ def create_patch(
     allow_pickle: bool = False,
     allow_download: bool = False,
     progress: bool = False,
+    sign_key=None,
 ) -> PatchSummary:
     """Write a lossless patch that turns ``base`` into ``tuned``; ``base=None`` writes a full anchor.
 
     ``base``/``tuned``: a model folder, a .safetensors file, a hub id in the local cache, a state dict or a
     module. ``values="xor"`` stores each changed entry as new bits XOR old bits (smallest when changes are
     small, as in RL); ``"absolute"`` stores the new bits themselves. Both rebuild the target bit for bit.
+    ``sign_key``: an Ed25519 private key (file path, key object or 32 raw bytes) to sign the patch with.
 
     >>> rlsubnet.patch.create_patch("base/", "grpo/", "grpo.rlpatch").nbytes
     """
@@ -451,6 +463,7 @@ def create_patch(
             metadata=metadata,
             overwrite=overwrite,
             progress=progress,
+            sign_key=sign_key,
         )
     finally:
         for ck in opened:

@@ -7,14 +7,31 @@
                           per embedded file: one zstd frame of its bytes
     M           manifest  one zstd frame of UTF-8 JSON: versions, content hashes (hash_scheme), per-tensor
                           ops, counts and record locations with each record's sha256
-    end - 56    trailer   u64 manifest offset M, u64 manifest length, 32-byte sha256 of the manifest frame,
-                          8 bytes magic b"RLSPEND\\0"
+    S           signature (signed patches only) a zstd skippable frame of 112 bytes, right after the manifest
+                          frame: u32 0x184D2A5E, u32 104, 8 bytes b"RLSSIG1\\0", the signer's 32-byte Ed25519
+                          public key, the 64-byte Ed25519 signature
+    end - 56    trailer   u64 manifest offset M, u64 manifest length (with the signature frame, if any),
+                          32-byte sha256 of those bytes, 8 bytes magic b"RLSPEND\\0"
 
 Integrity is a chain: the trailer's hash covers the manifest; the manifest holds the sha256 of every record
 and the content hashes of the base and the target (:mod:`rlsubnet.checkpoint.hashing`, ``xxh3-128-tensors-v1``). A truncated file loses its trailer; a changed byte
 anywhere breaks one of the hashes. The manifest comes last so that records stream to disk as they are made,
 one tensor in memory at a time; readers seek to the end. The version sits first so a newer format is
 recognised before anything else is parsed.
+
+Signatures (opt-in; :mod:`rlsubnet.patch.signing`). The signature covers every byte of the file before it
+(head, records, manifest frame): it signs ``b"rlsubnet-patch-signature-v1\\0"`` followed by the sha256 of those
+bytes. The trailer after it is not signed but is fully determined by what is: it locates the manifest and
+hashes the manifest and signature frames, so a changed trailer is refused like any damaged one. The signature
+sits inside the manifest area as a zstd skippable frame rather than after the trailer so that signed patches
+stay readable, unchecked, by readers that predate signatures (they decompress the manifest's frame and ignore
+what follows it); unsigned patches are byte-for-byte what they were. A reader knows a patch is signed when
+the manifest area ends with that exact 112-byte frame. What the hashes and the signature do and do not
+protect against: ``docs/security.md``.
+
+Names. Every embedded file's name is a plain file name (no separator, no ``.``/``..``, nothing absolute, no
+control character: :func:`rlsubnet.fileio.member_name_problem`), is not a weight or index file name, and
+appears once; a manifest that breaks this is refused when the patch is opened, before anything is written.
 
 Version 1 (never released) recorded SHA-256 content hashes under ``base_sha256``/``target_sha256``; version 2
 records XXH3-128 content hashes under ``base_hash``/``target_hash``. Everything else is unchanged.
@@ -35,8 +52,11 @@ import zstandard
 from rlsubnet._version import __version__
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, combine_hashes
 from rlsubnet.checkpoint.index import ST_DTYPES
-from rlsubnet.fileio import temp_file_beside
+from rlsubnet.checkpoint.layout import is_weight_file
+from rlsubnet.fileio import member_name_problem, temp_file_beside
 from rlsubnet.patch.errors import PatchError, PatchVersionError
+from rlsubnet.patch.signing import fingerprint, load_private_key, sign_digest, verify_digest
+from rlsubnet.patch.signing import trusted_keys as as_trusted
 
 MAGIC = b"RLSPATCH"
 END_MAGIC = b"RLSPEND\0"
@@ -44,6 +64,9 @@ FORMAT_VERSION = 2
 FORMAT_NAME = "rlsubnet-patch"
 HEAD = struct.Struct("<8sII")
 TRAILER = struct.Struct("<QQ32s8s")
+SIG_FRAME = struct.Struct("<II8s32s64s")  # zstd skippable frame: magic, payload length, then our payload
+SKIPPABLE_MAGIC = 0x184D2A5E
+SIG_MAGIC = b"RLSSIG1\0"
 SUFFIX = ".rlpatch"
 
 OPS = ("same", "delta", "full", "remove")
@@ -64,9 +87,16 @@ class PatchWriter:
     """Write a patch file: records first, streamed to a temporary file, then the manifest and trailer.
 
     The file appears under its final name only when :meth:`finish` succeeds (fsync, then rename).
+    ``sign_key`` (a key file path, an ``Ed25519PrivateKey`` or its 32 raw bytes): sign the patch; every byte
+    written is hashed on the way, so signing costs no second read.
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False):
+    def __init__(self, path: str | Path, *, overwrite: bool = False, sign_key=None):
+        self._key = None
+        self._sha = None
+        if sign_key is not None:  # a bad key fails here, before any file is created
+            self._key = load_private_key(sign_key)
+            self._sha = hashlib.sha256()
         self.path = Path(path)
         if self.path.is_dir():
             raise PatchError(f"{self.path}: is a folder; give a file name for the patch")
@@ -75,15 +105,20 @@ class PatchWriter:
         fd, tmp = temp_file_beside(self.path, PatchError)
         self._tmp = Path(tmp)
         self._f = os.fdopen(fd, "wb")
-        self._f.write(HEAD.pack(MAGIC, FORMAT_VERSION, 0))
+        self._write(HEAD.pack(MAGIC, FORMAT_VERSION, 0))
         self._offset = HEAD.size
+
+    def _write(self, data) -> None:
+        self._f.write(data)
+        if self._sha is not None:
+            self._sha.update(data)
 
     def add_record(self, *frames: bytes) -> dict:
         """Append one record (one or more frames); returns its location and hash for the manifest."""
         start = self._offset
         h = hashlib.sha256()
         for frame in frames:
-            self._f.write(frame)
+            self._write(frame)
             h.update(frame)
             self._offset += len(frame)
         return {"offset": start, "nbytes": [len(f) for f in frames], "sha256": h.hexdigest()}
@@ -92,7 +127,12 @@ class PatchWriter:
         """Write manifest and trailer, move the file into place; returns the patch size in bytes."""
         raw = json.dumps(manifest, separators=(",", ":"), sort_keys=False).encode("utf-8")
         frame = zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(raw)
-        self._f.write(frame)
+        self._write(frame)
+        if self._key is not None:
+            public, signature = sign_digest(self._key, self._sha.digest())
+            sig = SIG_FRAME.pack(SKIPPABLE_MAGIC, SIG_FRAME.size - 8, SIG_MAGIC, public, signature)
+            self._f.write(sig)
+            frame += sig
         self._f.write(TRAILER.pack(self._offset, len(frame), hashlib.sha256(frame).digest(), END_MAGIC))
         size = self._offset + len(frame) + TRAILER.size
         self._f.flush()
@@ -114,6 +154,29 @@ class PatchWriter:
             self.abort()
 
 
+@dataclass(frozen=True)
+class PatchSignature:
+    """A patch's signature: the signer's raw public key, the signature, and where it starts in the file."""
+
+    public_key: bytes
+    signature: bytes
+    offset: int
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public_key)
+
+
+def _split_signature(area: bytes, area_offset: int) -> tuple[bytes, PatchSignature | None]:
+    """The manifest frame and the signature of a manifest area (see the module docstring)."""
+    if len(area) > SIG_FRAME.size:
+        magic, length, sig_magic, public, signature = SIG_FRAME.unpack_from(area, len(area) - SIG_FRAME.size)
+        if magic == SKIPPABLE_MAGIC and length == SIG_FRAME.size - 8 and sig_magic == SIG_MAGIC:
+            start = len(area) - SIG_FRAME.size
+            return area[:start], PatchSignature(public, signature, area_offset + start)
+    return area, None
+
+
 @dataclass
 class PatchFile:
     """An opened patch: its manifest is parsed and checked; records are read (and hash-checked) on demand."""
@@ -122,6 +185,8 @@ class PatchFile:
     manifest: dict
     manifest_sha256: str
     nbytes: int
+    manifest_offset: int = 0
+    signature: PatchSignature | None = None
 
     # -- opening
     @classmethod
@@ -153,11 +218,12 @@ class PatchFile:
             raise PatchError(f"{path}: cannot read ({exc.strerror or exc})") from None
         if hashlib.sha256(frame).digest() != m_hash:
             raise PatchError(f"{path}: manifest hash mismatch: the patch was modified or damaged")
+        frame, signature = _split_signature(frame, m_off)
         try:
             manifest = json.loads(zstandard.ZstdDecompressor().decompress(frame, max_output_size=1 << 31))
         except (zstandard.ZstdError, UnicodeDecodeError, ValueError) as exc:
             raise PatchError(f"{path}: damaged manifest ({exc})") from None
-        p = cls(path, manifest, m_hash.hex(), size)
+        p = cls(path, manifest, m_hash.hex(), size, m_off, signature)
         try:
             p._validate(version, m_off)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -210,10 +276,18 @@ class PatchFile:
                 end = rec["offset"] + sum(rec["nbytes"])
                 if rec["offset"] < HEAD.size or end > records_end:
                     raise PatchError(f"{path}: tensor {name!r}: record outside the records area (damaged manifest)")
-        for f in m.get("files") or []:
-            _require(path, f"file entry {f.get('name')!r}" if isinstance(f, dict) else "a file entry", f,
-                     {"name": str, "nbytes": _count, "sha256": str})
+        files = m.get("files")
+        if files is not None and not isinstance(files, list):
+            raise PatchError(f"{path}: damaged manifest (files is not a list)")
+        file_names: set[str] = set()
+        for f in files or []:
+            check_file_name(path, f.get("name") if isinstance(f, dict) else None, file_names)
+            _require(path, f"file entry {f.get('name')!r}", f, {"name": str, "nbytes": _count, "sha256": str})
+            if f.get("source") not in ("patch", "base"):
+                raise PatchError(f"{path}: damaged manifest (file {f['name']!r} has unknown source {f.get('source')!r})")
             rec = f.get("record")
+            if f["source"] == "patch" and rec is None:
+                raise PatchError(f"{path}: damaged manifest (file {f['name']!r} is embedded but has no record)")
             if rec is not None:
                 _check_record(path, f"file {f['name']!r}", rec)
             if rec is not None and (rec["offset"] < HEAD.size or rec["offset"] + sum(rec["nbytes"]) > records_end):
@@ -284,6 +358,49 @@ class PatchFile:
             pos += n
         return frames
 
+    def check_signature(self, trusted_keys) -> None:
+        """Refuse the patch unless a key of ``trusted_keys`` signed it and the signature holds.
+
+        ``trusted_keys``: None (no check: integrity rests on the hashes alone), or what
+        :func:`rlsubnet.patch.signing.trusted_keys` takes. Reads the patch once, up to the signature; the bytes
+        read must also hold the manifest this object parsed, so a file replaced since :meth:`open` is refused.
+        """
+        keys = as_trusted(trusted_keys)
+        if keys is None:
+            return
+        sig, path = self.signature, self.path
+        if sig is None:
+            raise PatchError(f"{path}: not signed, and signed patches from trusted keys are required; refused")
+        key = keys.keys.get(sig.public_key)
+        if key is None:
+            raise PatchError(
+                f"{path}: signed by key {sig.fingerprint}, which is not trusted (trusted: "
+                f"{', '.join(keys.fingerprints())}); refused"
+            )
+        file_sha, area_sha = hashlib.sha256(), hashlib.sha256()
+        area_end = self.nbytes - TRAILER.size
+        try:
+            with open(path, "rb", buffering=0) as f:
+                pos = 0
+                while pos < area_end:
+                    chunk = f.read(min(1 << 23, area_end - pos))
+                    if not chunk:
+                        break
+                    if pos < sig.offset:
+                        file_sha.update(chunk[: sig.offset - pos])
+                    lo = max(0, self.manifest_offset - pos)
+                    if lo < len(chunk):
+                        area_sha.update(chunk[lo:])
+                    pos += len(chunk)
+        except OSError as exc:
+            raise PatchError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if pos < area_end or area_sha.hexdigest() != self.manifest_sha256:
+            raise PatchError(f"{path}: changed while it was being read; refused")
+        if not verify_digest(key, sig.signature, file_sha.digest()):
+            raise PatchError(
+                f"{path}: bad signature for key {sig.fingerprint}: the patch was modified after it was signed; refused"
+            )
+
     def verify(self) -> None:
         """Check every record's hash (reads the whole patch once)."""
         for t in self.tensors:
@@ -314,6 +431,19 @@ def _require(path: Path, what: str, obj, fields: dict) -> None:
         ok = isinstance(v, kind) if isinstance(kind, type) else kind(v)
         if not ok:
             raise PatchError(f"{path}: damaged manifest ({what} has no valid {key!r}: {v!r})")
+
+
+def check_file_name(path: Path, name, seen: set[str]) -> None:
+    """An embedded file's name becomes a path in the output folder: a plain name, not the weights', once.
+    Compared without case, as a case-insensitive file system would."""
+    problem = member_name_problem(name)
+    if problem is None and is_weight_file(name):
+        problem = "the name of a weight or index file"
+    if problem is None and name.lower() in seen:
+        problem = "listed twice"
+    if problem is not None:
+        raise PatchError(f"{path}: file entry {name!r} refused: {problem} (a hostile or damaged patch); nothing written")
+    seen.add(name.lower())
 
 
 def _check_record(path: Path, what: str, rec) -> None:

@@ -27,9 +27,21 @@ def _group(entries: list[dict], key) -> list[dict]:
     return rows
 
 
-def patch_info(patch, *, verify: bool = False) -> dict:
-    """A JSON-ready summary of a patch. ``verify`` also checks every record's hash (reads the whole file)."""
+def patch_info(patch, *, verify: bool = False, trusted_keys=None) -> dict:
+    """A JSON-ready summary of a patch. ``verify`` also checks every record's hash and, on a signed patch, the
+    signature against the key that signed it (reads the whole file). ``trusted_keys``: refuse the patch
+    unless one of these keys signed it (as ``apply`` would)."""
     p = patch if isinstance(patch, PatchFile) else PatchFile.open(patch)
+    sig = p.signature
+    signature = None
+    if sig is not None:
+        signature = {"fingerprint": sig.fingerprint, "public_key": sig.public_key.hex(), "valid": None, "trusted": None}
+    if trusted_keys is not None:
+        p.check_signature(trusted_keys)
+        signature.update(valid=True, trusted=True)
+    elif verify and sig is not None:
+        p.check_signature([sig.public_key])  # is it intact, whoever signed it
+        signature["valid"] = True
     if verify:
         p.verify()
     m = p.manifest
@@ -70,6 +82,7 @@ def patch_info(patch, *, verify: bool = False) -> dict:
         "files": files,
         "skipped_files": m.get("skipped_files") or [],
         "metadata": m.get("metadata") or {},
+        "signature": signature,
         "verified": verify,
     }
 
@@ -139,6 +152,13 @@ def format_info(info: dict, *, tensors: bool = False, layers: bool = False) -> s
         lines.append(f"skipped  {s['name']}: {s['reason']}")
     if info["metadata"]:
         lines.append("metadata " + ", ".join(f"{k}={v}" for k, v in info["metadata"].items()))
+    sig = info.get("signature")
+    if sig is None:
+        lines.append("signed   no")
+    else:
+        state = ("signature valid, key trusted" if sig["trusted"] else "signature valid (no trusted keys given)"
+                 if sig["valid"] else "signature not checked (pass --verify, or --trust KEY.pub)")
+        lines.append(f"signed   by Ed25519 key {sig['fingerprint']}: {state}")
 
     def rows(groups, label):
         return [

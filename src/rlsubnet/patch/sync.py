@@ -38,11 +38,12 @@ from rlsubnet.checkpoint.hashing import hash_state_dict, short
 from rlsubnet.checkpoint.index import TensorInfo
 from rlsubnet.checkpoint.reader import StateDictCheckpoint
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import atomic_write_text
+from rlsubnet.fileio import atomic_write_text, safe_member_name
 from rlsubnet.patch.apply import apply_patch_, model_tensors
 from rlsubnet.patch.encode import DEFAULT_LEVEL, write_patch
 from rlsubnet.patch.errors import WrongBaseError
 from rlsubnet.patch.format import PatchFile
+from rlsubnet.patch.signing import load_private_key, trusted_keys as as_trusted
 
 SYNC_FILE = "sync.json"
 SYNC_FORMAT = "rlsubnet-sync"
@@ -83,6 +84,8 @@ class SyncWriter:
     """Write the sync chain for successive states of a model (used by :class:`SparseSyncCallback`).
 
     ``dtype``: the dtype the receivers hold (floats are rounded to it; None keeps each tensor's own).
+    ``sign_key``: sign every patch and anchor with this Ed25519 private key (a key file path, an
+    ``Ed25519PrivateKey`` or its 32 raw bytes), so receivers can require it with ``trusted_keys=``.
     """
 
     def __init__(
@@ -93,11 +96,13 @@ class SyncWriter:
         dtype: torch.dtype | None = torch.bfloat16,
         values: str = "xor",
         level: int = DEFAULT_LEVEL,
+        sign_key=None,
     ):
         if anchor_every < 0:
             raise UsageError(f"anchor_every must be >= 0 (0: no anchors after the first), got {anchor_every}")
         self.out_dir = Path(out_dir)
         self.anchor_every, self.dtype, self.values, self.level = anchor_every, dtype, values, level
+        self.sign_key = None if sign_key is None else load_private_key(sign_key)  # read once, fail before training
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.hashes: dict[str, str] | None = None
         self.entries: list[dict] = []
@@ -131,7 +136,7 @@ class SyncWriter:
         path = self.out_dir / f"step-{step:08d}.anchor.rlpatch"
         summary = write_patch(
             None, StateDictCheckpoint(state, f"step {step}"), path, level=self.level, include_files=False,
-            metadata={"step": step}, overwrite=True,
+            metadata={"step": step}, overwrite=True, sign_key=self.sign_key,
         )
         self.hashes = summary.target_hashes
         return self._record(summary, step, "anchor")
@@ -170,6 +175,7 @@ class SyncWriter:
             overwrite=True,
             base_hashes=self.hashes,
             hash_target_lazily=True,
+            sign_key=self.sign_key,
         )
         entry = self._record(summary, step, "delta")
         for e in summary.manifest["tensors"]:  # the snapshot becomes what the receivers now hold
@@ -192,7 +198,7 @@ class SparseSyncCallback(TrainerCallback):
     Each patch compares the trainer's weights, rounded to ``dtype``, with the snapshot taken at the last
     sync (not the previous step), so it holds every entry that differs after the K steps. A full anchor
     follows every ``anchor_every`` patches (0: only the initial one). A last patch is written at the end of
-    training if steps remain unsynced.
+    training if steps remain unsynced. ``sign_key``: sign every patch (see :class:`SyncWriter`).
     """
 
     def __init__(
@@ -205,12 +211,15 @@ class SparseSyncCallback(TrainerCallback):
         values: str = "xor",
         level: int = DEFAULT_LEVEL,
         initial_anchor: bool = True,
+        sign_key=None,
     ):
         if every_steps < 1:
             raise UsageError(f"every_steps must be >= 1, got {every_steps}")
         self.every_steps = every_steps
         self.initial_anchor = initial_anchor
-        self.writer = SyncWriter(out_dir, anchor_every=anchor_every, dtype=dtype, values=values, level=level)
+        self.writer = SyncWriter(
+            out_dir, anchor_every=anchor_every, dtype=dtype, values=values, level=level, sign_key=sign_key
+        )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero and model is not None:
@@ -236,6 +245,7 @@ class SyncState:
 
 
 def read_sync_index(sync_dir: str | Path) -> list[dict]:
+    """The entries of a sync folder's index, each naming a patch file in that folder (nowhere else)."""
     path = Path(sync_dir) / SYNC_FILE
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -243,19 +253,33 @@ def read_sync_index(sync_dir: str | Path) -> list[dict]:
         raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise UsageError(f"{path}: corrupt sync index ({exc})") from None
-    if index.get("format") != SYNC_FORMAT or index.get("format_version", 0) > SYNC_VERSION:
+    if not isinstance(index, dict):
+        raise UsageError(f"{path}: corrupt sync index (not a JSON object)")
+    if index.get("format") != SYNC_FORMAT or not isinstance(index.get("format_version"), int) or (
+        index["format_version"] > SYNC_VERSION
+    ):
         raise UsageError(f"{path}: not a sync index this rlsubnet reads (format {index.get('format')!r} "
                          f"version {index.get('format_version')})")
-    return index["entries"]
+    entries = index.get("entries")
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and {"file", "kind", "base", "target", "step"} <= e.keys() for e in entries
+    ):
+        raise UsageError(f"{path}: corrupt sync index (entries)")
+    for i, e in enumerate(entries):
+        safe_member_name(e["file"], f"{path}: entry {i} (step {e['step']})", UsageError)
+    return entries
 
 
-def sync_receive(model, sync_dir: str | Path, state: SyncState | None = None) -> SyncState:
+def sync_receive(model, sync_dir: str | Path, state: SyncState | None = None, *, trusted_keys=None) -> SyncState:
     """Bring ``model`` up to the latest synced step, in place, and return where it now stands.
 
     From ``state`` (or the model's hash, computed once when None), follow the chain of patches whose base is
     the model's current hash; if the model is on no path to the latest state, start again from the latest
-    full anchor. Every patch is applied with its base check.
+    full anchor. Every patch is applied with its base check. ``trusted_keys``: public keys (paths,
+    ``Ed25519PublicKey`` objects or raw 32-byte keys); when given, every patch on the way must be signed by one
+    of them, all checked before the model changes.
     """
+    keys = as_trusted(trusted_keys)
     entries = read_sync_index(sync_dir)
     if not entries:
         raise UsageError(f"{sync_dir}: the sync index lists no patches yet")
@@ -271,13 +295,13 @@ def sync_receive(model, sync_dir: str | Path, state: SyncState | None = None) ->
             raise WrongBaseError(
                 f"{sync_dir}: no chain leads from the model ({short(state.hash)}) or from an anchor to the latest state"
             )
-        anchor = usable[-1]
-        apply_patch_(model, PatchFile.open(Path(sync_dir) / anchor["file"]))
-        state = SyncState(anchor["target"], anchor["step"])
-        path = _follow(state.hash, latest, deltas)
-    for e in path:
-        apply_patch_(model, PatchFile.open(Path(sync_dir) / e["file"]))
-        state = SyncState(e["target"], e["step"])
+        path = [usable[-1], *_follow(usable[-1]["target"], latest, deltas)]
+    patches = [PatchFile.open(Path(sync_dir) / e["file"]) for e in path]
+    for p in patches:
+        p.check_signature(keys)
+    for e, p in zip(path, patches):
+        # the hash the patch itself verified, not the index's word for it (sync.json is not signed)
+        state = SyncState(apply_patch_(model, p), e["step"])
     return state
 
 
