@@ -7,17 +7,19 @@ A background thread reads the next blocks while the current ones are reduced: re
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from rlsubnet import limits
 from rlsubnet._threads import BufferRing, prefetch
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
 from rlsubnet.diff.names import is_norm, layer_of, module_kind
-from rlsubnet.diff.pairs import align
-from rlsubnet.diff.stats import COMPARE_DTYPES, DeltaAccumulator, atol_threshold, single_threaded_torch
+from rlsubnet.diff.pairs import align, require_parameters
+from rlsubnet.diff.stats import COMPARE_DTYPES, DeltaAccumulator, single_threaded_torch
 from rlsubnet.diff.summary import CompareResult
 from rlsubnet.errors import UsageError
 
@@ -26,16 +28,14 @@ DEFAULT_BLOCK_BYTES = 16 << 20
 
 
 def normalise_atols(atol: float | Sequence[float]) -> tuple[float, ...]:
-    atols = (atol,) if isinstance(atol, (int, float)) else tuple(atol)
+    """The distinct tolerances, sorted, each checked (finite, non-negative) and with −0.0 read as 0."""
+    atols = (atol,) if isinstance(atol, numbers.Real) else tuple(atol)
     if not atols:
         raise UsageError("give at least one atol")
-    out = []
-    for a in atols:
-        a = float(a)
-        atol_threshold(a, torch.float64)  # validates: non-negative, not NaN
-        if a not in out:
-            out.append(a)
-    return tuple(sorted(out))
+    out = sorted({limits.atol(a) for a in atols})
+    if len(out) > limits.MAX_ATOLS:
+        raise UsageError(f"at most {limits.MAX_ATOLS} distinct atols, got {len(out)}")
+    return tuple(out)
 
 
 @dataclass
@@ -64,6 +64,7 @@ def compare_many(
     if dtype not in COMPARE_DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r} (choose from {', '.join(COMPARE_DTYPES)})")
     atols = normalise_atols(atol)
+    block_bytes = limits.block_bytes(block_bytes)
     if not tuned:
         raise UsageError("give at least one tuned checkpoint")
     opened: list[Checkpoint] = []
@@ -82,6 +83,7 @@ def compare_many(
             names, skipped = align(
                 base_ck.infos, ck.infos, allow_mismatch=allow_mismatch, base_label=base_ck.location, tuned_label=ck.location
             )
+            require_parameters(base_ck.infos, ck.infos, names, base_label=base_ck.location, tuned_label=ck.location)
             plans.append((set(names), skipped))
 
         jobs: list[_Job] = []

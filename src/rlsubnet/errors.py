@@ -25,3 +25,7 @@ class MismatchError(RlsubnetError):
 
 class UsageError(RlsubnetError):
     """Options that do not make sense together, or values out of range."""
+
+
+class OutputBusyError(RlsubnetError):
+    """Another run is writing the same output (its lock is held)."""

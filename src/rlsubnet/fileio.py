@@ -1,15 +1,28 @@
-"""Atomic file and folder writes: an interrupted run never leaves a half-written output."""
+"""Atomic file and folder writes: an interrupted run never leaves a half-written output.
+
+Every output is written under a temporary name beside it (``.NAME.XXXXXXXX.tmp``, a file or a folder; an
+output folder being replaced is moved aside to ``.NAME.old-PID`` for the moment of the swap) and renamed into
+place at the end. :func:`output_lock` makes a run the only writer of an output for its whole duration, and
+removes what a killed earlier run left under exactly those names.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
+import functools
+import inspect
 import os
+import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rlsubnet.errors import RlsubnetError
+from rlsubnet.errors import OutputBusyError, RlsubnetError
 
 
 def _umask() -> int:
@@ -99,8 +112,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def printable(text: str) -> str:
+    """``text`` with what has no UTF-8 form (a file name's undecodable bytes, which Python decodes to lone
+    surrogates) spelled as ``\\udcXX`` escapes: for figures, tables and files that must be valid UTF-8."""
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # A path that is not valid UTF-8 (a file name's bytes decoded with surrogateescape) has no UTF-8 form;
+    # such characters are written as \udcXX escapes rather than failing the whole output.
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def write_file_set(out_dir: str | Path, files: dict[str, bytes], *, stale: tuple[str, ...] = ()) -> list[Path]:
@@ -147,30 +168,243 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
     """Build a folder under a temporary sibling name and rename it to ``out_dir`` only if the block succeeds.
 
     An existing non-empty ``out_dir`` is refused unless ``overwrite``; then it is replaced only at the end.
+    The output is locked (:func:`output_lock`) for the duration: one writer at a time.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RlsubnetError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise RlsubnetError(f"{out_dir}: folder exists and is not empty (choose another output or remove it)")
+    with output_lock(out_dir):
+        if out_dir.exists() and not out_dir.is_dir():
+            raise RlsubnetError(f"{out_dir}: exists and is not a folder")
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+            raise RlsubnetError(f"{out_dir}: folder exists and is not empty (choose another output or remove it)")
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        except OSError as exc:
+            raise cannot_write(out_dir.parent, exc, out_dir.name) from None
+        fix_mode(tmp, 0o777)
+        try:
+            yield tmp
+            if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+                # Checked again at the end: another writer (one that took no lock) may have finished meanwhile.
+                raise RlsubnetError(f"{out_dir}: was created by another run meanwhile; not replaced (pass --overwrite)")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+
+
+# -- one writer per output
+
+# tempfile.mkstemp / mkdtemp names: prefix + 8 characters of this alphabet + suffix.
+_RANDOM = "[a-z0-9_]{8}"
+_held: dict[str, list] = {}  # lock file -> [fd or None, depth]: a process re-entering its own lock goes through
+_held_guard = threading.Lock()
+
+
+def lock_file_of(path: str | Path) -> Path:
+    """The lock file of output ``path``: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def own_temporaries(path: str | Path, members: Iterable[str] = ()) -> list[Path]:
+    """What rlsubnet's writers of output ``path`` leave when killed, and nothing else.
+
+    Beside ``path``: ``.NAME.XXXXXXXX.tmp`` (a file or folder from :func:`temp_file_beside` or
+    :func:`atomic_dir`) and ``.NAME.old-PID`` (an earlier output moved aside by :func:`atomic_dir`). When
+    ``path`` is a folder written in place, also ``.MEMBER.XXXXXXXX.tmp`` inside it for each of ``members``
+    (file names or glob patterns of the files the writer puts there)."""
+    path = Path(path)
+    name = re.escape(path.name)
+    beside = re.compile(rf"\.{name}\.(?:{_RANDOM}\.tmp|old-[0-9]+)")
+    found = []
+    with contextlib.suppress(OSError):
+        found += [p for p in path.parent.iterdir() if beside.fullmatch(p.name)]
+    members = list(members)
+    if members and path.is_dir():
+        inner = re.compile(rf"\.(.+)\.{_RANDOM}\.tmp")
+        with contextlib.suppress(OSError):
+            for p in path.iterdir():
+                m = inner.fullmatch(p.name)
+                if m and any(fnmatch.fnmatchcase(m.group(1), pat) for pat in members):
+                    found.append(p)
+    return sorted(found)
+
+
+def temporaries_in(folder: str | Path) -> list[Path]:
+    """Every entry of ``folder`` named as rlsubnet's writers name their temporaries, whatever the output: for a
+    folder whose every entry is rlsubnet's output (a demo run's stages, masks, figures). Call under a lock."""
+    pattern = re.compile(rf"\..+\.(?:{_RANDOM}\.tmp|old-[0-9]+)")
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def remove_stale_temporaries(path: str | Path, members: Iterable[str] = ()) -> list[Path]:
+    """Remove :func:`own_temporaries` of ``path``; call only while holding its :func:`output_lock`."""
+    removed = []
+    for p in own_temporaries(path, members):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", errors="backslashreplace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text else "pid unknown"
+
+
+_run_label: str | None = None
+
+
+def set_run_label(label: str | None) -> None:
+    """What a lock file says this process is (the CLI sets its command line); default: ``sys.argv``."""
+    global _run_label
+    _run_label = label
+
+
+def _busy(output: Path, lock: Path, holder: str) -> OutputBusyError:
+    return OutputBusyError(f"{output}: another rlsubnet run is writing this output ({holder}); wait for it to "
+                           f"finish or choose another output (lock file {lock.name})")
+
+
+def _describe_self() -> str:
+    cmd = _run_label if _run_label is not None else " ".join(sys.argv)
+    return f"{os.getpid()}: {cmd}".replace("\n", "\\n")[:1000]
+
+
+def _lock(lock: Path, output: Path) -> int | None:
+    """Open and flock ``lock`` (non-blocking); the fd, or None where the file system has no flock."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise cannot_write(output.parent, exc, output.name) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _busy(output, lock, holder) from None
+            return None  # no advisory locks here (some network file systems): write unlocked, as before
+        # The previous holder removes the file on release: if it did so between our open and our flock, we
+        # hold a lock on a file nobody else will open. Lock the file that is there now instead.
+        try:
+            st, own = os.stat(lock), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, (_describe_self() + "\n").encode("utf-8", errors="backslashreplace"))
+    return fd
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, *, members: Iterable[str] = (), reentrant: bool = True) -> Iterator[Path]:
+    """Be the only writer of output ``path`` (a file or folder) inside the block.
+
+    An advisory ``flock`` on ``.NAME.lock`` beside the output, taken without waiting: if another process holds
+    it, :class:`~rlsubnet.errors.OutputBusyError` names that run (the lock file holds its pid and command).
+    Once held, the temporaries a killed earlier writer of this output left are removed
+    (:func:`own_temporaries`; ``members``: the files a folder output gets, see there). The lock file is
+    removed on leaving. The same process may take the lock again inside the block (a CLI command holds it
+    for the whole run, the library writer it calls takes it too) unless ``reentrant`` is False. A folder
+    created to hold the lock file is removed again if nothing was written into it."""
+    shown = Path(path)  # as the user wrote it, for messages
+    path = Path(os.path.abspath(path))
+    if not path.name:
+        raise RlsubnetError(f"{shown}: not a place for an output")
+    lock = lock_file_of(path)
+    created = []
+    for p in reversed([path.parent, *path.parent.parents]):
+        if not p.exists():
+            created.append(p)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise cannot_write(out_dir.parent, exc, out_dir.name) from None
-    fix_mode(tmp, 0o777)
+        raise cannot_write(shown.parent, exc, path.name) from None
+    key = os.path.join(os.path.realpath(lock.parent), lock.name)
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is not None:  # this process already holds it
+        if not reentrant:
+            with _held_guard:
+                entry[1] -= 1
+            raise _busy(shown, lock, f"pid {os.getpid()}, this process")
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                entry[1] -= 1
+        return
     try:
-        yield tmp
+        fd = _lock(lock, shown)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    with _held_guard:
+        _held[key] = entry = [fd, 1]
+    try:
+        if fd is not None:
+            remove_stale_temporaries(path, members)
+        yield path
+    finally:
+        with _held_guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[key]
+        if fd is not None and entry[1] == 0:
+            with contextlib.suppress(OSError):
+                lock.unlink()  # while still holding it: see the inode check in _lock
+            os.close(fd)
+        _remove_empty(created)
+
+
+def locks_output(param: str, members: Iterable[str] = ()):
+    """Decorator: hold :func:`output_lock` on the function's argument ``param`` for the whole call."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            with output_lock(signature.bind(*args, **kwargs).arguments[param], members=members):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 class DirectFile:

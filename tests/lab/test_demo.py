@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -145,11 +146,11 @@ def test_fresh_replaces_our_files_only(tmp_path):
 
 
 def test_two_demos_cannot_share_a_folder(tmp_path):
-    from rlsubnet.errors import UsageError
+    from rlsubnet.errors import OutputBusyError
 
     cfg = DemoConfig(size="micro", steps=2)
     with RunFolder(tmp_path / "run", cfg, fresh=False):
-        with pytest.raises(UsageError, match="another demo is running"):
+        with pytest.raises(OutputBusyError, match=rf"another rlsubnet run is writing this output \(pid {os.getpid()}"):
             with RunFolder(tmp_path / "run", cfg, fresh=False):
                 pass
 

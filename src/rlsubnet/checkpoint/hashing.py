@@ -138,6 +138,10 @@ def hash_checkpoint(
     itself, several tensors are hashed at once (reads and hashing release the GIL); each thread reads
     through its own clone and holds one block, so memory stays at ``threads * block_bytes``.
     """
+    from rlsubnet import limits
+
+    block_bytes = limits.block_bytes(block_bytes)
+    threads = limits.integer(threads, "threads", 1, limits.MAX_THREADS)
     names = list(ck.names() if names is None else names)
     if threads <= 1 or len(names) <= 1 or not ck.can_clone:
         hashes = {n: hash_checkpoint_tensor(ck, n, block_bytes) for n in names}

@@ -11,10 +11,50 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-download", action="store_true", help="let a hub id download (default: local cache only)")
 
 
+class Number:
+    """An argparse ``type`` that parses a number and checks its range (:mod:`rlsubnet.limits`).
+
+    A bad value raises :class:`~rlsubnet.errors.UsageError` naming the option, which ``rlsubnet.cli.main``
+    prints as one line (argparse's own error would print the usage block and call NaN or 1e400 a float)."""
+
+    def __init__(self, option: str, kind: type = int, lo: float = 0, hi: float | None = None, *, lo_open: bool = False):
+        self.option, self.kind, self.lo, self.hi, self.lo_open = option, kind, lo, hi, lo_open
+
+    def __call__(self, text: str):
+        from rlsubnet import limits
+        from rlsubnet.errors import UsageError
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            what = "an integer" if self.kind is int else "a number"
+            raise UsageError(f"{self.option} must be {what}, got {text!r}") from None
+        hi = float("inf") if self.hi is None else self.hi
+        if self.kind is int:
+            return limits.integer(value, self.option, int(self.lo), hi)
+        return limits.real(value, self.option, self.lo, hi, lo_open=self.lo_open)
+
+
+class Seed(Number):
+    """A seed: a non-negative integer below 2**63."""
+
+    def __init__(self, option: str = "--seed"):
+        super().__init__(option, int)
+
+    def __call__(self, text: str):
+        from rlsubnet import limits
+
+        try:
+            value = int(text)
+        except ValueError:
+            value = text
+        return limits.seed(value, self.option)
+
+
 def add_atol_option(p: argparse.ArgumentParser, default=(0.0, 1e-5)) -> None:
     p.add_argument(
         "--atol",
-        type=float,
+        type=Number("--atol", float),
         nargs="+",
         default=list(default),
         metavar="ATOL",

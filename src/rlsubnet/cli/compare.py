@@ -6,7 +6,11 @@ import argparse
 import json
 import sys
 
-from rlsubnet.cli.common import add_atol_option, add_checkpoint_options, add_dtype_option
+from rlsubnet.cli.common import (
+    add_atol_option,
+    add_checkpoint_options,
+    add_dtype_option,
+)
 
 
 def add_parser(sub) -> None:
@@ -30,6 +34,16 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:  # one writer per output folder, for the whole run
+        from rlsubnet.fileio import output_lock
+        from rlsubnet.report.compare_outputs import OUTPUT_FILES
+
+        with output_lock(args.out, members=OUTPUT_FILES):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from rlsubnet.engine import compare_many
     from rlsubnet.report.compare_outputs import results_json, write_compare_outputs
     from rlsubnet.report.tables import format_summary

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from rlsubnet import limits
+from rlsubnet.cli.common import Number, Seed
+
 SIZES = ("micro", "small", "medium")
 TASKS = ("add", "sub")  # rlsubnet.lab.tasks.TASKS, listed here so that --help needs no heavy import
 
@@ -31,23 +34,23 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default="add", help=f"training task: {', '.join(TASKS)} (default: %(default)s)")
     p.add_argument("--second-task", default=None, metavar="TASK",
                    help="second training set, a different task (default: the other task); 'none' to skip it")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--seed", type=Seed(), default=0, help="seed of every stage (default: %(default)s)")
+    p.add_argument("--threads", type=Number("--threads", int, 1, limits.MAX_THREADS), default=1,
                    help="torch CPU threads (default: %(default)s; part of the configuration, as it changes the numbers)")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", "-j", type=Number("--jobs", int, 1, limits.MAX_JOBS), default=None, metavar="N",
                    help="finetuning stages to run at once, each in its own process (default: one per CPU core the "
                         "thread count leaves, at most 4; never changes a number, only the wall time)")
     p.add_argument("--fresh", action="store_true", help="discard the results already in --out and start over")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g = p.add_argument_group("training (defaults depend on --size)")
-    g.add_argument("--steps", type=int, help="optimizer steps of every finetuning stage (small: 100)")
-    g.add_argument("--batch-size", type=int, help="prompts, pairs or examples per step (small: 32)")
-    g.add_argument("--rl-lr", type=float, default=1e-6, help="learning rate of GRPO and DPO (default: %(default)g)")
-    g.add_argument("--sft-lr", type=float, default=1e-5, help="usual SFT learning rate (default: %(default)g)")
-    g.add_argument("--kl-beta", type=float, default=0.04, help="KL coefficient of grpo-kl (default: %(default)g)")
-    g.add_argument("--snapshot-every", type=int, help="steps between bf16 snapshots (small: 10)")
-    g.add_argument("--pretrain-target", type=float, help="validation accuracy (every task) that ends pretraining (small: 0.6)")
-    g.add_argument("--pretrain-max-steps", type=int, help="pretraining step cap (small: 2000)")
+    g.add_argument("--steps", type=Number("--steps", int, 1, limits.MAX_STEPS), help="optimizer steps of every finetuning stage (small: 100)")
+    g.add_argument("--batch-size", type=Number("--batch-size", int, 1, limits.MAX_BATCH), help="prompts, pairs or examples per step (small: 32)")
+    g.add_argument("--rl-lr", type=Number("--rl-lr", float, lo_open=True), default=1e-6, help="learning rate of GRPO and DPO (default: %(default)g)")
+    g.add_argument("--sft-lr", type=Number("--sft-lr", float, lo_open=True), default=1e-5, help="usual SFT learning rate (default: %(default)g)")
+    g.add_argument("--kl-beta", type=Number("--kl-beta", float), default=0.04, help="KL coefficient of grpo-kl (default: %(default)g)")
+    g.add_argument("--snapshot-every", type=Number("--snapshot-every", int, 1, limits.MAX_STEPS), help="steps between bf16 snapshots (small: 10)")
+    g.add_argument("--pretrain-target", type=Number("--pretrain-target", float, 0, 1), help="validation accuracy (every task) that ends pretraining (small: 0.6)")
+    g.add_argument("--pretrain-max-steps", type=Number("--pretrain-max-steps", int, 1, limits.MAX_STEPS), help="pretraining step cap (small: 2000)")
     p.set_defaults(run=run)
 
 

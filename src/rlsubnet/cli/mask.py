@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from rlsubnet.cli.common import add_checkpoint_options, add_dtype_option
+from rlsubnet.cli.common import Number, Seed, add_checkpoint_options, add_dtype_option
 
 OPS = ("union", "intersection", "difference")
 
@@ -36,15 +36,15 @@ def add_parser(sub) -> None:
         mode.add_argument(f"--{op}", action="store_true", help=f"{op} of the given masks" + (" (A minus B)" if op == "difference" else ""))
     p.add_argument("-o", "--output", metavar="FILE", help="mask file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--atol", type=float, default=1e-5, help="|Δ| ≤ atol counts as unchanged; 0 = bitwise (default: %(default)s)")
+    p.add_argument("--atol", type=Number("--atol", float), default=1e-5, help="|Δ| ≤ atol counts as unchanged; 0 = bitwise (default: %(default)s)")
     add_dtype_option(p)
     p.add_argument("--no-hash", action="store_true", help="skip the content hash of both checkpoints (faster; identity "
                    "is then names, shapes and sizes only)")
     p.add_argument("--allow-mismatch", action="store_true", help="mask the tensors both hold; record the rest")
     p.add_argument("--scope", choices=["per-tensor", "global"], default="per-tensor",
                    help="--random: match each tensor's count (per-tensor, default) or only the total (global)")
-    p.add_argument("--seed", type=int, default=0, help="--random: seed (default 0)")
-    p.add_argument("--density", type=float, help="--random: this density instead of MASK's")
+    p.add_argument("--seed", type=Seed(), default=0, help="--random: seed (default 0)")
+    p.add_argument("--density", type=Number("--density", float, 0, 1), help="--random: this density instead of MASK's")
     add_checkpoint_options(p)
     p.add_argument("--json", action="store_true", help="print the mask's summary as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -81,11 +81,37 @@ def _summary_text(mask, output: str | None) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def _make_and_save(args: argparse.Namespace, op: str | None):
     from pathlib import Path
 
     from rlsubnet.errors import UsageError
     from rlsubnet.masks import Mask, build_mask, random_mask
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; -o takes a file name")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out}: exists (pass --overwrite to replace it)")
+    if args.random:
+        mask = random_mask(Mask.load(args.inputs[0]), scope=args.scope, seed=args.seed, density=args.density)
+    elif op:
+        masks = [Mask.load(p) for p in args.inputs]
+        mask = masks[0]
+        for other in masks[1:]:
+            mask = getattr(mask, op)(other)
+    else:
+        mask = build_mask(
+            args.inputs[0], args.inputs[1], atol=args.atol, dtype=args.dtype, allow_mismatch=args.allow_mismatch,
+            allow_pickle=args.allow_pickle, allow_download=args.allow_download, hash_content=not args.no_hash,
+            progress=not args.quiet,
+        )
+    mask.save(out)
+    return mask
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlsubnet.errors import UsageError
+    from rlsubnet.masks import Mask
 
     op = next((o for o in OPS if getattr(args, o)), None)
     n = len(args.inputs)
@@ -102,25 +128,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.output:
             raise UsageError("give the mask file to write with -o FILE")
-        out = Path(args.output)
-        if out.is_dir():
-            raise UsageError(f"{out}: is a folder; -o takes a file name")
-        if out.exists() and not args.overwrite:
-            raise UsageError(f"{out}: exists (pass --overwrite to replace it)")
-        if args.random:
-            mask = random_mask(Mask.load(args.inputs[0]), scope=args.scope, seed=args.seed, density=args.density)
-        elif op:
-            masks = [Mask.load(p) for p in args.inputs]
-            mask = masks[0]
-            for other in masks[1:]:
-                mask = getattr(mask, op)(other)
-        else:
-            mask = build_mask(
-                args.inputs[0], args.inputs[1], atol=args.atol, dtype=args.dtype, allow_mismatch=args.allow_mismatch,
-                allow_pickle=args.allow_pickle, allow_download=args.allow_download, hash_content=not args.no_hash,
-                progress=not args.quiet,
-            )
-        mask.save(out)
+        from rlsubnet.fileio import output_lock
+
+        with output_lock(args.output):  # one writer per output, from the existence check to the rename
+            mask = _make_and_save(args, op)
     if args.json:
         summary = mask.summary()
         if not args.info:

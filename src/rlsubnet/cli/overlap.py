@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from rlsubnet.cli.common import add_checkpoint_options
+from rlsubnet.cli.common import Number, add_checkpoint_options
+from rlsubnet.limits import MAX_BINS_PER_OCTAVE
 
 
 def add_parser(sub) -> None:
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("masks", nargs="+", metavar="MASK", help="mask files written by `rlsubnet mask` (two or more)")
     p.add_argument("--base", metavar="BASE", help="the base checkpoint the masks were measured from: adds the "
                    "magnitude-matched chance baseline")
-    p.add_argument("--bins-per-octave", type=int, default=1, metavar="K",
+    p.add_argument("--bins-per-octave", type=Number("--bins-per-octave", int, 1, MAX_BINS_PER_OCTAVE), default=1, metavar="K",
                    help="|w| buckets per power of two for the magnitude-matched chance (default 1: one bf16 exponent "
                    "per bucket)")
     add_checkpoint_options(p)
@@ -33,11 +34,26 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rlsubnet.errors import UsageError
-    from rlsubnet.masks import Mask, overlap_many
-    from rlsubnet.report.overlap_outputs import format_overlap, pairs_json, write_overlap_outputs
 
     if len(args.masks) < 2:
         raise UsageError("overlap needs at least two masks")
+    if args.out:
+        from rlsubnet.fileio import output_lock
+        from rlsubnet.report.overlap_outputs import OUTPUT_FILES
+
+        with output_lock(args.out, members=OUTPUT_FILES):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rlsubnet.masks import Mask, overlap_many
+    from rlsubnet.report.overlap_outputs import (
+        format_overlap,
+        pairs_json,
+        write_overlap_outputs,
+    )
+
     masks = [Mask.load(m) for m in args.masks]
     result = overlap_many(
         masks, list(args.masks), base=args.base, bins_per_octave=args.bins_per_octave,

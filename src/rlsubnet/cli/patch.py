@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from rlsubnet.cli.common import add_checkpoint_options
+from rlsubnet.cli.common import Number, add_checkpoint_options
 
 
 def add_parser(sub) -> None:
@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     )
     c.add_argument(
         "--level",
-        type=int,
+        type=Number("--level", int, 1, 22),
         default=1,
         help="zstd level, 1-22 (default: %(default)s; on position and XOR-value streams level 1 measured both "
         "smaller and faster than higher levels)",

@@ -16,6 +16,9 @@ import argparse
 import json
 import sys
 
+from rlsubnet import limits
+from rlsubnet.cli.common import Number, Seed
+
 DEFAULT_DATA = {"grpo": "prompts", "dpo": "own-pairs", "sft": "gold"}
 DEFAULT_BETA = {"grpo": 0.0, "dpo": 0.1, "sft": 0.0}
 
@@ -46,16 +49,16 @@ def add_parser(sub) -> None:
     s.add_argument("--task", default="add", help="task to train on (default: add)")
     s.add_argument("--data", help="prompts (grpo), own-pairs (dpo), gold or own-correct (sft); default per algorithm")
     s.add_argument("--samples", metavar="JSONL", help="θ0's own samples (needed by own-pairs / own-correct)")
-    s.add_argument("--lr", type=float, default=1e-6, help="learning rate (default: %(default)s)")
-    s.add_argument("--steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
-    s.add_argument("--batch-size", type=int, default=32, help="prompts (grpo), pairs (dpo) or examples (sft) per step")
-    s.add_argument("--seed", type=int, default=0, help="trainer seed (default: %(default)s)")
-    s.add_argument("--data-seed", type=int, help="seed of the data order (default: --seed)")
-    s.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
-    s.add_argument("--beta", type=float, help="GRPO KL coefficient (default 0) or DPO β (default 0.1)")
-    s.add_argument("--num-generations", type=int, default=8, help="GRPO completions per prompt")
-    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (masked runs: inside the mask only)")
-    s.add_argument("--snapshot-every", type=int, default=10, help="steps between bf16 snapshots")
+    s.add_argument("--lr", type=Number("--lr", float, lo_open=True), default=1e-6, help="learning rate (default: %(default)s)")
+    s.add_argument("--steps", type=Number("--steps", int, 1, limits.MAX_STEPS), default=100, help="optimizer steps (default: %(default)s)")
+    s.add_argument("--batch-size", type=Number("--batch-size", int, 1, limits.MAX_BATCH), default=32, help="prompts (grpo), pairs (dpo) or examples (sft) per step")
+    s.add_argument("--seed", type=Seed(), default=0, help="trainer seed (default: %(default)s)")
+    s.add_argument("--data-seed", type=Seed("--data-seed"), help="seed of the data order (default: --seed)")
+    s.add_argument("--max-grad-norm", type=Number("--max-grad-norm", float), default=1.0, help="gradient clipping; 0 disables it")
+    s.add_argument("--beta", type=Number("--beta", float), help="GRPO KL coefficient (default 0) or DPO β (default 0.1)")
+    s.add_argument("--num-generations", type=Number("--num-generations", int, 2, limits.MAX_GENERATIONS), default=8, help="GRPO completions per prompt")
+    s.add_argument("--weight-decay", type=Number("--weight-decay", float), default=0.0, help="AdamW weight decay (masked runs: inside the mask only)")
+    s.add_argument("--snapshot-every", type=Number("--snapshot-every", int, 1, limits.MAX_STEPS), default=10, help="steps between bf16 snapshots")
     s.add_argument("--eval-task", action="append", help="held-out tasks to evaluate (default: --task); repeatable")
     p.add_argument("--json", action="store_true", help="print the stage record (and mask report) as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -71,6 +74,13 @@ def check_frozen_masters(mask, base_dir, master_path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlsubnet.fileio import output_lock
+
+    with output_lock(args.out, members=("mask.json",)):  # one writer per output, for the whole run
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rlsubnet.errors import UsageError

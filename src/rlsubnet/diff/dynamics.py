@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlsubnet import limits
 from rlsubnet.diff.stats import comparison_dtype, threshold_bits
 
 
@@ -38,6 +39,7 @@ def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float
     """:func:`changed_mask` at several tolerances, computing Δ once."""
     if base.shape != tuned.shape:
         raise ValueError(f"shapes differ: {list(base.shape)} vs {list(tuned.shape)}")
+    atols = [limits.atol(a) for a in atols]
     cmp = comparison_dtype(dtype, base.dtype, tuned.dtype)
     if not cmp.is_floating_point:
         return [base.to(cmp) != tuned.to(cmp) for _ in atols]
@@ -47,7 +49,7 @@ def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float
     # than bf16 arithmetic on a CPU.
     size = cmp.itemsize
     bits = d.contiguous().view(_INT_OF[size]) & _ABS_MASK[size]
-    return [bits > threshold_bits(float(a), cmp) for a in atols]
+    return [bits > threshold_bits(a, cmp) for a in atols]
 
 
 @dataclass
@@ -106,7 +108,7 @@ def decompose_tensor(
         n_ever = int(e.sum())
         n_final = int(f.sum())
         # Every final change is also an "ever" change, so ever = returned + final exactly.
-        out.append(DynamicsCounts(atol=float(a), numel=n, never=n - n_ever, returned=n_ever - n_final, final=n_final))
+        out.append(DynamicsCounts(atol=limits.atol(a), numel=n, never=n - n_ever, returned=n_ever - n_final, final=n_final))
     return out
 
 
@@ -117,7 +119,7 @@ def decompose(
     dtype: str = "bf16",
 ) -> list[DynamicsCounts]:
     """Pooled decomposition over every tensor of ``base``; each snapshot must hold the same tensors."""
-    totals = [DynamicsCounts(atol=float(a)) for a in atols]
+    totals = [DynamicsCounts(atol=limits.atol(a)) for a in atols]
     for name, b in base.items():
         for snap in snapshots:
             if name not in snap:
@@ -190,7 +192,7 @@ def magnitude_profile(
     edges: Sequence[float] | None = None,
 ) -> MagnitudeCounts:
     """P(changed | |w_base| bucket), pooled over every tensor of ``base``."""
-    counts = MagnitudeCounts(edges=list(edges or magnitude_edges()), atols=tuple(float(a) for a in atols))
+    counts = MagnitudeCounts(edges=list(edges or magnitude_edges()), atols=tuple(limits.atol(a) for a in atols))
     for name, b in base.items():
         if name not in tuned:
             raise KeyError(f"tensor {name!r} is missing from the tuned side")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rlsubnet.checkpoint.index import TensorInfo
-from rlsubnet.errors import MismatchError
+from rlsubnet.errors import CheckpointError, MismatchError
 from rlsubnet.errors import listing as _listing
 
 
@@ -64,3 +64,24 @@ def align(
         # Otherwise the run would "measure" 0 parameters and report them 100% sparse.
         raise MismatchError(f"{base_label} and {tuned_label} have no tensor in common (of the same shape): nothing to compare")
     return names, skipped
+
+
+def require_parameters(
+    base: Mapping[str, TensorInfo],
+    tuned: Mapping[str, TensorInfo],
+    names: list[str],
+    *,
+    base_label: str = "base",
+    tuned_label: str = "tuned",
+    what: str = "compare",
+) -> None:
+    """Refuse a comparison over zero parameters (no tensors, or only empty ones): it measures nothing, and
+    0 changed of 0 would otherwise be reported as 100% sparsity."""
+    if any(base[n].numel for n in names):
+        return
+    empty = list(dict.fromkeys(label for label, infos in ((base_label, base), (tuned_label, tuned)) if not infos))
+    if empty:
+        why = f"{' and '.join(empty)} {'hold' if len(empty) > 1 else 'holds'} no tensors"
+    else:
+        why = f"the {len(names)} tensor{'s' if len(names) != 1 else ''} both hold {'are' if len(names) != 1 else 'is'} empty (0 parameters)"
+    raise CheckpointError(f"{base_label} vs {tuned_label}: nothing to {what}: {why}")

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import math
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rlsubnet import limits
 from rlsubnet.errors import UsageError
 
 COMPARE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "native": None}
@@ -52,18 +54,27 @@ def comparison_dtype(mode: str, base_dtype: torch.dtype, tuned_dtype: torch.dtyp
     return dtype
 
 
-@functools.lru_cache(maxsize=256)
 def threshold_bits(atol: float, dtype: torch.dtype) -> int:
     """Bit pattern of the effective tolerance in a float ``dtype``: |x| ≤ atol ⇔ (bits(x) & ABS_MASK) ≤ this."""
+    atol = limits.atol(atol)
+    # The cache is keyed on the float's bit pattern, not its value: -0.0 == 0.0 to a dict, and a threshold
+    # computed for one must never be handed out for the other.
+    return _threshold_bits(struct.unpack("<Q", struct.pack("<d", atol))[0], dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold_bits(atol_bits: int, dtype: torch.dtype) -> int:
+    atol = struct.unpack("<d", struct.pack("<Q", atol_bits))[0]
     return int(torch.tensor(atol_threshold(atol, dtype), dtype=dtype).view(INT_VIEW[dtype.itemsize]))
 
 
 def atol_threshold(atol: float, dtype: torch.dtype) -> float:
-    """The tolerance torch.isclose effectively applies to a Δ of ``dtype``: atol rounded to that dtype."""
-    if not 0 <= atol < math.inf:
-        raise UsageError(f"atol must be a finite, non-negative number, got {atol}")
+    """The tolerance torch.isclose effectively applies to a Δ of ``dtype``: atol rounded to that dtype.
+
+    −0.0 is 0: its sign bit set, its bit pattern read as a threshold would call every entry changed."""
+    atol = limits.atol(atol)
     if not dtype.is_floating_point:
-        return float(atol)
+        return atol
     rounded = float(torch.tensor(atol, dtype=dtype).item())
     if math.isinf(rounded):
         # An infinite threshold would call an infinite Δ unchanged, which torch.isclose never does.
@@ -199,7 +210,7 @@ class DeltaAccumulator:
         self.numel = math.prod(self.shape)
         self.base_dtype, self.tuned_dtype = base_dtype, tuned_dtype
         self.cmp = comparison_dtype(dtype, base_dtype, tuned_dtype)
-        self.atols = tuple(float(a) for a in atols)
+        self.atols = tuple(limits.atol(a) for a in atols)
         self.is_float = self.cmp.is_floating_point
         if self.is_float:
             size = self.cmp.itemsize

@@ -21,9 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlsubnet import limits
 from rlsubnet._version import __version__
 from rlsubnet.errors import RlsubnetError, UsageError
-from rlsubnet.fileio import atomic_write_text
+from rlsubnet.fileio import atomic_write_text, output_lock, temporaries_in
 from rlsubnet.lab.tasks import get_task
 
 # Per-size defaults; every one can be overridden from the command line.
@@ -73,18 +74,21 @@ class DemoConfig:
             get_task(self.second_task)
             if self.second_task == self.task:
                 raise UsageError("--second-task must differ from --task")
-        for name in ("threads", "steps", "batch_size", "num_generations", "snapshot_every", "sample_prompts",
-                     "pretrain_max_steps", "pretrain_eval_every", "pretrain_batch"):
+        limits.seed(self.seed, "--seed")
+        for name, hi in (("threads", limits.MAX_THREADS), ("steps", limits.MAX_STEPS), ("batch_size", limits.MAX_BATCH),
+                         ("num_generations", limits.MAX_GENERATIONS), ("snapshot_every", limits.MAX_STEPS),
+                         ("sample_prompts", limits.MAX_STEPS), ("pretrain_max_steps", limits.MAX_STEPS),
+                         ("pretrain_eval_every", limits.MAX_STEPS), ("pretrain_batch", limits.MAX_BATCH),
+                         ("samples_per_prompt", limits.MAX_GENERATIONS)):
             v = getattr(self, name)
-            if v is not None and v < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-        for name in ("rl_lr", "sft_lr"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if self.pretrain_target is not None and not 0 <= self.pretrain_target <= 1:
-            raise UsageError(f"--pretrain-target must be in [0, 1], got {self.pretrain_target}")
-        if self.kl_beta < 0 or not self.dpo_beta > 0 or self.clip < 0:
-            raise UsageError("--kl-beta and the clipping norm must be non-negative, the DPO β positive")
+            if v is not None:
+                limits.integer(v, f"--{name.replace('_', '-')}", 1, hi)
+        for name in ("rl_lr", "sft_lr", "dpo_beta") + (("pretrain_lr",) if self.pretrain_lr is not None else ()):
+            limits.real(getattr(self, name), f"--{name.replace('_', '-')}", lo_open=True)
+        for name in ("kl_beta", "clip"):
+            limits.real(getattr(self, name), f"--{name.replace('_', '-')}")
+        if self.pretrain_target is not None:
+            limits.real(self.pretrain_target, "--pretrain-target", 0.0, 1.0)
         if self.samples_per_prompt < 2:
             raise UsageError("--samples-per-prompt must be at least 2 (DPO needs a correct and an incorrect sample)")
 
@@ -168,14 +172,14 @@ class RunFolder:
 
     def __enter__(self):
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a folder")
-        run_json = out / "run.json"
-        if out.is_dir() and any(out.iterdir()) and not run_json.is_file():
-            raise UsageError(f"--out {out}: folder is not empty and holds no demo run (no run.json); choose another folder")
-        out.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out}: exists and is not a folder")
+            run_json = out / "run.json"
+            if out.is_dir() and any(out.iterdir()) and not run_json.is_file():
+                raise UsageError(f"--out {out}: folder is not empty and holds no demo run (no run.json); choose another folder")
+            out.mkdir(parents=True, exist_ok=True)
             if run_json.is_file():
                 try:
                     previous = json.loads(run_json.read_text())["config"]
@@ -209,28 +213,22 @@ class RunFolder:
         self._release_lock()
 
     def _acquire_lock(self):
-        import fcntl
-
-        f = open(self.out / ".lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise UsageError(f"--out {self.out}: another demo is running in this folder") from None
-        self._lock = f
+        # Not re-entrant: a second demo on the same folder is refused even inside this process.
+        lock = output_lock(self.out, reentrant=False)
+        lock.__enter__()
+        self._lock = lock
 
     def _release_lock(self):
         if self._lock is not None:
-            self._lock.close()
+            self._lock.__exit__(None, None, None)
             self._lock = None
 
     def _remove_stale_temporaries(self):
-        # atomic_dir / atomic writes leave ".<name>.<random>.tmp" only when the process was killed outright.
+        # A killed run leaves its temporaries (".NAME.XXXXXXXX.tmp", ".NAME.old-PID") beside the outputs it
+        # was writing; everything in these folders is one of the demo's outputs.
         for parent in (self.out, self.out / "stages", self.out / "masks", self.out / "figures"):
-            if parent.is_dir():
-                for p in parent.iterdir():
-                    if p.name.startswith(".") and p.name.endswith(".tmp"):
-                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            for p in temporaries_in(parent):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def stage_dir(self, name: str) -> Path:
         return self.out / "stages" / name
@@ -625,9 +623,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
     import torch
 
     cfg = cfg.resolved()
-    jobs = default_jobs(cfg.threads) if jobs is None else int(jobs)
-    if jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    jobs = default_jobs(cfg.threads) if jobs is None else limits.integer(jobs, "--jobs", 1, limits.MAX_JOBS)
     t_run, c_run = time.monotonic(), _cpu_seconds()
     load_start = os.getloadavg()
     # One thread by default: on a shared 2-core machine two OpenMP threads wait on each other far longer than they

@@ -29,9 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlsubnet import limits
 from rlsubnet._version import __version__
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import atomic_dir, atomic_write_text, safe_member_name
+from rlsubnet.fileio import atomic_dir, atomic_write_text, locks_output, safe_member_name
 from rlsubnet.lab.tasks import Problem, get_task, ordered
 
 ALGORITHMS = ("grpo", "dpo", "sft")
@@ -76,12 +77,16 @@ class StageSpec:
         if self.data not in DATA_SOURCES[self.algorithm]:
             raise UsageError(f"stage {self.name}: data {self.data!r} does not fit {self.algorithm}")
         get_task(self.task)
-        if self.steps < 1 or self.batch_size < 1 or self.snapshot_every < 1:
-            raise UsageError(f"stage {self.name}: steps, batch_size and snapshot_every must be positive")
-        if not self.learning_rate > 0:
-            raise UsageError(f"stage {self.name}: learning rate must be positive")
-        if self.max_grad_norm < 0 or self.beta < 0:
-            raise UsageError(f"stage {self.name}: max_grad_norm and beta must be non-negative")
+        what = f"stage {self.name}:"
+        for key, hi in (("steps", limits.MAX_STEPS), ("batch_size", limits.MAX_BATCH),
+                        ("snapshot_every", limits.MAX_STEPS), ("num_generations", limits.MAX_GENERATIONS)):
+            limits.integer(getattr(self, key), f"{what} {key}", 1, hi)
+        limits.seed(self.seed, f"{what} seed")
+        if self.data_seed is not None:
+            limits.seed(self.data_seed, f"{what} data_seed")
+        limits.real(self.learning_rate, f"{what} learning rate", lo_open=True)
+        for key in ("max_grad_norm", "beta", "weight_decay"):
+            limits.real(getattr(self, key), f"{what} {key}")
 
     @property
     def effective_data_seed(self) -> int:
@@ -545,6 +550,7 @@ def stage_fingerprint(spec: StageSpec, base_digest: str, samples_digest: str | N
     return fingerprint({"spec": spec.to_json(), "base": base_digest, "samples": samples_digest, "extra": extra or {}})
 
 
+@locks_output("out_dir")
 def run_stage(
     spec: StageSpec,
     *,

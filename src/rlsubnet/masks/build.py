@@ -27,8 +27,9 @@ import torch
 
 from rlsubnet.checkpoint import Checkpoint, dtype_name, element_size, open_checkpoint
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes
-from rlsubnet.diff.pairs import align
+from rlsubnet.diff.pairs import align, require_parameters
 from rlsubnet.diff.stats import ABS_MASK, INT_VIEW, COMPARE_DTYPES, atol_threshold, comparison_dtype, single_threaded_torch, threshold_bits, worker_pool
+from rlsubnet import limits
 from rlsubnet._threads import prefetch
 from rlsubnet.errors import UsageError
 from rlsubnet.masks.mask import Mask, packed_size
@@ -149,8 +150,8 @@ def build_mask(
         if len(atol) != 1:
             raise UsageError(f"a mask is built at one atol, got {list(atol)}")
         atol = atol[0]
-    atol = float(atol)
-    atol_threshold(atol, torch.float64)  # validates: non-negative, not NaN
+    atol = limits.atol(atol)
+    block_bytes = limits.block_bytes(block_bytes)
     opts = {"allow_pickle": allow_pickle, "allow_download": allow_download}
     opened: list[Checkpoint] = []
     try:
@@ -162,8 +163,10 @@ def build_mask(
             base_ck.infos, tuned_ck.infos, allow_mismatch=allow_mismatch,
             base_label=base_ck.location, tuned_label=tuned_ck.location,
         )
-        if not names:
+        if not names and base_ck.infos and tuned_ck.infos:
             raise UsageError(f"{base_ck.location} and {tuned_ck.location} share no tensors: nothing to mask")
+        require_parameters(base_ck.infos, tuned_ck.infos, names, base_label=base_ck.location,
+                           tuned_label=tuned_ck.location, what="mask")
         shapes = {n: base_ck.infos[n].shape for n in names}
         packed = {n: np.empty(packed_size(base_ck.infos[n].numel), dtype=np.uint8) for n in names}
         hashes: tuple[dict, dict] = ({}, {})
@@ -265,7 +268,7 @@ def identity(
     out = []
     for atol in atols:
         differs = build_mask(full, other, atol=atol, dtype=dtype, hash_content=False, **kw)
-        rec = {"atol": float(atol), "numel": differs.numel, "identical": differs.numel - differs.changed,
+        rec = {"atol": limits.atol(atol), "numel": differs.numel, "identical": differs.numel - differs.changed,
                "identity": 1.0 - differs.density}
         if inside is not None:
             n_in = inside.changed

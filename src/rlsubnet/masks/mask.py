@@ -46,6 +46,7 @@ from rlsubnet._version import __version__
 from rlsubnet.diff.names import MODULE_KINDS, layer_of, module_kind
 from rlsubnet.errors import MismatchError, RlsubnetError
 from rlsubnet.errors import listing as _listing
+from rlsubnet.fileio import locks_output
 
 FORMAT = "rlsubnet.mask"
 FORMAT_VERSION = 1
@@ -407,6 +408,7 @@ class Mask:
             "bits_sha256": self.bits_sha256(),
         }
 
+    @locks_output("path")
     def save(self, path: str | Path) -> Path:
         """Write the mask atomically as a safetensors file (see the module docstring for the format)."""
         from rlsubnet.checkpoint.writer import SafetensorsWriter

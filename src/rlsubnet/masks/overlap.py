@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rlsubnet import limits
 from rlsubnet.diff.names import MODULE_KINDS, layer_of, module_kind
 from rlsubnet.errors import MismatchError, UsageError
 from rlsubnet.masks.mask import Mask, popcount
@@ -247,13 +248,15 @@ def overlap_many(
     labels = list(labels) if labels is not None else [m.meta.get("path") or f"mask{i}" for i, m in enumerate(masks)]
     if len(labels) != len(masks):
         raise UsageError("one label per mask")
-    if bins_per_octave < 1:
-        raise UsageError(f"bins_per_octave must be at least 1, got {bins_per_octave}")
+    bins_per_octave = limits.integer(bins_per_octave, "bins_per_octave", 1, limits.MAX_BINS_PER_OCTAVE)
     for lab, m in zip(labels[1:], masks[1:]):
         try:
             masks[0].check_same_layout(m, "compare")
         except MismatchError as exc:
             raise type(exc)(f"{labels[0]} vs {lab}: {exc}") from None
+    if masks[0].numel == 0:  # 0 of 0 entries would be reported as overlaps of a measured subnetwork
+        raise UsageError(f"{', '.join(map(str, labels))}: the masks cover no parameters "
+                         f"({len(masks[0])} tensors, all empty): nothing to overlap")
     warnings: list[str] = []
     for key in ("atol", "dtype"):
         values = {repr(m.meta.get(key)) for m in masks}

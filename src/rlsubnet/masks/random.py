@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from rlsubnet import limits
 from rlsubnet.errors import UsageError
 from rlsubnet.masks.mask import Mask, operand_summary, pack_bool, packed_size
 
@@ -88,23 +89,23 @@ def random_mask(
     With ``like`` a Mask and ``density=None`` the counts match it exactly (per tensor or in total, by ``scope``);
     with ``density`` given each tensor (``per_tensor``) or the whole model (``global``) gets round(density × n).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"the random-mask seed must be a non-negative integer, got {seed!r}")
+    seed = limits.seed(seed, "the random-mask seed")
     scope = scope.replace("-", "_")
     if scope not in SCOPES:
         raise UsageError(f"unknown random-mask scope {scope!r} (choose per_tensor or global)")
     if isinstance(like, Mask):
         shapes = like.shapes
     else:
-        shapes = {n: tuple(int(x) for x in s) for n, s in like.items()}
+        shapes = {n: tuple(limits.integer(x, f"shape of {n!r}", 0) for x in s) for n, s in like.items()}
     numels = {n: math.prod(s) for n, s in shapes.items()}
+    if not sum(numels.values()):
+        raise UsageError(f"the reference covers no parameters ({len(numels)} tensors, all empty): no density to match")
     if density is None:
         if not isinstance(like, Mask):
             raise UsageError("give density= when the reference is not a mask")
         targets = like.counts
     else:
-        if not 0.0 <= density <= 1.0:
-            raise UsageError(f"density must be in [0, 1], got {density}")
+        density = limits.real(density, "density", 0.0, 1.0)
         targets = {n: round(density * v) for n, v in numels.items()}
     total = sum(targets.values()) if density is None else round(density * sum(numels.values()))
 

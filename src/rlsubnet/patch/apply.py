@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import zstandard
 
+from rlsubnet import limits
 from rlsubnet.checkpoint import Checkpoint, SafetensorsWriter, element_size, open_checkpoint
 from rlsubnet.checkpoint.hashing import TensorHasher, combine_hashes, hash_checkpoint, hash_tensor, short
 from rlsubnet.checkpoint.index import ST_DTYPES
 from rlsubnet.checkpoint.layout import Layout, aux_files, layout_of, write_index
 from rlsubnet.checkpoint.writer import plan_shards, shard_file_names
 from rlsubnet.errors import UsageError, listing
-from rlsubnet.fileio import atomic_dir, atomic_write_bytes
+from rlsubnet.fileio import atomic_dir, atomic_write_bytes, locks_output
 from rlsubnet._threads import prefetch
 from rlsubnet.patch._buffers import Recycler
 from rlsubnet.patch.codec import UINT_OF, RecordCursor, apply_changes
@@ -292,6 +293,7 @@ def _read_step(chain: list[PatchFile], esize: int, read_bytes: int) -> int:
     return step
 
 
+@locks_output("out")  # one writer per output, from the existence check to the rename
 def apply_patches(
     base,
     patches,
@@ -323,6 +325,7 @@ def apply_patches(
     """
     t0 = time.perf_counter()
     keys = as_trusted(trusted_keys)
+    read_bytes = limits.block_bytes(read_bytes, "read_bytes")
     chain = open_chain(patches)
     if chain[0].kind == "delta" and base is None:
         raise UsageError(f"{chain[0].path} is a delta patch: give the base checkpoint it applies to")

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 import zstandard
 
+from rlsubnet import limits
 from rlsubnet._version import __version__
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes, hash_checkpoint_tensor
 from rlsubnet.checkpoint.index import TORCH_TO_ST, TensorInfo
 from rlsubnet.checkpoint.layout import aux_files
-from rlsubnet.errors import MismatchError, UsageError, listing
+from rlsubnet.errors import CheckpointError, MismatchError, UsageError, listing
+from rlsubnet.fileio import locks_output
 from rlsubnet._threads import prefetch
 from rlsubnet.patch._buffers import Recycler
 from rlsubnet.patch.codec import BLOCK_NUMEL, MAX_BLOCK_NUMEL, UINT_OF, VALUE_CODINGS, TensorEncoder
@@ -194,6 +196,8 @@ def encode_checkpoints(
         raise UsageError(f"unknown value coding {values!r} (choose from {', '.join(VALUE_CODINGS)})")
     if not 1 <= block_numel <= MAX_BLOCK_NUMEL:
         raise UsageError(f"block_numel must be in 1..{MAX_BLOCK_NUMEL}")
+    level = limits.integer(level, "level", 1, 22)
+    read_bytes = limits.block_bytes(read_bytes, "read_bytes")
     plans = plan_tensors(base, target, allow_mismatch)
     if base_hashes is not None:
         missing = [p.name for p in plans if p.base is not None and p.name not in base_hashes]
@@ -351,6 +355,7 @@ def _totals(entries: list[dict]) -> dict:
     }
 
 
+@locks_output("out")
 def write_patch(
     base: Checkpoint | None,
     target: Checkpoint,
@@ -375,6 +380,12 @@ def write_patch(
     its 32 raw bytes; see :mod:`rlsubnet.patch.signing`).
     """
     t0 = time.perf_counter()
+    level = limits.integer(level, "level", 1, 22)
+    read_bytes = limits.block_bytes(read_bytes, "read_bytes")
+    if not any(i.numel for i in target.infos.values()):
+        # A patch rebuilding nothing is almost always the wrong folder; refuse it as compare and mask do.
+        what = "no tensors" if not target.infos else f"only empty tensors ({len(target.infos)}, 0 parameters)"
+        raise CheckpointError(f"{target.location}: holds {what}: nothing to patch")
     with PatchWriter(out, overwrite=overwrite, sign_key=sign_key) as writer:
         entries, b_hashes, t_hashes = encode_checkpoints(
             writer,
@@ -413,6 +424,7 @@ def write_patch(
     return PatchSummary(Path(out), nbytes, manifest, time.perf_counter() - t0, t_hashes)
 
 
+@locks_output("out")
 def create_patch(
     base,
     tuned,
@@ -439,6 +451,7 @@ def create_patch(
     >>> rlsubnet.patch.create_patch("base/", "grpo/", "grpo.rlpatch").nbytes
     """
     opts = {"allow_pickle": allow_pickle, "allow_download": allow_download}
+    level = limits.integer(level, "level", 1, 22)
     if isinstance(base, torch.nn.Module) or isinstance(tuned, torch.nn.Module):
         from rlsubnet.patch.apply import model_tensors  # tied weights once, as apply_patch_ expects
 

@@ -103,6 +103,7 @@ class PatchWriter:
         if self.path.exists() and not overwrite:
             raise PatchError(f"{self.path}: exists (choose another output or pass --overwrite)")
         fd, tmp = temp_file_beside(self.path, PatchError)
+        self._overwrite = overwrite
         self._tmp = Path(tmp)
         self._f = os.fdopen(fd, "wb")
         self._write(HEAD.pack(MAGIC, FORMAT_VERSION, 0))
@@ -138,6 +139,9 @@ class PatchWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        if self.path.exists() and not self._overwrite:  # a writer that took no lock finished first
+            self._tmp.unlink(missing_ok=True)
+            raise PatchError(f"{self.path}: was created by another run meanwhile; not replaced (pass --overwrite)")
         os.replace(self._tmp, self.path)
         return size
 

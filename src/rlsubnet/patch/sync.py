@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from rlsubnet import limits
 from rlsubnet.checkpoint import Checkpoint, element_size
 from rlsubnet.checkpoint.hashing import hash_state_dict, short
 from rlsubnet.checkpoint.index import TensorInfo
@@ -98,8 +99,8 @@ class SyncWriter:
         level: int = DEFAULT_LEVEL,
         sign_key=None,
     ):
-        if anchor_every < 0:
-            raise UsageError(f"anchor_every must be >= 0 (0: no anchors after the first), got {anchor_every}")
+        anchor_every = limits.integer(anchor_every, "anchor_every (0: no anchors after the first)", 0, limits.MAX_STEPS)
+        level = limits.integer(level, "level", 1, 22)
         self.out_dir = Path(out_dir)
         self.anchor_every, self.dtype, self.values, self.level = anchor_every, dtype, values, level
         self.sign_key = None if sign_key is None else load_private_key(sign_key)  # read once, fail before training
@@ -213,8 +214,7 @@ class SparseSyncCallback(TrainerCallback):
         initial_anchor: bool = True,
         sign_key=None,
     ):
-        if every_steps < 1:
-            raise UsageError(f"every_steps must be >= 1, got {every_steps}")
+        every_steps = limits.integer(every_steps, "every_steps", 1, limits.MAX_STEPS)
         self.every_steps = every_steps
         self.initial_anchor = initial_anchor
         self.writer = SyncWriter(

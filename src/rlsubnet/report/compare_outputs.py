@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlsubnet._version import __version__
 from rlsubnet.diff.summary import CompareResult
-from rlsubnet.fileio import write_file_set
+from rlsubnet.fileio import output_lock, write_file_set
 from rlsubnet.report import plots
 from rlsubnet.report.tables import fmt_atol, headline_atol, layers_csv
 
@@ -42,7 +42,7 @@ def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]
         for rec in r.tensor_records():
             lines.append(json.dumps({"kind": "tensor", "tuned": r.tuned, **rec}))
     files["tensors.jsonl"] = ("\n".join(lines) + "\n").encode()
-    files["layers.csv"] = layers_csv(results, prov).encode()
+    files["layers.csv"] = layers_csv(results, prov).encode("utf-8", errors="backslashreplace")
 
     for k, r in enumerate(results):
         atol = headline_atol(r.atols)
@@ -58,6 +58,10 @@ def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]
     return files
 
 
+OUTPUT_FILES = ("summary.json", "tensors.jsonl", "layers.csv", "heatmap.png", "heatmap-*.png", "sparsity_vs_atol.png")
+
+
 def write_compare_outputs(results: Sequence[CompareResult], out_dir: str | Path) -> list[Path]:
     # All files or none; heatmaps of an earlier run with more tuned checkpoints would mislead: removed.
-    return write_file_set(out_dir, render_compare_outputs(results), stale=("heatmap.png", "heatmap-*.png"))
+    with output_lock(out_dir, members=OUTPUT_FILES):
+        return write_file_set(out_dir, render_compare_outputs(results), stale=("heatmap.png", "heatmap-*.png"))

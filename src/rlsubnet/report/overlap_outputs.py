@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from rlsubnet._version import __version__
-from rlsubnet.fileio import write_file_set
+from rlsubnet.fileio import output_lock, write_file_set
 from rlsubnet.masks.overlap import OverlapResult
 from rlsubnet.report import plots
 from rlsubnet.report.tables import fmt_pct, render_table
@@ -137,9 +137,9 @@ def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
     ratio_settings = f"rlsubnet {__version__}; cell = o1 / chance o1, row A, column B"
     files: dict[str, bytes] = {
         "overlap.json": (json.dumps({"rlsubnet_version": __version__, **result.to_json()}, indent=2) + "\n").encode(),
-        "pairs.csv": pairs_csv(result).encode(),
-        "matrix_o1.csv": matrix_csv(result.labels, result.matrix_o1).encode(),
-        "matrix_chance_o1.csv": matrix_csv(result.labels, result.matrix_chance_o1).encode(),
+        "pairs.csv": pairs_csv(result).encode("utf-8", errors="backslashreplace"),
+        "matrix_o1.csv": matrix_csv(result.labels, result.matrix_o1).encode("utf-8", errors="backslashreplace"),
+        "matrix_chance_o1.csv": matrix_csv(result.labels, result.matrix_chance_o1).encode("utf-8", errors="backslashreplace"),
     }
     fig = matrix_heatmap(result.labels, result.matrix_o1, "Subnetwork overlap o1", settings, cbar_label="o1 (%)", vmax=100)
     files["heatmap_o1.png"] = plots.to_png(fig, prov)
@@ -147,7 +147,8 @@ def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
     fig = matrix_heatmap(result.labels, ratio, "o1 / density chance (1 = chance)", ratio_settings, cbar_label="× chance", percent=False)
     files["heatmap_o1_over_chance.png"] = plots.to_png(fig, prov)
     if result.matrix_magnitude_chance_o1 is not None:
-        files["matrix_magnitude_chance_o1.csv"] = matrix_csv(result.labels, result.matrix_magnitude_chance_o1).encode()
+        files["matrix_magnitude_chance_o1.csv"] = matrix_csv(result.labels, result.matrix_magnitude_chance_o1).encode(
+            "utf-8", errors="backslashreplace")
         ratio = _ratio_matrix(result.matrix_o1, result.matrix_magnitude_chance_o1)
         fig = matrix_heatmap(result.labels, ratio, "o1 / magnitude-matched chance (1 = explained by |w|)", ratio_settings,
                              cbar_label="× magnitude-matched chance", percent=False)
@@ -155,5 +156,9 @@ def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
     return files
 
 
+OUTPUT_FILES = ("overlap.json", "pairs.csv", "matrix_*.csv", "heatmap_*.png")
+
+
 def write_overlap_outputs(result: OverlapResult, out_dir: str | Path) -> list[Path]:
-    return write_file_set(out_dir, render_overlap_outputs(result))
+    with output_lock(out_dir, members=OUTPUT_FILES):
+        return write_file_set(out_dir, render_overlap_outputs(result))

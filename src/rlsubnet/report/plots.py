@@ -20,6 +20,21 @@ def _pyplot():
 
 def to_png(fig, provenance: dict) -> bytes:
     """Render a figure to PNG bytes with the provenance in its text chunks."""
+    from matplotlib.text import Text
+    from matplotlib.ticker import FixedFormatter, FuncFormatter
+
+    from rlsubnet.fileio import printable
+
+    # Labels made of file names: the font renderer takes only valid Unicode, not an undecodable byte's surrogate.
+    for text in fig.findobj(Text):
+        text.set_text(printable(text.get_text()))
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            fmt = axis.get_major_formatter()
+            if isinstance(fmt, FixedFormatter):
+                fmt.seq = [printable(str(s)) for s in fmt.seq]
+            elif isinstance(fmt, FuncFormatter):  # what set_ticks(..., labels) installs
+                fmt.func = lambda x, pos, f=fmt.func: printable(str(f(x, pos)))
     buf = io.BytesIO()
     fig.savefig(
         buf,
