@@ -96,7 +96,7 @@ def ordered(problems: Sequence[Problem], n: int, seed: int) -> list[Problem]:
     """``n`` problems in a deterministic order: consecutive seeded shuffles of ``problems`` (epochs), cut at n.
 
     The data order of a stage is a pure function of (split, n, seed): a re-run with the same data seed sees
-    the same problems in the same order, whatever else changes (issue 4's subnetwork re-runs rely on it).
+    the same problems in the same order, whatever else changes (the subnetwork re-runs rely on it).
     """
     if not problems:
         raise ValueError("no problems to order")
