@@ -8,7 +8,9 @@ import os
 import pytest
 
 from rlsubnet.cli.main import main
-from rlsubnet.lab.pipeline import DemoConfig, RunFolder, stage_order
+from rlsubnet.lab.config import DemoConfig
+from rlsubnet.lab.pipeline import stage_order
+from rlsubnet.lab.runfolder import RunFolder
 
 STAGES = ["grpo", "grpo-kl", "grpo-noclip", "grpo-sftlr", "dpo", "sft", "sft-matched", "rft", "rft-matched", "grpo-task-sub"]
 EXTRA = ["grpo-seed1", "grpo-seed2", "dpo-seed1", "grpo-subnet", "grpo-random", "dpo-subnet", "dpo-random"]
@@ -202,3 +204,41 @@ def test_interrupted_run_resumes_from_the_last_finished_stage(micro_demo, micro_
     for name in STAGES:  # resuming changes nothing: same numbers as the uninterrupted run
         assert results["stages"][name]["sparsity"] == first["stages"][name]["sparsity"]
     assert results["subnetwork"]["reruns"] == first["subnetwork"]["reruns"]
+
+
+def _demo_namespace(argv):
+    import argparse
+
+    from rlsubnet.cli import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_parser(parser.add_subparsers())
+    return parser.parse_args(["demo", *argv])
+
+
+def test_every_config_field_is_a_flag_with_the_configs_default():
+    """The options are generated from DemoConfig / DemoOptions: no flag without a field, no field without a flag,
+    and parsing nothing gives the dataclasses' own defaults."""
+    import dataclasses
+
+    from rlsubnet.cli.config_args import from_args
+    from rlsubnet.lab.config import DemoOptions
+
+    ns = _demo_namespace([])
+    fields = {f.name for cls in (DemoConfig, DemoOptions) for f in dataclasses.fields(cls)}
+    assert set(vars(ns)) - {"run"} == fields
+    assert from_args(DemoConfig, ns) == DemoConfig() and from_args(DemoOptions, ns) == DemoOptions()
+    cfg = from_args(DemoConfig, _demo_namespace(["--task", "sub", "--pretrain-lr", "0.01", "--dpo-beta", "0.2"]))
+    assert (cfg.task, cfg.second_task, cfg.pretrain_lr, cfg.dpo_beta) == ("sub", "add", 0.01, 0.2)
+    assert from_args(DemoConfig, _demo_namespace(["--second-task", "none"])).second_task is None
+    assert DemoConfig().second_task == "sub" and DemoConfig(task="sub").second_task == "add"  # "the other task"
+
+
+def test_help_builds_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rlsubnet.cli.main import build_parser; build_parser().parse_args(['demo', '-q']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

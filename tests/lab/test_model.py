@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rlsubnet.errors import UsageError
-from rlsubnet.lab.model import build_model, count_parameters, load_model, model_size, save_model
+from rlsubnet.lab.config import model_size
+from rlsubnet.lab.model import build_model, count_parameters, load_model, save_model
 from rlsubnet.lab.tokenizer import build_tokenizer
 
 

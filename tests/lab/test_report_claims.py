@@ -10,7 +10,8 @@ import copy
 
 import pytest
 
-from rlsubnet.report import demo_report as dr
+from rlsubnet.lab.measure import commuted_twins
+from rlsubnet.lab.report import claims, criteria, figures, markdown, records, subnetwork_claims
 
 TASK = "add"
 RL_LR, SFT_LR, STEPS = 1e-6, 1e-5, 100
@@ -137,7 +138,7 @@ def results():
 
 
 def claim(results, cid):
-    return next(c for c in dr.assess(results) if c["id"] == cid)
+    return next(c for c in claims.assess(results) if c["id"] == cid)
 
 
 # 1. decomposition
@@ -177,10 +178,10 @@ def test_precision_can_differ_and_measures_one_curve(results):
 def test_one_curve_ignores_small_buckets(results, monkeypatch):
     for n in ("dpo", "sft-matched"):
         results["stages"][n]["magnitude_bf16"]["buckets"][-1]["p_changed"]["0.0"] = 1.0  # 500 weights: not counted
-    gap, (lr, _, _) = dr.one_curve_gap(results)
+    gap, (lr, _, _) = criteria.one_curve_gap(results)
     assert gap == pytest.approx(0.01) and lr == SFT_LR  # sft / rft / grpo-sftlr at 86–87% in the middle bucket
-    monkeypatch.setitem(dr.CRITERIA, "one_curve_min_bucket", 100)
-    gap, (lr, bucket, names) = dr.one_curve_gap(results)
+    monkeypatch.setitem(criteria.CRITERIA, "one_curve_min_bucket", 100)
+    gap, (lr, bucket, names) = criteria.one_curve_gap(results)
     assert gap == pytest.approx(1.0) and lr == RL_LR and bucket["lo"] == 0.5 and "grpo-task-sub" not in names
 
 
@@ -199,11 +200,11 @@ def test_norm_sentence_follows_lr_times_steps(results):
 
 
 def test_summary_fp32_sentence_needs_dense_fp32(results):
-    line = next(x for x in dr.summary_lines(results, []) if "Compared in fp32" in x)
+    line = next(x for x in markdown.summary_lines(results, []) if "Compared in fp32" in x)
     assert "what rounding to bf16 lets through" in line
     results["stages"]["sft-matched"]["sparsity"]["fp32"]["0.0"] = 0.3
     results["stages"]["sft-matched"]["fp32"]["global"][0].update(sparsity=0.3, changed=int(0.7 * 35500))
-    line = next(x for x in dr.summary_lines(results, []) if "Compared in fp32" in x)
+    line = next(x for x in markdown.summary_lines(results, []) if "Compared in fp32" in x)
     assert "what rounding to bf16 lets through" not in line and "sft-matched 30.0% in fp32" in line
 
 
@@ -212,15 +213,15 @@ def test_summary_fp32_sentence_needs_dense_fp32(results):
 
 def test_overlap_conclusion_needs_both_conditions(results):
     conclusion = "follows the task data, not the RL algorithm"
-    assert any(conclusion in x for x in dr.subnetwork_differences(results))
+    assert any(conclusion in x for x in subnetwork_claims.subnetwork_differences(results))
     r = copy.deepcopy(results)
     next(c for c in r["subnetwork"]["overlap"]["comparisons"] if c["group"] == "data")["o1_over_magnitude_chance"] = 1.5
-    lines = dr.subnetwork_differences(r)
+    lines = subnetwork_claims.subnetwork_differences(r)
     assert not any(conclusion in x for x in lines)
     assert any("the two-task ratio is not below every same-task one" in x for x in lines)
     r = copy.deepcopy(results)
     next(c for c in r["subnetwork"]["overlap"]["comparisons"] if c["b"] == "sft-matched")["o1_over_magnitude_chance"] = 1.1
-    lines = dr.subnetwork_differences(r)
+    lines = subnetwork_claims.subnetwork_differences(r)
     assert not any(conclusion in x for x in lines)
     assert any("SFT-vs-GRPO and GRPO-vs-DPO differ by more than 0.10×" in x for x in lines)
 
@@ -229,12 +230,12 @@ def test_overlap_conclusion_needs_both_conditions(results):
 
 
 def test_barely_moves_accuracy_needs_a_small_gain(results):
-    assert any("barely moves accuracy" in x for x in dr.subnetwork_differences(results))
+    assert any("barely moves accuracy" in x for x in subnetwork_claims.subnetwork_differences(results))
     sec = results["subnetwork"]["reruns"]["grpo"]
     sec["full_accuracy"][TASK]["bf16"]["accuracy"] = 0.75  # +10.9 points over θ0
     for row in sec["rows"]:
         row["accuracy"][TASK]["bf16"]["accuracy"] = 0.75
-    lines = [x for x in dr.subnetwork_differences(results) if x.startswith("- GRPO: accuracy does not tell")]
+    lines = [x for x in subnetwork_claims.subnetwork_differences(results) if x.startswith("- GRPO: accuracy does not tell")]
     assert lines and "barely moves accuracy" not in lines[0] and "more than the noise" in lines[0]
 
 
@@ -245,7 +246,7 @@ def test_rft_states_the_confound_and_its_criterion(results):
     c = claim(results, "in-distribution")
     assert c["verdict"] == "differs"
     assert "every rft row is the sft row for its prompt" in c["why"] and "which prompts it keeps" in c["why"]
-    assert "at least 68.5% unchanged" in c["why"] and dr.CRITERIA["rft_sparse_at_least"] == pytest.approx(0.685)
+    assert "at least 68.5% unchanged" in c["why"] and criteria.CRITERIA["rft_sparse_at_least"] == pytest.approx(0.685)
     results["stages"]["rft"]["sparsity"]["bf16"]["1e-05"] = 0.5  # sparser than sft by 30 points, below 68.5%
     assert claim(results, "in-distribution")["verdict"] == "partly agrees"
     results["stages"]["rft"]["sparsity"]["bf16"]["1e-05"] = 0.7
@@ -269,7 +270,7 @@ def test_decay_tolerance_is_stated_and_used(results):
     curve[2]["sparsity"]["1e-05"] = curve[1]["sparsity"]["1e-05"] + 0.0015  # a rise of 0.15 points
     c = claim(results, "decay")
     assert "it decays monotonically" in c["why"] and "more than 0.2 points" in c["why"]
-    assert dr.CRITERIA["monotone_tolerance_points"] == 0.2
+    assert criteria.CRITERIA["monotone_tolerance_points"] == 0.2
     curve[2]["sparsity"]["1e-05"] = curve[1]["sparsity"]["1e-05"] + 0.003
     assert "it does not decay monotonically" in claim(results, "decay")["why"]
 
@@ -289,10 +290,10 @@ def test_sft_dense_says_below_or_above(results):
 
 def test_figure_settings_list_every_lr_and_dtype(results):
     labels = results["subnetwork"]["overlap"]["labels"]
-    line = dr._sub_settings(results, labels)
+    line = records.sub_settings(results, labels)
     assert "lr 1e-06, 1e-05" in line and "bf16" in line and "size small" in line
     pytest.importorskip("matplotlib")
-    fig = dr._fig_pretrain(results)
+    fig = figures._fig_pretrain(results)
     title = fig.axes[0].get_title()
     assert "size small" in title and "bf16" in title and "fp32" in title
 
@@ -301,12 +302,12 @@ def test_figure_settings_list_every_lr_and_dtype(results):
 
 
 def test_seed_counts_come_from_the_runs(results):
-    md = dr.render_markdown(results, dr.assess(results), [])
+    md = markdown.render_markdown(results, claims.assess(results), [])
     assert "GRPO (3 seeds) and DPO (2 seeds)" in md
     del results["subnetwork"]["runs"]["dpo-seed1"], results["subnetwork"]["runs"]["grpo-seed2"]
     for sec in results["subnetwork"]["reruns"].values():
         sec["rows"] = [r for r in sec["rows"] if r["run"] not in ("dpo-seed1", "grpo-seed2")]
-    md = dr.render_markdown(results, dr.assess(results), [])
+    md = markdown.render_markdown(results, claims.assess(results), [])
     assert "measured only for GRPO (2 seeds), in the subnetwork" in md and "DPO (2 seeds)" not in md
 
 
@@ -314,21 +315,29 @@ def test_seed_counts_come_from_the_runs(results):
 
 
 def test_target_not_reached_gives_a_warning(results):
-    assert not any(c["id"] == "pretrain-target" for c in dr.assess(results))
+    assert not any(c["id"] == "pretrain-target" for c in claims.assess(results))
     results["theta0"].update(target_reached=False, reached_at_step=None, steps_done=2000)
     c = claim(results, "pretrain-target")
     assert c["verdict"] == "warning" and "2000 of at most 2000 steps" in c["ours"] and "add 63.0%" in c["ours"]
 
 
 def test_commuted_twins_of_heldout_problems_are_counted():
+    """Measured from the task splits in the measurement step; the report only states the stored counts."""
     from rlsubnet.lab.tasks import get_task
-    from rlsubnet.report.demo_report import commuted_twins_lines
 
     add = get_task("add")
     train = {(p.prompt[:-1].split("+")[0], p.prompt[:-1].split("+")[1]) for p in add.split("train")}
     held = [tuple(p.prompt[:-1].split("+")) for p in add.split("heldout")]
     twins = sum(1 for a, b in held if a != b and (b, a) in train)
     n = sum(1 for a, b in held if a != b)
-    (line,) = commuted_twins_lines({"config": {"task": "add", "second_task": "sub"}})
-    assert f"for {twins:,} of the {n:,} held-out problems" in line and 0 < twins < n
-    assert commuted_twins_lines({"config": {"task": "sub", "second_task": None}}) == []
+    measured = commuted_twins(["add", "sub"])
+    assert measured == {"add": {"heldout_asymmetric": n, "commuted_twin_in_train": twins}} and 0 < twins < n
+    (line,) = markdown.commuted_twins_lines({"commuted_twins": measured})
+    assert f"for {twins:,} of the {n:,} held-out problems" in line
+    assert commuted_twins(["sub"]) == {} and markdown.commuted_twins_lines({"commuted_twins": {}}) == []
+
+
+def test_criteria_state_the_reach_of_the_papers_rows_as_stored(results):
+    assert "the paper's Table 4 rows" not in criteria.criteria_sentence(results)  # not measured: not stated
+    results["subnetwork"]["paper"] = {"table4": [{"reach": 0.38}, {"reach": 0.48}, {"reach": 0.41}]}
+    assert "reach is ≥ 0.25 (the paper's Table 4 rows: 0.38–0.48)" in criteria.criteria_sentence(results)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from rlsubnet.lab.pipeline import DemoConfig, finetune_specs
+from rlsubnet.lab.config import DemoConfig
+from rlsubnet.lab.pipeline import finetune_specs
 from rlsubnet.lab.stages import run_stage
 
 
@@ -69,7 +70,7 @@ def test_fingerprint_covers_spec_inputs_and_hooks():
     assert fp == stage_fingerprint(spec, "base0", None)
     assert fp != stage_fingerprint(dataclasses.replace(spec, seed=1), "base0", None)
     assert fp != stage_fingerprint(spec, "base1", None)  # another θ0
-    # what an optimizer hook changes (for instance a mask) must be described in extra_record, which is fingerprinted
+    # what an optimizer hook changes (the mask of a re-run) must be described in extra_record, which is fingerprinted
     assert fp != stage_fingerprint(spec, "base0", None, {"mask": {"bits_sha256": "ab"}})
     assert stage_fingerprint(spec, "base0", None, {"mask": {"bits_sha256": "ab"}}) != stage_fingerprint(
         spec, "base0", None, {"mask": {"bits_sha256": "cd"}})

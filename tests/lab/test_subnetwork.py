@@ -55,7 +55,8 @@ def test_masked_stage_with_weight_decay_keeps_frozen_masters(micro_demo, tmp_pat
     masked) and a random half mask: frozen masters bit-identical, trained ones moved."""
     import dataclasses
 
-    from rlsubnet.lab.pipeline import DemoConfig, finetune_specs
+    from rlsubnet.lab.config import DemoConfig
+    from rlsubnet.lab.pipeline import finetune_specs
     from rlsubnet.lab.subnet import run_masked_stage
     from rlsubnet.train import check_frozen_masters
 
@@ -157,8 +158,11 @@ def test_worker_processes_give_the_same_bits(micro_demo, micro_args, tmp_path):
 def test_empty_subnetwork_is_skipped_not_an_error(micro_demo, tmp_path):
     """A full run that changed no bf16 entry has no subnetwork: its re-runs are skipped with the reason, and
     what needs a skipped stage is skipped too."""
-    from rlsubnet.lab.pipeline import (DemoConfig, MaskStore, PlannedStage, StageContext, finetune_specs, plan_rerun)
+    from rlsubnet.lab.config import DemoConfig
+    from rlsubnet.lab.pipeline import finetune_specs, plan_rerun
+    from rlsubnet.lab.scheduler import PlannedStage, StageContext
     from rlsubnet.lab.stages import StageResult
+    from rlsubnet.lab.subnet import MaskStore
 
     out, results = micro_demo
     specs = {s.name: s for s in finetune_specs(DemoConfig(**results["config"]))}

@@ -53,8 +53,9 @@ def test_unknown_task():
 
 
 def test_stage_and_pretraining_data_stay_in_the_training_split():
+    from rlsubnet.lab.config import StageSpec
+    from rlsubnet.lab.data import stage_rows
     from rlsubnet.lab.pretrain import PretrainSpec, pretrain_rows
-    from rlsubnet.lab.stages import StageSpec, stage_rows
 
     heldout = {p.prompt for t in TASKS.values() for p in t.split("heldout") + t.split("validation")}
     rows = pretrain_rows(PretrainSpec(size="micro", tasks=("add", "sub"), max_steps=400, batch_size=64))
@@ -67,7 +68,8 @@ def test_stage_and_pretraining_data_stay_in_the_training_split():
 
 
 def test_own_samples_from_outside_the_training_split_are_refused():
-    from rlsubnet.lab.stages import StageSpec, stage_rows
+    from rlsubnet.lab.config import StageSpec
+    from rlsubnet.lab.data import stage_rows
 
     held = get_task("add").split("heldout")[0]
     samples = [{"prompt": held.prompt, "answer": held.answer, "completions": [held.answer, "0"],
@@ -78,7 +80,7 @@ def test_own_samples_from_outside_the_training_split_are_refused():
 
 
 def test_dpo_pairs_and_rft_examples_from_own_samples():
-    from rlsubnet.lab.stages import own_correct_examples, own_pairs
+    from rlsubnet.lab.data import own_correct_examples, own_pairs
 
     samples = [
         {"prompt": "1+1=", "answer": "2", "completions": ["3", "21", "2", "2"], "correct": [False, False, True, True],

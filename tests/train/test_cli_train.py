@@ -72,3 +72,51 @@ def test_a_mask_for_another_model_fails_cleanly(base, tmp_path, capsys):
 def test_train_needs_samples_for_own_data(base, tmp_path, capsys):
     rc = main(["train", "dpo", "--base", str(base), "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and "--samples" in capsys.readouterr().err
+
+
+def _train_namespace(argv):
+    import argparse
+
+    from rlsubnet.cli import train
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers())
+    return parser.parse_args(["train", *argv])
+
+
+def test_stage_flags_come_from_the_stage_spec():
+    """Every StageSpec field the command line may set is a flag with the spec's default; the per-algorithm data and
+    β are filled in by the spec itself, so a spec built from flags fingerprints like one built in Python."""
+    import dataclasses
+
+    from rlsubnet.cli.config_args import from_args
+    from rlsubnet.lab.config import StageSpec
+    from rlsubnet.lab.stages import stage_fingerprint
+
+    ns = _train_namespace(["dpo", "--base", "b", "--out", "o"])
+    spec = from_args(StageSpec, ns, name="dpo")
+    assert spec == StageSpec("dpo", "dpo")
+    assert (spec.data, spec.beta, spec.learning_rate, spec.steps, spec.task) == ("own-pairs", 0.1, 1e-6, 100, "add")
+    assert stage_fingerprint(spec, "b", None) == stage_fingerprint(
+        StageSpec("dpo", "dpo", task="add", data="own-pairs", learning_rate=1e-6, steps=100, beta=0.1), "b", None)
+    on_cli = {f.name for f in dataclasses.fields(StageSpec) if f.metadata.get("cli") is not False} - {"name"}
+    assert on_cli <= set(vars(ns))
+    spec = from_args(StageSpec, _train_namespace(["grpo", "--base", "b", "--out", "o", "--lr", "1e-3", "--beta", "0.04"]),
+                     name="g")
+    assert (spec.learning_rate, spec.beta, spec.data) == (1e-3, 0.04, "prompts")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare-dtype", "fp16"], "unknown --compare-dtype 'fp16' (choose from bf16, fp32, native)"),
+    (["--task", "mul"], "unknown --task 'mul'"),
+    (["--eval-task", "add", "--eval-task", "div"], "unknown --eval-task 'div'"),
+    (["--data", "gold"], "--data 'gold' does not fit grpo"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+])
+def test_bad_stage_options(base, tmp_path, capsys, args, message):
+    out = tmp_path / "x"
+    rc = main(["train", "grpo", "--base", str(base), "--out", str(out), "-q", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -15,12 +15,49 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from rlsubnet import limits
-from rlsubnet.cli.common import Number, Seed
+from rlsubnet.cli.config_args import add_dataclass_arguments, from_args
+from rlsubnet.errors import UsageError
+from rlsubnet.fileio import atomic_write_text, output_lock
+from rlsubnet.lab.config import StageSpec, check_choices
+from rlsubnet.lab.tasks import TASKS
 
-DEFAULT_DATA = {"grpo": "prompts", "dpo": "own-pairs", "sft": "gold"}
-DEFAULT_BETA = {"grpo": 0.0, "dpo": 0.1, "sft": 0.0}
+STAGE = "stage"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``rlsubnet train`` needs beyond the stage's own settings (:class:`rlsubnet.lab.config.StageSpec`)."""
+
+    base: str = field(metadata={"help": "θ0: a lab model folder (bf16 weights, config, tokenizer)", "metavar": "DIR"})
+    out: str = field(metadata={"help": "stage folder to write (model/, master-fp32, stage.json...)", "metavar": "DIR"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
+    mask: str | None = field(default=None, metadata={
+        "help": "train only this mask's entries (a file from `rlsubnet mask`)", "metavar": "FILE", "group": "mask"})
+    mask_before_clip: bool = field(default=False, metadata={
+        "help": "mask the gradient before clipping (default: clip the full gradient, then mask, as the paper)",
+        "group": "mask"})
+    strict: bool = field(default=False, metadata={"help": "also restore frozen entries after every step", "group": "mask"})
+    compare_dtype: str = field(default="bf16", metadata={
+        "help": "dtype the result will be compared in; a mask built in another dtype is warned about",
+        "choices": ("bf16", "fp32", "native"), "group": "mask"})
+    allow_full: bool = field(default=False, metadata={"help": "accept a mask of density 1 without a warning",
+                                                      "group": "mask"})
+    name: str | None = field(default=None, metadata={
+        "help": "stage name", "default_help": "ALGORITHM, or ALGORITHM-sub with --mask", "group": STAGE})
+    samples: str | None = field(default=None, metadata={
+        "help": "θ0's own samples (needed by own-pairs / own-correct)", "metavar": "JSONL", "group": STAGE})
+    eval_task: list[str] | None = field(default=None, metadata={
+        "help": "held-out task to evaluate; repeatable", "choices": tuple(TASKS), "default_help": "--task",
+        "group": STAGE})
+    json: bool = field(default=False, metadata={"help": "print the stage record (and mask report) as JSON"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar", "aliases": ("-q",)})
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 def add_parser(sub) -> None:
@@ -32,82 +69,32 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("algorithm", choices=["grpo", "dpo", "sft"])
-    p.add_argument("--base", required=True, metavar="DIR", help="θ0: a lab model folder (bf16 weights, config, tokenizer)")
-    p.add_argument("--out", required=True, metavar="DIR", help="stage folder to write (model/, master-fp32, stage.json...)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    g = p.add_argument_group("mask")
-    g.add_argument("--mask", metavar="FILE", help="train only this mask's entries (a file from `rlsubnet mask`)")
-    g.add_argument("--mask-before-clip", action="store_true",
-                   help="mask the gradient before clipping (default: clip the full gradient, then mask, as the paper)")
-    g.add_argument("--strict", action="store_true", help="also restore frozen entries after every step")
-    g.add_argument("--compare-dtype", choices=["bf16", "fp32", "native"], default="bf16",
-                   help="dtype the result will be compared in; a mask built in another dtype is warned about")
-    g.add_argument("--allow-full", action="store_true", help="accept a mask of density 1 without a warning")
-    s = p.add_argument_group("stage")
-    s.add_argument("--name", help="stage name (default: ALGORITHM, or ALGORITHM-sub with --mask)")
-    s.add_argument("--task", default="add", help="task to train on (default: add)")
-    s.add_argument("--data", help="prompts (grpo), own-pairs (dpo), gold or own-correct (sft); default per algorithm")
-    s.add_argument("--samples", metavar="JSONL", help="θ0's own samples (needed by own-pairs / own-correct)")
-    s.add_argument("--lr", type=Number("--lr", float, lo_open=True), default=1e-6, help="learning rate (default: %(default)s)")
-    s.add_argument("--steps", type=Number("--steps", int, 1, limits.MAX_STEPS), default=100, help="optimizer steps (default: %(default)s)")
-    s.add_argument("--batch-size", type=Number("--batch-size", int, 1, limits.MAX_BATCH), default=32, help="prompts (grpo), pairs (dpo) or examples (sft) per step")
-    s.add_argument("--seed", type=Seed(), default=0, help="trainer seed (default: %(default)s)")
-    s.add_argument("--data-seed", type=Seed("--data-seed"), help="seed of the data order (default: --seed)")
-    s.add_argument("--max-grad-norm", type=Number("--max-grad-norm", float), default=1.0, help="gradient clipping; 0 disables it")
-    s.add_argument("--beta", type=Number("--beta", float), help="GRPO KL coefficient (default 0) or DPO β (default 0.1)")
-    s.add_argument("--num-generations", type=Number("--num-generations", int, 2, limits.MAX_GENERATIONS), default=8, help="GRPO completions per prompt")
-    s.add_argument("--weight-decay", type=Number("--weight-decay", float), default=0.0, help="AdamW weight decay (masked runs: inside the mask only)")
-    s.add_argument("--snapshot-every", type=Number("--snapshot-every", int, 1, limits.MAX_STEPS), default=10, help="steps between bf16 snapshots")
-    s.add_argument("--eval-task", action="append", help="held-out tasks to evaluate (default: --task); repeatable")
-    p.add_argument("--json", action="store_true", help="print the stage record (and mask report) as JSON")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_dataclass_arguments(p, TrainConfig)
+    add_dataclass_arguments(p, StageSpec, exclude=("name",), group=STAGE)
     p.set_defaults(run=run)
 
 
-def check_frozen_masters(mask, base_dir, master_path) -> dict:
-    """Count entries outside the mask whose fp32 master differs (bitwise) from θ0's value upcast to fp32
-    (:func:`rlsubnet.train.verify.check_frozen_masters`)."""
-    from rlsubnet.train.verify import check_frozen_masters as check
-
-    return check(mask, base_dir, master_path)
-
-
 def run(args: argparse.Namespace) -> int:
-    from rlsubnet.fileio import output_lock
+    cfg = from_args(TrainConfig, args)
+    with output_lock(cfg.out, members=("mask.json",)):  # one writer per output, for the whole run
+        return _run(cfg, args)
 
-    with output_lock(args.out, members=("mask.json",)):  # one writer per output, for the whole run
-        return _run(args)
 
-
-def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rlsubnet.errors import UsageError
-    from rlsubnet.fileio import atomic_write_text
-
+def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     try:
-        from rlsubnet.lab.stages import StageSpec, run_stage
+        from rlsubnet.lab.stages import run_stage
+        from rlsubnet.masks import Mask, MaskError
+        from rlsubnet.train import check_frozen_masters
     except ImportError as exc:  # the train extra (transformers, trl, datasets) is missing
         raise UsageError(f"`rlsubnet train` needs the train extra (pip install 'rlsubnet[train]'): {exc}") from None
 
-    base_dir = Path(args.base)
+    base_dir = Path(cfg.base)
     if not (base_dir / "config.json").is_file():
         raise UsageError(f"{base_dir}: not a lab model folder (no config.json)")
-    mask = None
-    if args.mask:
-        from rlsubnet.masks import Mask
-
-        mask = Mask.load(args.mask)
-    beta = args.beta if args.beta is not None else DEFAULT_BETA[args.algorithm]
-    name = args.name or (f"{args.algorithm}-sub" if mask is not None else args.algorithm)
-    spec = StageSpec(
-        name=name, algorithm=args.algorithm, task=args.task, data=args.data or DEFAULT_DATA[args.algorithm],
-        learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size, seed=args.seed, data_seed=args.data_seed,
-        max_grad_norm=args.max_grad_norm, beta=beta, num_generations=args.num_generations,
-        weight_decay=args.weight_decay, snapshot_every=args.snapshot_every,
-    )
-    if spec.uses_own_samples and not args.samples:
+    mask = Mask.load(cfg.mask) if cfg.mask else None
+    name = cfg.name or (f"{args.algorithm}-sub" if mask is not None else args.algorithm)
+    spec = from_args(StageSpec, args, name=name)
+    if spec.uses_own_samples and not cfg.samples:
         raise UsageError(f"--data {spec.data} needs θ0's own samples: pass --samples JSONL")
 
     callbacks: list = []
@@ -117,43 +104,40 @@ def _run(args: argparse.Namespace) -> int:
         from rlsubnet.train import attach_mask
 
         warn_if_other_base(mask, base_dir)
-        options = {"strict": True if args.strict else None, "mask_before_clip": args.mask_before_clip,
-                   "compare_dtype": args.compare_dtype, "allow_full": args.allow_full}
-        extra = {"mask": {"path": str(args.mask), "kind": mask.kind, "atol": mask.atol, "dtype": mask.dtype,
-                          "density": mask.density, "bits_sha256": mask.bits_sha256(),
-                          "options": {k: v for k, v in options.items()}}}
+        options = {"strict": True if cfg.strict else None, "mask_before_clip": cfg.mask_before_clip,
+                   "compare_dtype": cfg.compare_dtype, "allow_full": cfg.allow_full}
+        extra = {"mask": {"path": str(cfg.mask), "kind": mask.kind, "atol": mask.atol, "dtype": mask.dtype,
+                          "density": mask.density, "bits_sha256": mask.bits_sha256(), "options": dict(options)}}
 
         def configure(trainer):
             callbacks.append(attach_mask(trainer, mask, **options))
 
     result = run_stage(
-        spec, base_dir=base_dir, out_dir=args.out, samples_path=args.samples, eval_tasks=args.eval_task,
-        configure_trainer=configure, extra_record=extra, progress=not args.quiet, overwrite=args.overwrite,
+        spec, base_dir=base_dir, out_dir=cfg.out, samples_path=cfg.samples, eval_tasks=cfg.eval_task,
+        configure_trainer=configure, extra_record=extra, progress=not cfg.quiet, overwrite=cfg.overwrite,
     )
     report = None
     if mask is not None:
         report = {"mask": extra["mask"], "optimizer": callbacks[0].last_report if callbacks else None,
                   "check": check_frozen_masters(mask, base_dir, result.master_path)}
-        atomic_write_text(Path(args.out) / "mask.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(cfg.out) / "mask.json", json.dumps(report, indent=2) + "\n")
         if report["check"]["frozen_entries_moved"]:
-            from rlsubnet.masks import MaskError
-
             raise MaskError(
                 f"{result.master_path}: {report['check']['frozen_entries_moved']} entries outside the mask moved "
-                f"({', '.join(report['check']['moved_by_tensor'])}); see {args.out}/mask.json"
+                f"({', '.join(report['check']['moved_by_tensor'])}); see {cfg.out}/mask.json"
             )
-    if args.json:
+    if cfg.json:
         json.dump({"stage": result.record, "mask": report}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     rec = result.record
-    print(f"wrote {args.out}: {rec['settings']}")
+    print(f"wrote {cfg.out}: {rec['settings']}")
     for task, acc in rec.get("accuracy", {}).items():
         print(f"  held-out accuracy on {task}: {acc['bf16']['accuracy']:.2%} (bf16 model, n = {acc['bf16']['n']:,})")
     if report is not None:
         opt = report["optimizer"] or {}
         c = report["check"]
-        print(f"  mask {args.mask}: trained {opt.get('trainable', 0):,} of {opt.get('numel', 0):,} entries "
+        print(f"  mask {cfg.mask}: trained {opt.get('trainable', 0):,} of {opt.get('numel', 0):,} entries "
               f"(density {opt.get('density', 0):.4f}); {opt.get('order')}; {opt.get('mode')}")
         print(f"  fp32 masters outside the mask: {c['frozen_entries_moved']} of {c['frozen_entries_checked']:,} "
               "entries moved (bitwise against θ0)")
@@ -162,8 +146,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def warn_if_other_base(mask, base_dir) -> None:
     """Warn when the mask records a different θ0 than the one training starts from (content hash)."""
-    import warnings
-
     from rlsubnet.checkpoint import open_checkpoint
     from rlsubnet.checkpoint.hashing import HASH_SCHEME, hash_checkpoint
 

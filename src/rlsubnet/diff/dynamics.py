@@ -88,45 +88,62 @@ class DynamicsCounts:
         }
 
 
-def decompose_tensor(
-    base: torch.Tensor, snapshots: Iterable[torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), dtype: str = "bf16"
-) -> list[DynamicsCounts]:
-    """Decompose one tensor's entries given its snapshots in training order (the last is the final model)."""
-    ever = [torch.zeros(base.shape, dtype=torch.bool) for _ in atols]
-    last = None
-    k = 0
-    for snap in snapshots:
-        k += 1
-        last = changed_masks(base, snap, atols, dtype)
-        for e, m in zip(ever, last):
-            e |= m
-    if last is None:
-        raise ValueError("at least one snapshot (the final model) is needed")
-    out = []
-    n = base.numel()
-    for a, e, f in zip(atols, ever, last):
-        n_ever = int(e.sum())
-        n_final = int(f.sum())
-        # Every final change is also an "ever" change, so ever = returned + final exactly.
-        out.append(DynamicsCounts(atol=limits.atol(a), numel=n, never=n - n_ever, returned=n_ever - n_final, final=n_final))
-    return out
+class Decomposition:
+    """The decomposition built one snapshot at a time (the last one added is the final model), so that a run can be
+    decomposed after every optimizer step without keeping its snapshots: per tensor it keeps only which entries
+    have differed from the base so far, and which differ in the latest snapshot."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), dtype: str = "bf16"):
+        self.base = base
+        self.atols = tuple(limits.atol(a) for a in atols)
+        self.dtype = dtype
+        self.snapshots = 0
+        self._ever = {n: [torch.zeros(b.shape, dtype=torch.bool) for _ in self.atols] for n, b in base.items()}
+        self._last: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, snapshot: Mapping[str, torch.Tensor]) -> None:
+        for name, b in self.base.items():
+            if name not in snapshot:
+                raise KeyError(f"tensor {name!r} is missing from a snapshot")
+            masks = changed_masks(b, snapshot[name], self.atols, self.dtype)
+            for e, m in zip(self._ever[name], masks):
+                e |= m
+            self._last[name] = masks
+        self.snapshots += 1
+
+    def counts(self) -> list[DynamicsCounts]:
+        """Pooled counts per atol, the latest snapshot taken as the final model."""
+        if not self.snapshots:
+            raise ValueError("at least one snapshot (the final model) is needed")
+        totals = [DynamicsCounts(atol=a) for a in self.atols]
+        for name, b in self.base.items():
+            n = b.numel()
+            for total, a, e, f in zip(totals, self.atols, self._ever[name], self._last[name]):
+                n_ever, n_final = int(e.sum()), int(f.sum())
+                # Every final change is also an "ever" change, so ever = returned + final exactly.
+                total.add(DynamicsCounts(atol=a, numel=n, never=n - n_ever, returned=n_ever - n_final, final=n_final))
+        return totals
 
 
 def decompose(
     base: Mapping[str, torch.Tensor],
-    snapshots: Sequence[Mapping[str, torch.Tensor]],
+    snapshots: Iterable[Mapping[str, torch.Tensor]],
     atols: Sequence[float] = (0.0, 1e-5),
     dtype: str = "bf16",
 ) -> list[DynamicsCounts]:
-    """Pooled decomposition over every tensor of ``base``; each snapshot must hold the same tensors."""
-    totals = [DynamicsCounts(atol=limits.atol(a)) for a in atols]
-    for name, b in base.items():
-        for snap in snapshots:
-            if name not in snap:
-                raise KeyError(f"tensor {name!r} is missing from a snapshot")
-        for total, counts in zip(totals, decompose_tensor(b, (s[name] for s in snapshots), atols, dtype)):
-            total.add(counts)
-    return totals
+    """Pooled decomposition over every tensor of ``base``, given its snapshots in training order (the last is the
+    final model); each snapshot must hold the same tensors."""
+    d = Decomposition(base, atols, dtype)
+    for snap in snapshots:
+        d.add(snap)
+    return d.counts()
+
+
+def decompose_tensor(
+    base: torch.Tensor, snapshots: Iterable[torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), dtype: str = "bf16"
+) -> list[DynamicsCounts]:
+    """:func:`decompose` for one tensor."""
+    return decompose({"tensor": base}, ({"tensor": s} for s in snapshots), atols, dtype)
 
 
 # -- P(changed | |w|): the precision mechanism

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlsubnet.lab.rewards import is_correct, normalise_completion
+import torch
+
+from rlsubnet.lab.rewards import is_correct
 from rlsubnet.lab.tasks import Problem
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, sample: bool = False,
              num_return_sequences: int = 1, generator_seed: int | None = None, batch_size: int = 512) -> list[str]:
     """Completions (decoded, special tokens kept so that the reward can cut at <eos>), prompt-major order."""
-    import torch
-
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -44,10 +44,3 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_token
     completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
     correct = sum(is_correct(c, p.answer) for c, p in zip(completions, problems))
     return {"n": len(problems), "correct": correct, "accuracy": correct / len(problems) if problems else 0.0}
-
-
-def sample_completions(model, tokenizer, problems: Sequence[Problem], k: int, max_new_tokens: int, seed: int) -> list[list[str]]:
-    """``k`` completions per problem at temperature 1 (the policy's own distribution), normalised answers."""
-    flat = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens, sample=True,
-                    num_return_sequences=k, generator_seed=seed)
-    return [[normalise_completion(c) for c in flat[i * k : (i + 1) * k]] for i in range(len(problems))]

@@ -13,32 +13,14 @@ written twice, so it is not counted twice by the compare engine either).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+from rlsubnet.checkpoint import SafetensorsWriter, save_state_dict
 from rlsubnet.errors import UsageError
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int = 64
-
-
-SIZES: dict[str, ModelSize] = {
-    "micro": ModelSize(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    "small": ModelSize(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
-    "medium": ModelSize(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
-}
-
-
-def model_size(name: str) -> ModelSize:
-    if name not in SIZES:
-        raise UsageError(f"unknown --size {name!r} (choose from {', '.join(SIZES)})")
-    return SIZES[name]
+from rlsubnet.fileio import atomic_write_text
+from rlsubnet.lab.config import model_size
 
 
 def llama_config(size: str, tokenizer):
@@ -67,7 +49,6 @@ def llama_config(size: str, tokenizer):
 
 def build_model(size: str, tokenizer, seed: int):
     """A freshly initialised fp32 model; the same size, tokenizer and seed give bit-identical weights."""
-    import torch
     from transformers import LlamaForCausalLM
 
     config = llama_config(size, tokenizer)
@@ -95,8 +76,6 @@ def unique_state(model, dtype=None) -> dict:
 
 def save_weights_file(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
     """One safetensors file (fp32 masters, snapshots), written under a temporary name and renamed."""
-    from rlsubnet.checkpoint import SafetensorsWriter
-
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     with SafetensorsWriter(path, specs, meta) as w:
@@ -107,9 +86,6 @@ def save_weights_file(tensors: dict, path: str | Path, metadata: dict | None = N
 
 def save_model(model, out_dir: str | Path, dtype, *, tokenizer=None, metadata: dict | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder with its weights cast to ``dtype`` (a torch dtype)."""
-    from rlsubnet.checkpoint import save_state_dict
-    from rlsubnet.fileio import atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}}
@@ -126,7 +102,6 @@ def save_model(model, out_dir: str | Path, dtype, *, tokenizer=None, metadata: d
 def load_model(path: str | Path, dtype=None):
     """Load a folder written by :func:`save_model` (or any local Llama folder) and upcast it to ``dtype``
     (fp32 by default): training keeps fp32 master weights whose starting values are the stored ones exactly."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -134,11 +109,3 @@ def load_model(path: str | Path, dtype=None):
         raise UsageError(f"{path}: not a model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     return model.to(dtype or torch.float32)
-
-
-def size_table() -> list[dict]:
-    """Parameter count of every size with the default tokenizer (for --help and the docs)."""
-    from rlsubnet.lab.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    return [{"size": k, **asdict(v), "parameters": count_parameters(build_model(k, tok, 0))} for k, v in SIZES.items()]

@@ -17,10 +17,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rlsubnet._version import __version__
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text
+from rlsubnet.lab.data import sft_features
+from rlsubnet.lab.evaluate import generate, greedy_accuracy
+from rlsubnet.lab.config import model_size
+from rlsubnet.lab.model import build_model, count_parameters, load_model, save_model, save_weights_file, unique_state
+from rlsubnet.lab.progress import StageProgress
+from rlsubnet.lab.rewards import is_correct, normalise_completion
+from rlsubnet.lab.stages import (StageResult, common_args, default_optimizer, fingerprint, library_versions,
+                                 model_digest, quiet_libraries, remove_default_printers)
 from rlsubnet.lab.tasks import get_task, ordered
+from rlsubnet.lab.tokenizer import EOS, build_tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,6 @@ class PretrainSpec:
     target_accuracy: float = 0.6
 
     def __post_init__(self):
-        from rlsubnet.lab.model import model_size
-
         model_size(self.size)
         for t in self.tasks:
             get_task(t)
@@ -72,19 +81,9 @@ def pretrain_rows(spec: PretrainSpec) -> list[dict]:
 
 def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False):
     """Train θ0 and write ``out_dir`` (model/ in bf16 with the tokenizer, master-fp32, curve, stage.json)."""
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
-
-    from rlsubnet.lab.evaluate import greedy_accuracy
-    from rlsubnet.lab.model import build_model, count_parameters, load_model, save_model, save_weights_file, unique_state
-    from rlsubnet.lab.progress import StageProgress
-    from rlsubnet.lab.stages import (
-        StageResult, _remove_default_printers, common_args, default_optimizer, fingerprint, library_versions,
-        quiet_libraries, sft_features,
-    )
-    from rlsubnet.lab.tokenizer import build_tokenizer
 
     quiet_libraries()
     out_dir = Path(out_dir)
@@ -136,7 +135,7 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[stopper], optimizers=(default_optimizer(model, args), None))
-        _remove_default_printers(trainer)
+        remove_default_printers(trainer)
         t_train = time.monotonic()
         try:
             trainer.train()
@@ -191,13 +190,6 @@ class SampleSpec:
 def run_samples(spec: SampleSpec, base_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
                 overwrite: bool = False):
     """``k`` samples per training prompt from θ0 at temperature 1: the data of DPO and rejection-sampling FT."""
-    from rlsubnet.lab.evaluate import generate
-    from rlsubnet.lab.model import load_model
-    from rlsubnet.lab.progress import StageProgress
-    from rlsubnet.lab.rewards import is_correct, normalise_completion
-    from rlsubnet.lab.stages import StageResult, fingerprint, library_versions, model_digest, quiet_libraries
-    from rlsubnet.lab.tokenizer import EOS, load_tokenizer
-
     quiet_libraries()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     t_start = time.monotonic()

@@ -12,116 +12,41 @@ A stage trains fp32 master weights that start at θ0's bf16 values exactly, and 
     data.jsonl                 the training rows in the order the trainer saw them
     log.jsonl                  the trainer's logs, one line per step
 
-Subnetwork re-runs reuse :func:`run_stage`: pass the same spec (same ``seed`` and ``data_seed``, so
+The subnetwork re-runs reuse :func:`run_stage`: pass the same spec (same ``seed`` and ``data_seed``, so
 the same rows in the same order and the same sampling RNG), an ``optimizer_factory`` that wraps
 :func:`default_optimizer` in a masked optimizer, and/or extra ``callbacks`` / a ``configure_trainer`` hook.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from rlsubnet import limits
+import torch
+
 from rlsubnet._version import __version__
-from rlsubnet.errors import UsageError
+from rlsubnet.diff.dynamics import Decomposition, changed_masks
+from rlsubnet.diff.stats import atol_record
 from rlsubnet.fileio import atomic_dir, atomic_write_text, locks_output, safe_member_name
-from rlsubnet.lab.tasks import Problem, get_task, ordered
+from rlsubnet.lab.config import StageSpec
+from rlsubnet.lab.data import load_samples, sft_features, stage_rows
+from rlsubnet.lab.evaluate import greedy_accuracy
+from rlsubnet.lab.model import load_model, save_model, save_weights_file, unique_state
+from rlsubnet.lab.progress import StageProgress
+from rlsubnet.lab.rewards import exact_match_reward
+from rlsubnet.lab.tasks import get_task
+from rlsubnet.lab.tokenizer import load_tokenizer
 
-ALGORITHMS = ("grpo", "dpo", "sft")
-DATA_SOURCES = {
-    "grpo": ("prompts",),
-    "dpo": ("own-pairs",),
-    "sft": ("gold", "own-correct"),
-}
+# The train extra (transformers, trl, datasets, accelerate) is imported where it is used: `rlsubnet --help` and the
+# library's own commands never need it.
+
 STEP_ATOLS = (0.0, 1e-5)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Everything that decides what a finetuning stage computes (and so its fingerprint)."""
-
-    name: str
-    algorithm: str = field(metadata={"help": "grpo | dpo | sft"})
-    task: str = field(metadata={"help": "task whose training split the stage trains on"})
-    data: str = field(
-        metadata={
-            "help": "prompts (GRPO), gold (SFT on reference answers), own-correct (rejection-sampling FT on θ0's "
-            "correct samples), own-pairs (DPO on θ0's correct vs incorrect samples)"
-        }
-    )
-    learning_rate: float
-    steps: int
-    batch_size: int = field(default=32, metadata={"help": "prompts (GRPO), pairs (DPO) or examples (SFT) per step"})
-    seed: int = field(default=0, metadata={"help": "trainer seed: initial RNG state, GRPO sampling"})
-    data_seed: int | None = field(default=None, metadata={"help": "seed of the data order (None: seed)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 disables it"})
-    beta: float = field(default=0.0, metadata={"help": "GRPO: KL coefficient (0 = no KL term); DPO: β"})
-    num_generations: int = field(default=8, metadata={"help": "GRPO completions per prompt"})
-    loss_type: str | None = field(default=None, metadata={"help": "GRPO: grpo (default); DPO: sigmoid (default)"})
-    weight_decay: float = 0.0
-    snapshot_every: int = field(default=10, metadata={"help": "steps between bf16 snapshots"})
-    description: str = ""
-
-    def __post_init__(self):
-        safe_member_name(self.name, "stage name", UsageError)  # names its folder and mask files
-        if self.algorithm not in ALGORITHMS:
-            raise UsageError(f"stage {self.name}: unknown algorithm {self.algorithm!r} (choose from {', '.join(ALGORITHMS)})")
-        if self.data not in DATA_SOURCES[self.algorithm]:
-            raise UsageError(f"stage {self.name}: data {self.data!r} does not fit {self.algorithm}")
-        get_task(self.task)
-        what = f"stage {self.name}:"
-        for key, hi in (("steps", limits.MAX_STEPS), ("batch_size", limits.MAX_BATCH),
-                        ("snapshot_every", limits.MAX_STEPS), ("num_generations", limits.MAX_GENERATIONS)):
-            limits.integer(getattr(self, key), f"{what} {key}", 1, hi)
-        limits.seed(self.seed, f"{what} seed")
-        if self.data_seed is not None:
-            limits.seed(self.data_seed, f"{what} data_seed")
-        limits.real(self.learning_rate, f"{what} learning rate", lo_open=True)
-        for key in ("max_grad_norm", "beta", "weight_decay"):
-            limits.real(getattr(self, key), f"{what} {key}")
-
-    @property
-    def effective_data_seed(self) -> int:
-        return self.seed if self.data_seed is None else self.data_seed
-
-    @property
-    def resolved_loss_type(self) -> str | None:
-        if self.loss_type is not None:
-            return self.loss_type
-        return {"grpo": "grpo", "dpo": "sigmoid"}.get(self.algorithm)
-
-    @property
-    def uses_own_samples(self) -> bool:
-        return self.data.startswith("own-")
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["data_seed"] = self.effective_data_seed
-        d["loss_type"] = self.resolved_loss_type
-        return d
-
-    def settings_line(self) -> str:
-        """The settings a figure or table row states next to the number."""
-        parts = [f"{self.algorithm.upper()} on {self.task} ({self.data})", f"lr {self.learning_rate:g}", f"{self.steps} steps",
-                 f"batch {self.batch_size}", f"seed {self.seed}"]
-        if self.algorithm == "grpo":
-            parts += [f"β {self.beta:g}", f"{self.num_generations} completions/prompt"]
-        if self.algorithm == "dpo":
-            parts.append(f"β {self.beta:g}")
-        parts.append(f"clip {self.max_grad_norm:g}" if self.max_grad_norm > 0 else "no clipping")
-        if self.weight_decay:
-            parts.append(f"weight decay {self.weight_decay:g}")
-        if self.data_seed is not None and self.data_seed != self.seed:
-            parts.append(f"data seed {self.data_seed}")
-        return ", ".join(parts)
 
 
 def fingerprint(obj) -> str:
@@ -144,7 +69,6 @@ def model_digest(model_dir: str | Path) -> str:
 def library_versions() -> dict:
     import accelerate
     import datasets
-    import torch
     import transformers
     import trl
 
@@ -173,102 +97,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"accelerate\..*")
 
 
-# -- data
-
-
-def _digest_rows(rows: Sequence[dict]) -> str:
-    return hashlib.sha256("\n".join(json.dumps(r, sort_keys=True) for r in rows).encode()).hexdigest()[:16]
-
-
-def load_samples(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def own_correct_examples(samples: Sequence[dict]) -> list[dict]:
-    """Rejection sampling: for every prompt θ0 solved at least once, its first correct sample."""
-    out = []
-    for s in samples:
-        good = [c for c, ok in zip(s["completions"], s["correct"]) if ok]
-        if good:
-            out.append({"prompt": s["prompt"], "completion": good[0]})
-    return out
-
-
-def own_pairs(samples: Sequence[dict]) -> list[dict]:
-    """DPO pairs from θ0's own samples: a correct one (chosen) against an incorrect one (rejected).
-
-    Among incorrect samples, one the policy ended itself (with <eos>) is preferred: DPO appends <eos> to both
-    responses, so a truncated sample would become a sequence the policy did not produce.
-    """
-    out = []
-    for s in samples:
-        good = [c for c, ok in zip(s["completions"], s["correct"]) if ok]
-        bad = [(c, t) for c, ok, t in zip(s["completions"], s["correct"], s["terminated"]) if not ok]
-        if good and bad:
-            bad.sort(key=lambda ct: not ct[1])  # stable: terminated first, then sampling order
-            out.append({"prompt": s["prompt"], "chosen": good[0], "rejected": bad[0][0]})
-    return out
-
-
-def stage_rows(spec: StageSpec, samples: Sequence[dict] | None = None) -> tuple[list[dict], dict]:
-    """The stage's training rows in training order, and a record of where they came from.
-
-    Rows are drawn from the task's *training* split only (θ0's samples were taken on training prompts too);
-    the order is :func:`rlsubnet.lab.tasks.ordered` under ``data_seed``, so it is the same for every re-run.
-    """
-    task = get_task(spec.task)
-    n = spec.steps * spec.batch_size
-    train = task.split("train")
-    if spec.data in ("prompts", "gold"):
-        pool: list = list(train)
-    else:
-        if samples is None:
-            raise UsageError(f"stage {spec.name}: needs θ0's own samples ({spec.data})")
-        train_prompts = {p.prompt for p in train}
-        foreign = [s["prompt"] for s in samples if s["prompt"] not in train_prompts]
-        if foreign:
-            raise UsageError(f"stage {spec.name}: samples include prompts outside the training split, e.g. {foreign[0]!r}")
-        pool = own_correct_examples(samples) if spec.data == "own-correct" else own_pairs(samples)
-        if not pool:
-            what = "correct samples" if spec.data == "own-correct" else "prompts with both a correct and an incorrect sample"
-            raise UsageError(
-                f"stage {spec.name}: θ0 produced no {what} on the {spec.task} training prompts; "
-                "pretrain further (raise --pretrain-target or --pretrain-max-steps)"
-            )
-    chosen = ordered(pool, n, spec.effective_data_seed)
-    rows = []
-    for item in chosen:
-        if isinstance(item, Problem):
-            rows.append({"prompt": item.prompt, "answer": item.answer} if spec.data == "prompts"
-                        else {"prompt": item.prompt, "completion": item.answer})
-        else:
-            rows.append(dict(item))
-    record = {
-        "source": spec.data,
-        "split": "train",
-        "rows": len(rows),
-        "pool": len(pool),
-        "unique_prompts": len({r["prompt"] for r in rows}),
-        "epochs": len(rows) / len(pool),
-        "digest": _digest_rows(rows),
-    }
-    return rows, record
-
-
-def sft_features(rows: Sequence[dict], tokenizer) -> dict[str, list]:
-    """Pre-tokenised SFT examples with the loss on the completion (and <eos>) only.
-
-    Tokenising here rather than in SFTTrainer keeps a 100k-row pretraining set from spending most of the demo's
-    time in ``datasets.map``; the trainer's collator, loss and loop are TRL's own.
-    """
-    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    completions = tokenizer([r["completion"] + tokenizer.eos_token for r in rows], add_special_tokens=False)["input_ids"]
-    input_ids = [p + c for p, c in zip(prompts, completions)]
-    labels = [[-100] * len(p) + c for p, c in zip(prompts, completions)]
-    return {"input_ids": input_ids, "labels": labels}
-
-
 # -- trainers
 
 
@@ -278,8 +106,6 @@ def default_optimizer(model, args):
     Made here, not by the Trainer, so that a masked re-run can wrap exactly the same optimizer (the Trainer's
     default on torch ≥ 2.8 is the fused kernel, whose rounding differs). Norms and biases get no weight decay.
     """
-    import torch
-
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -326,7 +152,7 @@ def common_args(output_dir: str, *, learning_rate: float, steps: int, seed: int,
     )
 
 
-def _remove_default_printers(trainer) -> None:
+def remove_default_printers(trainer) -> None:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -337,9 +163,6 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
                   callbacks: Sequence = (), optimizer_factory: Callable | None = None):
     """The TRL trainer of a stage, configured explicitly (no library default left to decide the result)."""
     from datasets import Dataset
-
-    from rlsubnet.lab.model import load_model
-    from rlsubnet.lab.rewards import exact_match_reward
 
     task = get_task(spec.task)
     base = common_args(str(output_dir), learning_rate=spec.learning_rate, steps=spec.steps, seed=spec.seed,
@@ -399,7 +222,7 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
                                       callbacks=list(callbacks), optimizers=(opt, None))
     optimizer = (optimizer_factory or default_optimizer)(model, args)
     trainer = make(optimizer)
-    _remove_default_printers(trainer)
+    remove_default_printers(trainer)
     return trainer
 
 
@@ -407,10 +230,6 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
 
 
 def _bf16_state(model) -> dict:
-    import torch
-
-    from rlsubnet.lab.model import unique_state
-
     return unique_state(model, torch.bfloat16)
 
 
@@ -418,10 +237,6 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
                    progress=None, step_atols: Sequence[float] = STEP_ATOLS):
     """(snapshots, per-step tracker, log collector) as TrainerCallbacks over ``model``'s parameters."""
     from transformers import TrainerCallback
-
-    from rlsubnet.diff.dynamics import DynamicsCounts, changed_mask, changed_masks
-    from rlsubnet.diff.stats import atol_record
-    from rlsubnet.lab.model import save_weights_file
 
     class Snapshots(TrainerCallback):
         """bf16 weights every ``snapshot_every`` steps and at the last step (the final model)."""
@@ -443,11 +258,11 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
 
     class StepTracker(TrainerCallback):
         """After every optimizer step: the engine's changed-test against the previous step's bf16 weights, and the
-        entries that have differed from θ0 at any step so far (for the one-step-resolution decomposition)."""
+        never / returned / final decomposition at one-step resolution (the last step is the final model)."""
 
         def __init__(self):
             self.prev = base_state
-            self.ever = {n: [torch_zeros_like_bool(t) for _ in step_atols] for n, t in base_state.items()}
+            self.decomposition = Decomposition(base_state, step_atols)
             self.records: list[dict] = []
 
         def on_step_end(self, args, state, control, **kw):
@@ -456,13 +271,12 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
             cur = _bf16_state(model)
             changed = [0] * len(step_atols)
             numel = 0
-            for name, b in base_state.items():
+            for name in base_state:
                 c = cur[name]
                 numel += c.numel()
                 for k, m in enumerate(changed_masks(self.prev[name], c, step_atols)):
                     changed[k] += int(m.sum())
-                for e, m in zip(self.ever[name], changed_masks(b, c, step_atols)):
-                    e |= m
+            self.decomposition.add(cur)
             recs = [atol_record(a, numel, n) for a, n in zip(step_atols, changed)]
             self.records.append({
                 "step": state.global_step,
@@ -470,18 +284,6 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
                 "sparsity_vs_previous_step": {repr(g["atol"]): g["sparsity"] for g in recs},
             })
             self.prev = cur
-
-        def decomposition(self, final_state: dict) -> list[dict]:
-            out = []
-            for j, a in enumerate(step_atols):
-                c = DynamicsCounts(atol=a)
-                for name, b in base_state.items():
-                    n = b.numel()
-                    ever = int(self.ever[name][j].sum())
-                    fin = int(changed_mask(b, final_state[name], a).sum())
-                    c.add(DynamicsCounts(atol=a, numel=n, never=n - ever, returned=ever - fin, final=fin))
-                out.append(c.to_record())
-            return out
 
     class Logs(TrainerCallback):
         def __init__(self):
@@ -499,12 +301,6 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
                 progress.update(state.global_step, self._last)
 
     return Snapshots(), StepTracker(), Logs()
-
-
-def torch_zeros_like_bool(t):
-    import torch
-
-    return torch.zeros(t.shape, dtype=torch.bool)
 
 
 # -- running a stage
@@ -575,13 +371,6 @@ def run_stage(
     inside the stage's atomic write. ``extra_record`` is stored in stage.json and enters the fingerprint: record
     there what the hooks change (the mask file, its digest...).
     """
-    import torch
-
-    from rlsubnet.lab.evaluate import greedy_accuracy
-    from rlsubnet.lab.model import load_model, save_model, save_weights_file, unique_state
-    from rlsubnet.lab.progress import StageProgress
-    from rlsubnet.lab.tokenizer import load_tokenizer
-
     quiet_libraries()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     t_start = time.monotonic()
@@ -620,7 +409,6 @@ def run_stage(
         save_model(model, tmp / "model", torch.bfloat16, tokenizer=tokenizer, metadata=meta)
         save_weights_file(unique_state(model), tmp / "master-fp32.safetensors", {**meta, "dtype": "float32"})
 
-        final_state = _bf16_state(model)
         accuracy = {}
         bf16_model = load_model(tmp / "model")
         for t in eval_tasks:
@@ -632,7 +420,7 @@ def run_stage(
                 "heldout_digest": task.split_digest("heldout"),
             }
         steps_record = {"atols": list(STEP_ATOLS), "steps": tracker.records,
-                        "decomposition_every_step": tracker.decomposition(final_state)}
+                        "decomposition_every_step": [c.to_record() for c in tracker.decomposition.counts()]}
         atomic_write_text(tmp / "steps.json", json.dumps(steps_record, indent=1) + "\n")
         atomic_write_text(tmp / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs.logs))

@@ -32,7 +32,6 @@ DYNAMICS_PRIME = {"never": 72.0, "returned": 8.0, "final": 20.0}
 EVER_UPDATED_OUTSIDE_FINAL = 8.5  # "about 8.5% of parameters ever updated end outside the final subnetwork"
 PRIME_PLATEAU = 80.0  # sparsity levels off near 80%
 
-HYPERPARAMETERS = "DPO lr 5e-7, no weight decay, 1 epoch; PRIME actor lr 5e-7, grad clip 10, 4 rollouts/prompt"
 
 # Table 3: subnetwork-only training from θ_init (same data, hyperparameters and seed) against the full run:
 # share of parameters of θ_sub identical to θ_full (|θ_full − θ_sub| ≤ atol), and "test accuracy equal or better".

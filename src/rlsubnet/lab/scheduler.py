@@ -1,0 +1,253 @@
+"""Running the finetuning stages of a plan: each once the stages it needs are done, reusing finished ones, ``jobs``
+at a time in spawned worker processes (one torch thread count each). Which process runs a stage never changes a
+number: same spec, same inputs, same thread count, same bits.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlsubnet.errors import RlsubnetError
+from rlsubnet.lab import stages
+from rlsubnet.lab.config import StageSpec
+from rlsubnet.lab.progress import say
+from rlsubnet.lab.runfolder import RunFolder
+from rlsubnet.lab.subnet import run_masked_stage
+
+
+class Stopwatch:
+    """Wall and CPU time since it was made, as a timing record of results.json."""
+
+    def __init__(self):
+        self.t0, self.c0 = time.monotonic(), time.process_time()
+
+    def record(self, **extra) -> dict:
+        return {"wall_s": time.monotonic() - self.t0, "cpu_s": time.process_time() - self.c0, **extra}
+
+
+def time_note(t: dict) -> str:
+    if t.get("reused"):
+        return "  (reused)"
+    return f"  ({t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s cpu)"
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One stage to run, picklable so that a worker process can run it: the spec, what enters its fingerprint
+    beyond the spec, and for a masked stage the mask file (and the SHA-256 of its bits, checked on load)."""
+
+    spec: StageSpec
+    extra_record: dict | None = None
+    mask_path: str | None = None
+    mask_sha256: str | None = None
+    allow_full: bool = False
+
+
+def execute_job(job: StageJob, kwargs: dict):
+    """Run ``job`` in this process (``kwargs``: the rest of :func:`rlsubnet.lab.stages.run_stage`'s arguments)."""
+    if job.mask_path is not None:
+        return run_masked_stage(job.spec, mask_path=job.mask_path, mask_sha256=job.mask_sha256,
+                                allow_full=job.allow_full, extra_record=job.extra_record, **kwargs)
+    return stages.run_stage(job.spec, extra_record=job.extra_record, **kwargs)
+
+
+@dataclass
+class PlannedStage:
+    """A stage of the plan: its job, known up front, or ``prepare(done) -> StageJob | str`` called once the stages
+    it ``needs`` have finished (a masked re-run needs the full run's mask); a str means skipped, and says why."""
+
+    name: str
+    job: StageJob | str | None = None
+    needs: tuple[str, ...] = ()
+    prepare: object = None
+
+
+@dataclass
+class StageContext:
+    """What every finetuning stage of one demo run shares; :meth:`run_plan` runs the stages of a plan, in worker
+    processes when ``jobs`` > 1.
+
+    Whatever a hook changes must be described in ``extra_record``, which enters the fingerprint, so that a
+    finished stage is reused only for the same mask and options.
+    """
+
+    folder: RunFolder
+    theta0: Path
+    base_digest: str
+    samples_path: Path
+    samples_digest: str
+    eval_tasks: list
+    theta0_accuracy: dict
+    timings: dict
+    fresh: bool = False
+    progress: bool = True
+    jobs: int = 1
+    threads: int = 1
+
+    def _kwargs(self, spec: StageSpec, progress: bool) -> dict:
+        own = spec.uses_own_samples
+        return dict(base_dir=self.theta0, out_dir=self.folder.stage_dir(spec.name),
+                    samples_path=self.samples_path if own else None, eval_tasks=list(self.eval_tasks), progress=progress)
+
+    def lookup(self, spec: StageSpec, extra_record: dict | None = None):
+        """The finished stage if its folder holds this spec's result for these inputs, else None."""
+        sdig = self.samples_digest if spec.uses_own_samples else None
+        return self.folder.finished(spec.name, stages.stage_fingerprint(spec, self.base_digest, sdig, extra_record))
+
+    def _result_line(self, res, label: str = "") -> str:
+        accs = ", ".join(
+            f"{t} {self.theta0_accuracy[t]['bf16']['accuracy']:.1%} -> {v['bf16']['accuracy']:.1%}"
+            for t, v in res.record["accuracy"].items()
+        )
+        return f"    {label}held-out accuracy {accs}" + time_note(self.timings[res.name])
+
+    def run_plan(self, plan: list, *, first_number: int, total: int) -> tuple[dict, dict]:
+        """Run every stage of ``plan`` (in order, each once the stages it needs are done), reusing finished ones;
+        ``jobs`` > 1 runs that many at a time in worker processes (spawned; one torch thread count each).
+        Returns ({name: StageResult}, {name: why skipped})."""
+        done: dict = {}
+        skipped: dict[str, str] = {}
+        pending = list(plan)
+        number = {node.name: first_number + i for i, node in enumerate(plan)}
+        running: dict = {}
+        pool = None
+
+        def header(node, note=""):
+            say(f"[{number[node.name]}/{total}] {node.name}: {node.job.spec.settings_line()}{note}", self.progress)
+
+        try:
+            while pending or running:
+                progressed = False
+                for node in list(pending):
+                    if any(n not in done and n not in skipped for n in node.needs):
+                        continue
+                    if node.job is None:
+                        missing = [n for n in node.needs if n in skipped]
+                        node.job = (f"needs {', '.join(missing)}, which did not run" if missing else node.prepare(done))
+                    if isinstance(node.job, str):
+                        pending.remove(node)
+                        skipped[node.name] = node.job
+                        say(f"[{number[node.name]}/{total}] {node.name}: skipped ({node.job})", self.progress)
+                        progressed = True
+                        continue
+                    job = node.job
+                    if self.jobs == 1:
+                        pending.remove(node)
+                        header(node)
+                        done[node.name] = self._run_here(job)
+                        progressed = True
+                        break  # rescan in plan order: the stage may have unblocked others
+                    res = self.lookup(job.spec, job.extra_record)
+                    if res is not None:
+                        pending.remove(node)
+                        done[node.name] = res
+                        self.timings[node.name] = {"reused": True}
+                        header(node)
+                        say(self._result_line(res), self.progress)
+                        progressed = True
+                        continue
+                    if len(running) >= self.jobs:
+                        continue
+                    if pool is None:
+                        pool = _worker_pool(self.jobs, self.threads)
+                    pending.remove(node)
+                    header(node, f"  (started in a worker process; {len(running) + 1} running)")
+                    running[pool.submit(_worker_run, job, self._kwargs(job.spec, False))] = node
+                    progressed = True
+                if self.jobs == 1 or not running:
+                    if pending and not progressed:
+                        raise RlsubnetError(f"cannot schedule {', '.join(n.name for n in pending)}: unmet needs")
+                    continue
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    node = running.pop(fut)
+                    res, timing = fut.result()
+                    done[node.name] = res
+                    self.timings[node.name] = timing
+                    say(self._result_line(res, f"{node.name}: "), self.progress)
+        except BaseException:
+            if pool is not None:
+                _stop_pool(pool)
+                pool = None
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        return done, skipped
+
+    def _run_here(self, job: StageJob):
+        res = self.lookup(job.spec, job.extra_record)
+        clock = Stopwatch()
+        if res is None:
+            res = execute_job(job, self._kwargs(job.spec, self.progress))
+            self.timings[job.spec.name] = clock.record(reused=False)
+        else:
+            self.timings[job.spec.name] = {"reused": True}
+        say(self._result_line(res), self.progress)
+        return res
+
+
+# -- worker processes (jobs > 1)
+
+_IN_JOB = False
+
+
+def _worker_pool(jobs: int, threads: int):
+    # spawn, not fork: the parent has torch (and its thread pools) initialised, which fork does not survive safely.
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads,))
+
+
+def _worker_init(threads: int) -> None:
+    # The parent decides when to stop: Ctrl-C reaches it, and it stops the workers with SIGTERM, which interrupts a
+    # running stage the way Ctrl-C does (its temporary folder is removed) and ends an idle worker quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_stop)
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+
+
+def _worker_stop(signum, frame):
+    if _IN_JOB:
+        raise KeyboardInterrupt
+    os._exit(1)
+
+
+def _worker_run(job: StageJob, kwargs: dict):
+    global _IN_JOB
+    stages.quiet_libraries()
+    clock = Stopwatch()
+    _IN_JOB = True
+    try:
+        res = execute_job(job, kwargs)
+    finally:
+        _IN_JOB = False
+    return res, clock.record(reused=False, worker_pid=os.getpid())
+
+
+def _stop_pool(pool) -> None:
+    """Interrupt the running stages (each removes its temporary folder) and wait for the workers to end."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, OSError):
+            pass
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    except Exception:  # noqa: BLE001 - a broken pool is expected here
+        pass
+
+
+def default_jobs(threads: int = 1) -> int:
+    """Stages run at once by default: one per CPU core the thread count leaves, at most 4."""
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, threads)))
