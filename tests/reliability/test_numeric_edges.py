@@ -157,7 +157,7 @@ def _api_calls(base, tuned, mask):
         (lambda: create_patch(base, tuned, base.parent / "p.rlpatch", level=99), "level must be at most 22"),
         (lambda: apply_patches(base, [base.parent / "p.rlpatch"], base.parent / "o", read_bytes=0), "read_bytes must be at least 1"),
         (hash_with_no_threads, "threads must be at least 1"),
-        (lambda: StageSpec(**spec | {"batch_size": 10**9}), "batch_size must be at most 65536"),
+        (lambda: StageSpec(**spec | {"batch_size": 10**9}), "--batch-size must be at most 65536"),
         (lambda: StageSpec(**spec | {"seed": -1}), "seed must be a non-negative integer"),
         (lambda: StageSpec(**spec | {"max_grad_norm": float("nan")}), "max_grad_norm must be a finite"),
         (lambda: DemoConfig(size="micro", threads=0), "--threads must be at least 1"),

@@ -112,7 +112,7 @@ def test_stage_flags_come_from_the_stage_spec():
     (["--eval-task", "add", "--eval-task", "div"], "unknown --eval-task 'div'"),
     (["--data", "gold"], "--data 'gold' does not fit grpo"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be a finite, positive number"),
 ])
 def test_bad_stage_options(base, tmp_path, capsys, args, message):
     out = tmp_path / "x"

@@ -88,12 +88,12 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     except ImportError as exc:  # the train extra (transformers, trl, datasets) is missing
         raise UsageError(f"`rlsubnet train` needs the train extra (pip install 'rlsubnet[train]'): {exc}") from None
 
+    name = cfg.name or (f"{args.algorithm}-sub" if cfg.mask else args.algorithm)
+    spec = from_args(StageSpec, args, name=name)  # options first: a bad one is refused before any input is read
     base_dir = Path(cfg.base)
     if not (base_dir / "config.json").is_file():
         raise UsageError(f"{base_dir}: not a lab model folder (no config.json)")
     mask = Mask.load(cfg.mask) if cfg.mask else None
-    name = cfg.name or (f"{args.algorithm}-sub" if mask is not None else args.algorithm)
-    spec = from_args(StageSpec, args, name=name)
     if spec.uses_own_samples and not cfg.samples:
         raise UsageError(f"--data {spec.data} needs θ0's own samples: pass --samples JSONL")
 

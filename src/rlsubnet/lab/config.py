@@ -138,6 +138,13 @@ class DemoConfig:
         if self.second_task == "other":
             object.__setattr__(self, "second_task", next(t for t in TASKS if t != self.task))
         check_choices(self)
+        # Finite first: NaN and inf pass no comparison below.
+        for name, positive in (("rl_lr", True), ("sft_lr", True), ("dpo_beta", True), ("pretrain_lr", True),
+                               ("kl_beta", False), ("clip", False)):
+            if getattr(self, name) is not None:
+                limits.real(getattr(self, name), option(DemoConfig, name), lo_open=positive)
+        if self.pretrain_target is not None:
+            limits.real(self.pretrain_target, "--pretrain-target", 0.0, 1.0)
         if self.second_task == self.task:
             raise UsageError("--second-task must differ from --task")
         check_at_least(self, ("threads", "steps", "batch_size", "snapshot_every", "sample_prompts",
@@ -151,9 +158,6 @@ class DemoConfig:
                          ("samples_per_prompt", limits.MAX_GENERATIONS)):
             if getattr(self, name) is not None:
                 limits.integer(getattr(self, name), option(DemoConfig, name), 1, hi)
-        for name in ("rl_lr", "sft_lr", "dpo_beta", "kl_beta", "clip", "pretrain_lr", "pretrain_target"):
-            if getattr(self, name) is not None:  # finite: NaN and inf pass no comparison below
-                limits.real(getattr(self, name), option(DemoConfig, name))
         for name in ("rl_lr", "sft_lr", "pretrain_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -233,21 +237,23 @@ class StageSpec:
         if self.data not in DATA_SOURCES[self.algorithm]:
             raise UsageError(f"stage {self.name}: --data {self.data!r} does not fit {self.algorithm} "
                              f"(choose from {', '.join(DATA_SOURCES[self.algorithm])})")
+        what = f"stage {self.name}:"
+        limits.real(self.learning_rate, f"{what} {option(StageSpec, 'learning_rate')}", lo_open=True)
+        for name in ("max_grad_norm", "beta", "weight_decay"):
+            limits.real(getattr(self, name), f"{what} {option(StageSpec, name)}")
         check_at_least(self, ("steps", "batch_size", "snapshot_every", "num_generations"), 1, f"stage {self.name}: ")
         if not self.learning_rate > 0:
             raise UsageError(f"stage {self.name}: --lr must be positive, got {self.learning_rate}")
         for name in ("max_grad_norm", "beta", "weight_decay"):
             if getattr(self, name) < 0:
                 raise UsageError(f"stage {self.name}: {option(StageSpec, name)} must be non-negative")
-        what = f"stage {self.name}:"
         for name, hi in (("steps", limits.MAX_STEPS), ("batch_size", limits.MAX_BATCH),
-                         ("snapshot_every", limits.MAX_STEPS), ("num_generations", limits.MAX_GENERATIONS)):
+                         ("snapshot_every", limits.MAX_STEPS)):
             limits.integer(getattr(self, name), f"{what} {option(StageSpec, name)}", 1, hi)
+        limits.integer(self.num_generations, f"{what} --num-generations", 2, limits.MAX_GENERATIONS)  # a GRPO group
         limits.seed(self.seed, f"{what} --seed")
         if self.data_seed is not None:
             limits.seed(self.data_seed, f"{what} --data-seed")
-        for name in ("learning_rate", "max_grad_norm", "beta", "weight_decay"):
-            limits.real(getattr(self, name), f"{what} {option(StageSpec, name)}")
 
     @property
     def effective_data_seed(self) -> int:

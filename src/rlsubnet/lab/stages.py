@@ -33,6 +33,7 @@ import torch
 from rlsubnet._version import __version__
 from rlsubnet.diff.dynamics import Decomposition, changed_masks
 from rlsubnet.diff.stats import atol_record
+from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text, locks_output, safe_member_name
 from rlsubnet.lab.config import StageSpec
 from rlsubnet.lab.data import load_samples, sft_features, stage_rows
