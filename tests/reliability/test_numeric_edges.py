@@ -159,7 +159,7 @@ def _api_calls(base, tuned, mask):
         (hash_with_no_threads, "threads must be at least 1"),
         (lambda: StageSpec(**spec | {"batch_size": 10**9}), "--batch-size must be at most 65536"),
         (lambda: StageSpec(**spec | {"seed": -1}), "seed must be a non-negative integer"),
-        (lambda: StageSpec(**spec | {"max_grad_norm": float("nan")}), "max_grad_norm must be a finite"),
+        (lambda: StageSpec(**spec | {"max_grad_norm": float("nan")}), "--max-grad-norm must be a finite"),
         (lambda: DemoConfig(size="micro", threads=0), "--threads must be at least 1"),
         (lambda: DemoConfig(size="micro", seed=2**63), "--seed must be a non-negative integer"),
     ]
