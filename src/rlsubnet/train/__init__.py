@@ -21,6 +21,10 @@ def __getattr__(name):
         from rlsubnet.train import trainers
 
         return getattr(trainers, name)
+    if name in ("SparseMaskedOptimizer", "sparse_optimizer"):
+        from rlsubnet.train import sparse_optim
+
+        return getattr(sparse_optim, name)
     if name == "SubnetworkCallback":
         from rlsubnet.train.callbacks import SubnetworkCallback
 
@@ -34,6 +38,7 @@ __all__ = [
     "MaskDtypeWarning",
     "MaskedOptimizer",
     "MaskedTrainerMixin",
+    "SparseMaskedOptimizer",
     "SubnetworkCallback",
     "attach_mask",
     "frozen_changes",
@@ -41,4 +46,5 @@ __all__ = [
     "mask_optimizer",
     "masked_trainer_class",
     "resolve_parameter_masks",
+    "sparse_optimizer",
 ]

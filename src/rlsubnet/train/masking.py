@@ -43,6 +43,8 @@ import torch
 
 from rlsubnet.errors import listing as _listing
 from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, as_mask
+from rlsubnet.train.sharding import local as _local
+from rlsubnet.train.sharding import shard_like
 
 EXACT_STATE_KEYS: dict[type, tuple[str, ...]] = {
     torch.optim.SGD: ("momentum_buffer",),
@@ -149,7 +151,8 @@ def resolve_parameter_masks(mask: Mask, model: torch.nn.Module) -> tuple[dict[in
         p = params[pid]
         trainable = mask.tensor(covered[0], device=p.device)
         n_trainable = int(mask.count(covered[0]))
-        frozen = None if n_trainable == p.numel() else ~trainable
+        # FSDP2 (DTensor) parameters get their mask sharded the same way, so masked ops stay on the local shard
+        frozen = None if n_trainable == p.numel() else shard_like(~trainable, p, covered[0])
         out[pid] = ParamMask(covered[0], tuple(ns), p, frozen, n_trainable)
     return out, in_buffers
 
@@ -348,9 +351,9 @@ class MaskedOptimizer:
         self._snapshot = []
         for pm in self._active:
             if pm.all_frozen:
-                self._snapshot.append((pm, pm.param.detach().clone()))
+                self._snapshot.append((pm, _local(pm.param.detach()).clone()))
             elif pm.frozen is not None:
-                self._snapshot.append((pm, pm.param.detach().masked_select(pm.frozen)))
+                self._snapshot.append((pm, _local(pm.param.detach()).masked_select(_local(pm.frozen))))
 
     def _restore_weight_decay(self) -> None:
         for group, wd in self._saved_wd:
@@ -384,15 +387,16 @@ class MaskedOptimizer:
         self._restore_weight_decay()
         moved_report = []
         for pm, saved in self._snapshot:
-            p = pm.param.detach()
-            now = p if pm.all_frozen else p.masked_select(pm.frozen)
+            p = _local(pm.param.detach())
+            frozen = None if pm.all_frozen else _local(pm.frozen)
+            now = p if pm.all_frozen else p.masked_select(frozen)
             moved = int((_bits(now) != _bits(saved)).sum())
             if moved:
                 moved_report.append(f"{pm.name}: {moved}")
                 if pm.all_frozen:
                     p.copy_(saved)
                 else:
-                    p.masked_scatter_(pm.frozen, saved)
+                    p.masked_scatter_(frozen, saved)
                 self.restored_entries += moved
         self._snapshot = []
         self.steps += 1

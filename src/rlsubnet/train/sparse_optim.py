@@ -1,0 +1,606 @@
+"""Train only a mask's entries and pay only for them: optimizer state for the k trainable entries alone.
+
+:class:`SparseMaskedOptimizer` is a ``torch.optim.Optimizer`` (LR schedulers, ``transformers.get_scheduler`` and
+``accelerate`` accept it) built from a model and a :class:`~rlsubnet.masks.Mask`. For each parameter it keeps:
+
+- the flat indices of the parameter's trainable entries (int32 below 2^31 entries, else int64; none when every
+  entry trains);
+- fp32 master values of those entries when the model stores its weights in a narrower dtype (bf16, fp16); an
+  fp32 model's weights are their own masters, read and written in place;
+- the optimizer's moments for those entries only (AdamW / Adam: ``exp_avg``, ``exp_avg_sq``; SGD: the momentum
+  buffer) and a step count.
+
+Per trainable entry that is 16 bytes with AdamW on bf16 weights (index, master, two moments), 12 on fp32 weights
+(4 less in a tensor that trains whole: no index), plus a 4-byte fp32 gradient accumulator between backward and
+``step()``; frozen entries cost nothing beyond the weights themselves. A dense AdamW on fp32 weights costs 16 bytes per entry (weight, gradient, two moments),
+frozen or not.
+
+**Gradients** are reduced to the trainable entries as soon as backward has accumulated them
+(``register_post_accumulate_grad_hook``) and the dense gradient is dropped (``p.grad = None``), so dense gradient
+memory lives for about one tensor at a time, not the whole model. Read the gradient norm from
+:attr:`last_grad_norm`, not from ``p.grad``, and clip here (``max_grad_norm``), not with
+``clip_grad_norm_``: after backward the parameters hold no gradient.
+
+**Clipping** uses the norm of the full gradient, frozen entries included, then masks (the paper's order): the hook
+records each dense gradient's norm before dropping it. ``mask_before_clip=True`` clips by the norm of the masked
+gradient instead. With gradient accumulation the full norm is that of the *summed* micro-batch gradients, which
+per-micro-batch norms cannot give; so when clipping by the full norm, a parameter's dense gradient is left for
+autograd to accumulate until its ``accumulation_steps``-th backward pass since the last step, and reduced then.
+Anything not reduced by ``step()`` (a short last accumulation) is reduced there, so the result is right whatever
+the count; a gradient arriving after its parameter was reduced (more passes than ``accumulation_steps``) is an
+error rather than a wrong norm. Without full-norm clipping every pass is reduced at once into the fp32
+accumulator. Under DDP (a distributed run whose parameters are not DTensors) the hook fires before DDP's
+all-reduce has finished, so gradients are reduced in ``step()`` instead (``reduce_grads="step"``).
+
+**Updates** follow torch's single-tensor AdamW / Adam / SGD arithmetic entry by entry, on the fp32 masters, with
+weight decay on the trainable entries only; after each step the masters are written back rounded to the
+weights' dtype (``flat[index] = master.to(dtype)``). Frozen entries are never written, so they stay bit-identical.
+On an fp32 model the trained weights are bit-identical to those of :class:`~rlsubnet.train.MaskedOptimizer`
+around the same torch optimizer (``foreach=False``, the CPU default) with ``clip_grad_norm_`` before the step.
+
+**FSDP2**: parameters sharded by ``torch.distributed.fsdp.fully_shard`` are DTensors split on dim 0; each rank
+keeps the indices and state of its own shard only, reads the sharded gradient FSDP2 hands the hook and writes
+its local shard. The full-gradient norm sums the ranks' squared norms (one all-reduce per step).
+
+``state_dict()`` / ``load_state_dict()`` round-trip exactly (masters, moments, step counts, hyper-parameters), so
+a resumed run equals an uninterrupted one bit for bit; under FSDP2 each rank saves and loads its own shard's state.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlsubnet import limits
+from rlsubnet.errors import UsageError
+from rlsubnet.errors import listing as _listing
+from rlsubnet.masks.mask import Mask, MaskError, as_mask
+from rlsubnet.train import sharding
+from rlsubnet.train.masking import (
+    FullMaskWarning,
+    MaskDtypeWarning,
+    resolve_parameter_masks,
+)
+
+SUPPORTED = ("adamw", "adam", "sgd")
+STATE_FORMAT = "rlsubnet.sparse_optimizer"
+STATE_VERSION = 1
+_ALIASES = {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
+_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
+_EXACT_DTYPES = (torch.float32, torch.float64)  # weights that are their own masters
+
+
+@dataclass
+class _Slot:
+    """One parameter as the optimizer sees it."""
+
+    name: str
+    param: torch.nn.Parameter
+    index: torch.Tensor | None  # flat local indices of the trainable entries; None: every local entry trains
+    k: int  # trainable entries held by this rank
+    n_trainable: int  # trainable entries in the full tensor
+    start: int  # flat range of the full tensor held by this rank
+    stop: int
+    groups: tuple  # process groups that complete a sum over this rank's entries (FSDP2); () when local
+    grad: torch.Tensor | None = None  # the k entries' gradient, in the compute dtype, summed over passes
+    norm: torch.Tensor | None = None  # norm of the dense gradient that was reduced (full-norm clipping)
+    passes: int = 0  # backward passes that reached this parameter since the last step
+
+
+def _kind(optimizer) -> str:
+    if isinstance(optimizer, type) and optimizer in _CLASSES:
+        return _CLASSES[optimizer]
+    if isinstance(optimizer, str) and optimizer.strip().lower() in _ALIASES:
+        return _ALIASES[optimizer.strip().lower()]
+    shown = getattr(optimizer, "__name__", optimizer)
+    raise UsageError(
+        f"optimizer {shown!r} is not supported with sparse optimizer state (supported: {', '.join(SUPPORTED)}); "
+        "use MaskedOptimizer around it for dense state"
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _EXACT_DTYPES else torch.float32
+
+
+def _owner(p) -> SparseMaskedOptimizer | None:
+    ref = getattr(p, "_rlsubnet_sparse_owner", None)
+    return ref() if ref is not None else None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+class SparseMaskedOptimizer(torch.optim.Optimizer):
+    """AdamW / Adam / SGD (momentum, nesterov) on the trainable entries of ``mask`` only (see the module docstring).
+
+    >>> opt = SparseMaskedOptimizer(model, "grpo.mask.safetensors", "adamw", lr=1e-6, weight_decay=0.1,
+    ...                             max_grad_norm=1.0)
+    >>> loss.backward(); opt.step(); opt.zero_grad()        # no clip_grad_norm_: the optimizer clips
+
+    ``model`` names the parameters (DDP / compile wrappers are looked through); every parameter that requires a
+    gradient must be in the mask. ``weight_decay=None`` takes torch's default for the optimizer (AdamW 0.01,
+    Adam and SGD 0). ``accumulation_steps``: backward passes per step when clipping by the full gradient's norm
+    (see the module docstring). ``reduce_grads``: "backward" (the hook), "step", or None to choose ("step" under
+    DDP).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mask: Mask | str | Path | Mapping[str, torch.Tensor],
+        optimizer: str | type = "adamw",
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        mask_before_clip: bool = False,
+        accumulation_steps: int = 1,
+        reduce_grads: str | None = None,
+        compare_dtype: str | None = "bf16",
+        allow_full: bool = False,
+    ):
+        self.kind = _kind(optimizer)
+        defaults = self._defaults(lr, betas, eps, weight_decay, momentum, dampening, nesterov,
+                                  decoupled_weight_decay, maximize)
+        self.max_grad_norm = None if max_grad_norm is None else limits.real(max_grad_norm, "max_grad_norm", lo_open=True)
+        self.mask_before_clip = bool(mask_before_clip)
+        self.accumulation_steps = limits.integer(accumulation_steps, "accumulation_steps", 1, limits.MAX_STEPS)
+        if reduce_grads not in (None, "backward", "step"):
+            raise UsageError(f"reduce_grads must be 'backward', 'step' or None, got {reduce_grads!r}")
+        self.mask = as_mask(mask)
+        self._check_mask(compare_dtype, allow_full)
+
+        pmasks, self.buffers_in_mask = resolve_parameter_masks(self.mask, model)
+        params = [pm for pm in pmasks.values() if pm.param.requires_grad]
+        untrainable = [pm.name for pm in pmasks.values() if not pm.param.requires_grad and pm.n_trainable]
+        if untrainable:
+            raise MaskError(
+                f"the mask trains entries of {len(untrainable)} parameters that do not require a gradient "
+                f"({_listing(untrainable)}): they would silently stay fixed; set requires_grad or drop them from the mask"
+            )
+        owners = {id(o): o for o in (_owner(pm.param) for pm in params) if o is not None}
+        if owners:
+            raise UsageError(
+                "this model's parameters are already trained by another SparseMaskedOptimizer (its gradient hooks "
+                "would take the gradients first): call .remove() on it, or delete it, before building a new one"
+            )
+        self.sharded = any(sharding.is_dtensor(pm.param) for pm in params)
+        if reduce_grads is None:
+            reduce_grads = "step" if _distributed() and not self.sharded else "backward"
+        self.reduce_grads = reduce_grads
+        self._slots: dict[int, _Slot] = {}
+        for pm in params:
+            self._slots[id(pm.param)] = self._make_slot(pm)
+        del pmasks, params  # the dense boolean masks: only the indices are kept
+        self.numel = sum(s.param.numel() for s in self._slots.values())
+        self.n_trainable = sum(s.n_trainable for s in self._slots.values())
+        self.local_trainable = sum(s.k for s in self._slots.values())
+        if self.n_trainable == 0:
+            raise MaskError(
+                f"the mask selects none of the {self.numel:,} entries that require a gradient: nothing would change"
+            )
+        self._order = list(self._slots.values())  # model order: the order norms are combined in
+        # model order, the same on every rank: each all-reduce must be joined by all ranks in the same order
+        self._norm_groups = list(dict.fromkeys(s.groups for s in self._order if s.groups))
+        self._ready = False
+        super().__init__([s.param for s in self._order if s.n_trainable], defaults)
+        self._ready = True
+        self.steps = 0
+        self.last_grad_norm: float | None = None
+        self._handles = []
+        me = weakref.ref(self)
+        for s in self._order:
+            s.param._rlsubnet_sparse_owner = me
+        if self.reduce_grads == "backward":
+            # the hooks hold the optimizer weakly: a deleted optimizer must not keep taking gradients
+            def hook(p, me=me):
+                opt = me()
+                if opt is not None:
+                    opt._on_grad(p)
+
+            self._handles = [s.param.register_post_accumulate_grad_hook(hook) for s in self._order]
+
+    # -- construction
+    def _defaults(self, lr, betas, eps, weight_decay, momentum, dampening, nesterov, decoupled, maximize) -> dict:
+        lr = limits.real(lr, "lr")
+        if weight_decay is None:
+            weight_decay = 1e-2 if self.kind == "adamw" else 0.0
+        weight_decay = limits.real(weight_decay, "weight_decay")
+        if self.kind == "sgd":
+            momentum = limits.real(momentum, "momentum")
+            dampening = limits.real(dampening, "dampening")
+            if nesterov and (momentum <= 0 or dampening != 0):
+                raise UsageError("nesterov momentum needs momentum > 0 and dampening 0")
+            return {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
+                    "nesterov": bool(nesterov), "maximize": bool(maximize)}
+        if len(betas) != 2:
+            raise UsageError(f"betas must be two numbers, got {betas!r}")
+        b1 = limits.real(betas[0], "betas[0]", 0.0, 1.0)
+        b2 = limits.real(betas[1], "betas[1]", 0.0, 1.0)
+        if b1 >= 1 or b2 >= 1:
+            raise UsageError(f"betas must be below 1, got {betas!r}")
+        return {"lr": lr, "betas": (b1, b2), "eps": limits.real(eps, "eps"), "weight_decay": weight_decay,
+                "maximize": bool(maximize), "amsgrad": False,
+                "decoupled_weight_decay": self.kind == "adamw" or bool(decoupled)}
+
+    def _check_mask(self, compare_dtype: str | None, allow_full: bool) -> None:
+        m = self.mask
+        src = m.meta.get("path") or "the mask"
+        if m.changed == 0:
+            raise MaskError(f"{src} has density 0: no parameter would train")
+        if m.numel and m.changed == m.numel and not allow_full:
+            warnings.warn(FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3)
+        if compare_dtype is not None and m.kind not in ("given", "ones", "zeros") and m.dtype != compare_dtype:
+            built = f"comparing in {m.dtype!r}" if m.dtype else "with no recorded comparison dtype"
+            warnings.warn(MaskDtypeWarning(
+                f"{src} was built {built}, but this run will be compared in {compare_dtype!r}: rebuild the mask "
+                f"with --dtype {compare_dtype}, or pass compare_dtype=None if this is intended"
+            ), stacklevel=3)
+
+    def _make_slot(self, pm) -> _Slot:
+        p = pm.param
+        loc = sharding.local(p.detach())
+        if not loc.is_contiguous():
+            raise UsageError(f"{pm.name}: the parameter is not contiguous; the sparse optimizer writes its flat view")
+        if not p.dtype.is_floating_point:
+            raise UsageError(f"{pm.name}: a {p.dtype} parameter cannot be trained")
+        start, stop = sharding.local_range(p, pm.name)
+        n_local = stop - start
+        if pm.frozen is None:
+            index, k = None, n_local
+        else:
+            frozen = pm.frozen
+            if sharding.is_dtensor(frozen):
+                frozen = frozen.to_local().reshape(-1)
+            else:
+                frozen = frozen.reshape(-1)[start:stop]
+            trainable = (~frozen).cpu()
+            k = int(trainable.sum())
+            if k == n_local:
+                index = None
+            else:
+                idx_dtype = torch.int32 if n_local < 2**31 else torch.int64
+                index = trainable.nonzero().reshape(-1).to(idx_dtype).to(loc.device)
+        return _Slot(pm.name, p, index, k, pm.n_trainable, start, stop, sharding.reduce_groups(p, pm.name))
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_ready", False):
+            raise UsageError(
+                "parameters cannot be added to a SparseMaskedOptimizer: it trains the parameters of the model and "
+                "mask it was built from"
+            )
+        super().add_param_group(param_group)
+
+    # -- gradients
+    @property
+    def _dense_norm(self) -> bool:
+        return self.max_grad_norm is not None and not self.mask_before_clip
+
+    def _on_grad(self, p) -> None:
+        slot = self._slots[id(p)]
+        slot.passes += 1
+        if self._dense_norm and slot.passes < self.accumulation_steps:
+            return  # autograd sums the next micro-batch into the dense gradient: the norm needs that sum
+        with torch.no_grad():
+            self._reduce(slot)
+
+    def _reduce(self, slot: _Slot) -> None:
+        g = slot.param.grad
+        if g is None:
+            return
+        slot.param.grad = None
+        g = sharding.local(g)
+        if g.is_sparse:
+            raise UsageError(f"{slot.name}: sparse gradients are not supported by the sparse optimizer")
+        cdtype = _compute_dtype(slot.param.dtype)
+        if self._dense_norm:
+            if slot.norm is not None:
+                raise UsageError(
+                    f"{slot.name}: a gradient arrived after this parameter's gradient was already reduced for the "
+                    f"step; with full-gradient clipping set accumulation_steps (now {self.accumulation_steps}) to the "
+                    "number of backward passes per optimizer step"
+                )
+            slot.norm = torch.linalg.vector_norm(g, 2.0, dtype=cdtype)
+        if not slot.k:
+            return
+        flat = g.reshape(-1)
+        if slot.index is None:
+            part = flat.to(cdtype, copy=True)  # a copy: the gradient may be a view into a DDP bucket
+        else:
+            part = flat.index_select(0, slot.index).to(cdtype)
+        if slot.grad is None:
+            slot.grad = part
+        else:
+            slot.grad.add_(part)
+
+    def _total_norm(self) -> torch.Tensor:
+        norms, grouped = [], {}
+        for s in self._order:
+            n = s.norm if self._dense_norm else (
+                torch.linalg.vector_norm(s.grad, 2.0) if s.grad is not None else None)
+            if n is None:
+                continue
+            if s.groups:
+                grouped.setdefault(s.groups, []).append(n.float())
+            else:
+                norms.append(n.float())
+        first = norms or next(iter(grouped.values()), [])
+        device = first[0].device if first else torch.device("cpu")
+        if not self._norm_groups:
+            # the same combination as torch.nn.utils.clip_grad_norm_, so an fp32 run matches a dense one bitwise
+            return torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=device)
+        sq = torch.stack(norms).square().sum() if norms else torch.zeros((), device=device)
+        for groups in self._norm_groups:
+            part = grouped.get(groups)
+            s = torch.stack(part).square().sum() if part else torch.zeros((), device=device)
+            for g in groups:
+                torch.distributed.all_reduce(s, group=g)
+            sq = sq + s
+        return sq.sqrt()
+
+    # -- the step
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        for s in self._order:  # what the hook left dense: accumulation, or reduce_grads="step"
+            if s.param.grad is not None:
+                self._reduce(s)
+        coef = None
+        if self.max_grad_norm is not None:
+            total = self._total_norm()
+            self.last_grad_norm = float(total)
+            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        for group in self.param_groups:
+            for p in group["params"]:
+                s = self._slots[id(p)]
+                g = s.grad
+                if g is None:
+                    continue  # no gradient reached it: torch's optimizers skip it too (no decay, no step count)
+                if coef is not None:
+                    g.mul_(coef.to(g.dtype))
+                self._update(s, g, group)
+        for s in self._order:
+            s.grad, s.norm, s.passes = None, None, 0
+        self.steps += 1
+
+    def _update(self, s: _Slot, g: torch.Tensor, group: dict) -> None:
+        flat = sharding.local(s.param.detach()).view(-1)
+        state = self.state[s.param]
+        separate = flat.dtype not in _EXACT_DTYPES
+        if separate:
+            if "master" not in state:
+                src = flat if s.index is None else flat.index_select(0, s.index)
+                state["master"] = src.to(torch.float32, copy=True)
+            master = state["master"]
+        else:
+            master = flat if s.index is None else flat.index_select(0, s.index)
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        if group["maximize"]:
+            g.neg_()
+        if self.kind == "sgd":
+            self._sgd(master, g, state, group, lr, wd)
+        else:
+            self._adam(master, g, state, group, lr, wd)
+        if s.index is None:
+            if separate:
+                flat.copy_(master)
+        else:
+            flat[s.index] = master.to(flat.dtype) if separate else master
+
+    @staticmethod
+    def _adam(param, grad, state, group, lr, wd) -> None:
+        # torch's _single_tensor_adam, entry by entry
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        step_t += 1
+        if wd != 0:
+            if group["decoupled_weight_decay"]:
+                param.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(param, alpha=wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(float(group["eps"]))
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    @staticmethod
+    def _sgd(param, grad, state, group, lr, wd) -> None:
+        # torch's _single_tensor_sgd, entry by entry
+        if wd != 0:
+            grad = grad.add(param, alpha=wd)
+        momentum = float(group["momentum"])
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - float(group["dampening"]))
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+        param.add_(grad, alpha=-lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every gradient: the dense ones autograd holds and the reduced ones of the trainable entries."""
+        for s in self._order:
+            if s.param.grad is not None:
+                if set_to_none:
+                    s.param.grad = None
+                else:
+                    s.param.grad.detach_().zero_()
+            s.grad, s.norm, s.passes = None, None, 0
+
+    def remove(self) -> None:
+        """Remove the gradient hooks (the optimizer then reduces gradients in ``step()``)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.reduce_grads = "step"
+        for s in self._order:
+            if _owner(s.param) is self:
+                del s.param._rlsubnet_sparse_owner
+
+    # -- resume
+    def _layout(self) -> list[dict]:
+        return [{"name": s.name, "numel": s.param.numel(), "start": s.start, "stop": s.stop, "k": s.k}
+                for s in self._order if s.n_trainable]
+
+    def state_dict(self) -> dict:
+        """Masters, moments, step counts and hyper-parameters (this rank's shard under FSDP2); tensors are not copied."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        pos = {id(p): i for i, p in enumerate(params)}
+        return {
+            "state": {pos[id(p)]: dict(st) for p, st in self.state.items() if st},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [pos[id(p)] for p in g["params"]]}
+                             for g in self.param_groups],
+            "sparse": {"format": STATE_FORMAT, "version": STATE_VERSION, "optimizer": self.kind,
+                       "mask_bits_sha256": self._mask_sha(), "params": self._layout(), "steps": self.steps},
+        }
+
+    def _mask_sha(self) -> str:
+        if not hasattr(self, "_sha"):
+            self._sha = self.mask.bits_sha256()
+        return self._sha
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` of the same optimizer, mask, model layout and shard; anything else is refused."""
+        head = state_dict.get("sparse") if isinstance(state_dict, Mapping) else None
+        if not isinstance(head, Mapping) or head.get("format") != STATE_FORMAT:
+            raise UsageError("not a SparseMaskedOptimizer state (a dense optimizer's state_dict cannot be loaded here)")
+        if head.get("version") != STATE_VERSION:
+            raise UsageError(f"sparse optimizer state version {head.get('version')!r} is not supported (expected {STATE_VERSION})")
+        if head.get("optimizer") != self.kind:
+            raise UsageError(f"the saved state is of optimizer {head.get('optimizer')!r}, this one is {self.kind!r}")
+        if head.get("mask_bits_sha256") != self._mask_sha():
+            raise MaskError("the saved optimizer state was trained with another mask (bits_sha256 differs)")
+        if head.get("params") != self._layout():
+            raise UsageError(
+                "the saved optimizer state covers other parameters or another shard of them (names, sizes or shard "
+                "ranges differ): load each rank's own state with the same model and world size"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
+        ):
+            raise UsageError("the saved optimizer state has other parameter groups")
+        params = [p for g in self.param_groups for p in g["params"]]
+        new_state = {}
+        for i, st in state_dict["state"].items():
+            p = params[int(i)]
+            s = self._slots[id(p)]
+            expect = self._expected_state(s)
+            # SGD without momentum keeps no buffer; everything else is made on the first step and must be there
+            if set(st) - set(expect) or not set(st) >= set(expect) - {"momentum_buffer"}:
+                raise UsageError(f"{s.name}: saved optimizer state has keys {sorted(st)}, expected {sorted(expect)}")
+            out = {}
+            for key, val in st.items():
+                shape, dtype = expect[key]
+                if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape or val.dtype != dtype:
+                    got = f"{val.dtype} {list(val.shape)}" if isinstance(val, torch.Tensor) else type(val).__name__
+                    raise UsageError(f"{s.name}: saved {key} is {got}, expected {dtype} {list(shape)}")
+                out[key] = val.detach().to(device=s.param.device if key != "step" else "cpu", copy=True)
+            new_state[p] = out
+        self.state.clear()
+        self.state.update(new_state)
+        for mine, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    mine[k] = v
+        self.steps = int(head.get("steps", 0))
+        self.zero_grad()
+
+    def _expected_state(self, s: _Slot) -> dict:
+        cdtype = _compute_dtype(s.param.dtype)
+        vec = ((s.k,), cdtype)
+        out = {}
+        if s.param.dtype not in _EXACT_DTYPES:
+            out["master"] = ((s.k,), torch.float32)
+        if self.kind == "sgd":
+            out["momentum_buffer"] = vec
+        else:
+            out.update({"step": ((), torch.float32), "exp_avg": vec, "exp_avg_sq": vec})
+        return out
+
+    # -- what it costs
+    def state_bytes(self) -> int:
+        """Bytes held between steps: indices, fp32 masters, moments and step counts (this rank's)."""
+        n = sum(s.index.numel() * s.index.element_size() for s in self._order if s.index is not None)
+        for st in self.state.values():
+            n += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+        return n
+
+    def gradient_bytes(self) -> int:
+        """Bytes of the reduced gradients held now (between backward and ``step()``)."""
+        return sum(s.grad.numel() * s.grad.element_size() for s in self._order if s.grad is not None)
+
+    @property
+    def density(self) -> float:
+        return self.n_trainable / self.numel if self.numel else 0.0
+
+    def report(self) -> dict:
+        """What is trained and what it costs: for logs and run metadata."""
+        dtypes = sorted({str(s.param.dtype).replace("torch.", "") for s in self._order})
+        separate = any(s.param.dtype not in _EXACT_DTYPES for s in self._order)
+        sb = self.state_bytes()
+        return {
+            "optimizer": self.kind,
+            "state": "sparse: indices, masters and moments of the trainable entries only",
+            "order": ("mask, then clip" if self.mask_before_clip else "clip the full gradient, then mask")
+                     if self.max_grad_norm is not None else "no clipping",
+            "max_grad_norm": self.max_grad_norm,
+            "weight_decay": "applied inside the mask only",
+            "gradients": "reduced in backward (post-accumulate-grad hook)" if self.reduce_grads == "backward"
+                         else "reduced in step()",
+            "accumulation_steps": self.accumulation_steps,
+            "weights": dtypes,
+            "masters": "fp32 masters of the trainable entries; weights written back rounded" if separate
+                       else "the weights are their own masters",
+            "mask": {"kind": self.mask.kind, "path": self.mask.meta.get("path"), "atol": self.mask.atol,
+                     "dtype": self.mask.dtype, "density": self.mask.density, "bits_sha256": self._mask_sha()},
+            "numel": self.numel,
+            "trainable": self.n_trainable,
+            "density": self.density,
+            "sharded": self.sharded,
+            "local_trainable": self.local_trainable,
+            "fully_frozen_tensors": sum(1 for s in self._order if not s.n_trainable),
+            "steps": self.steps,
+            "last_grad_norm": self.last_grad_norm,
+            "state_bytes": sb,
+            "state_bytes_per_trainable_entry": sb / self.local_trainable if self.local_trainable else None,
+            "buffers_in_mask": list(self.buffers_in_mask),
+        }
+
+
+def sparse_optimizer(model: torch.nn.Module, mask, optimizer="adamw", **kw) -> SparseMaskedOptimizer:
+    """Build a :class:`SparseMaskedOptimizer` (same arguments)."""
+    return SparseMaskedOptimizer(model, mask, optimizer, **kw)
+
+
+__all__ = ["SUPPORTED", "SparseMaskedOptimizer", "sparse_optimizer"]
