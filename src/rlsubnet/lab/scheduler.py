@@ -54,8 +54,14 @@ class StageJob:
 def execute_job(job: StageJob, kwargs: dict):
     """Run ``job`` in this process (``kwargs``: the rest of :func:`rlsubnet.lab.stages.run_stage`'s arguments)."""
     if job.mask_path is not None:
-        return run_masked_stage(job.spec, mask_path=job.mask_path, mask_sha256=job.mask_sha256,
-                                allow_full=job.allow_full, extra_record=job.extra_record, **kwargs)
+        return run_masked_stage(
+            job.spec,
+            mask_path=job.mask_path,
+            mask_sha256=job.mask_sha256,
+            allow_full=job.allow_full,
+            extra_record=job.extra_record,
+            **kwargs,
+        )
     return stages.run_stage(job.spec, extra_record=job.extra_record, **kwargs)
 
 
@@ -94,8 +100,13 @@ class StageContext:
 
     def _kwargs(self, spec: StageSpec, progress: bool) -> dict:
         own = spec.uses_own_samples
-        return dict(base_dir=self.theta0, out_dir=self.folder.stage_dir(spec.name),
-                    samples_path=self.samples_path if own else None, eval_tasks=list(self.eval_tasks), progress=progress)
+        return dict(
+            base_dir=self.theta0,
+            out_dir=self.folder.stage_dir(spec.name),
+            samples_path=self.samples_path if own else None,
+            eval_tasks=list(self.eval_tasks),
+            progress=progress,
+        )
 
     def lookup(self, spec: StageSpec, extra_record: dict | None = None):
         """The finished stage if its folder holds this spec's result for these inputs, else None."""
@@ -131,7 +142,7 @@ class StageContext:
                         continue
                     if node.job is None:
                         missing = [n for n in node.needs if n in skipped]
-                        node.job = (f"needs {', '.join(missing)}, which did not run" if missing else node.prepare(done))
+                        node.job = f"needs {', '.join(missing)}, which did not run" if missing else node.prepare(done)
                     if isinstance(node.job, str):
                         pending.remove(node)
                         skipped[node.name] = node.job
@@ -202,8 +213,9 @@ _IN_JOB = False
 
 def _worker_pool(jobs: int, threads: int):
     # spawn, not fork: the parent has torch (and its thread pools) initialised, which fork does not survive safely.
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(threads,))
+    return ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+    )
 
 
 def _worker_init(threads: int) -> None:

@@ -110,7 +110,11 @@ def default_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     return torch.optim.AdamW(
         groups,
         lr=args.learning_rate,
@@ -121,8 +125,17 @@ def default_optimizer(model, args):
     )
 
 
-def common_args(output_dir: str, *, learning_rate: float, steps: int, seed: int, max_grad_norm: float,
-                weight_decay: float, lr_scheduler_type: str = "constant", warmup_steps: int = 0) -> dict:
+def common_args(
+    output_dir: str,
+    *,
+    learning_rate: float,
+    steps: int,
+    seed: int,
+    max_grad_norm: float,
+    weight_decay: float,
+    lr_scheduler_type: str = "constant",
+    warmup_steps: int = 0,
+) -> dict:
     """TrainingArguments every stage sets explicitly: TRL's defaults (bf16 autocast, gradient checkpointing,
     lr 1e-6, fused AdamW, tqdm, reporting) would otherwise decide the result or the output."""
     return dict(
@@ -160,14 +173,29 @@ def remove_default_printers(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, base_dir: Path, output_dir: Path,
-                  callbacks: Sequence = (), optimizer_factory: Callable | None = None):
+def build_trainer(
+    spec: StageSpec,
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    base_dir: Path,
+    output_dir: Path,
+    callbacks: Sequence = (),
+    optimizer_factory: Callable | None = None,
+):
     """The TRL trainer of a stage, configured explicitly (no library default left to decide the result)."""
     from datasets import Dataset
 
     task = get_task(spec.task)
-    base = common_args(str(output_dir), learning_rate=spec.learning_rate, steps=spec.steps, seed=spec.seed,
-                       max_grad_norm=spec.max_grad_norm, weight_decay=spec.weight_decay)
+    base = common_args(
+        str(output_dir),
+        learning_rate=spec.learning_rate,
+        steps=spec.steps,
+        seed=spec.seed,
+        max_grad_norm=spec.max_grad_norm,
+        weight_decay=spec.weight_decay,
+    )
     if spec.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -189,8 +217,15 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
             log_completions=False,
         )
         dataset = Dataset.from_list(list(rows))
-        make = lambda opt: GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=args, train_dataset=dataset,
-                                       processing_class=tokenizer, callbacks=list(callbacks), optimizers=(opt, None))
+        make = lambda opt: GRPOTrainer(
+            model=model,
+            reward_funcs=[exact_match_reward],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            optimizers=(opt, None),
+        )
     elif spec.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -205,8 +240,15 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
         )
         dataset = Dataset.from_list(list(rows))
         ref = load_model(base_dir)
-        make = lambda opt: DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
-                                      processing_class=tokenizer, callbacks=list(callbacks), optimizers=(opt, None))
+        make = lambda opt: DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            optimizers=(opt, None),
+        )
     else:
         from trl import SFTConfig, SFTTrainer
 
@@ -219,8 +261,14 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
             dataset_kwargs={"skip_prepare_dataset": True},
         )
         dataset = Dataset.from_dict(sft_features(rows, tokenizer))
-        make = lambda opt: SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                      callbacks=list(callbacks), optimizers=(opt, None))
+        make = lambda opt: SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            optimizers=(opt, None),
+        )
     optimizer = (optimizer_factory or default_optimizer)(model, args)
     trainer = make(optimizer)
     remove_default_printers(trainer)
@@ -234,8 +282,16 @@ def _bf16_state(model) -> dict:
     return unique_state(model, torch.bfloat16)
 
 
-def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_every: int, total_steps: int,
-                   progress=None, step_atols: Sequence[float] = STEP_ATOLS):
+def make_callbacks(
+    model,
+    base_state: dict,
+    *,
+    snapshot_dir: Path,
+    snapshot_every: int,
+    total_steps: int,
+    progress=None,
+    step_atols: Sequence[float] = STEP_ATOLS,
+):
     """(snapshots, per-step tracker, log collector) as TrainerCallbacks over ``model``'s parameters."""
     from transformers import TrainerCallback
 
@@ -279,11 +335,13 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
                     changed[k] += int(m.sum())
             self.decomposition.add(cur)
             recs = [atol_record(a, numel, n) for a, n in zip(step_atols, changed)]
-            self.records.append({
-                "step": state.global_step,
-                "changed_vs_previous_step": {repr(g["atol"]): g["changed"] for g in recs},
-                "sparsity_vs_previous_step": {repr(g["atol"]): g["sparsity"] for g in recs},
-            })
+            self.records.append(
+                {
+                    "step": state.global_step,
+                    "changed_vs_previous_step": {repr(g["atol"]): g["changed"] for g in recs},
+                    "sparsity_vs_previous_step": {repr(g["atol"]): g["sparsity"] for g in recs},
+                }
+            )
             self.prev = cur
 
     class Logs(TrainerCallback):
@@ -328,15 +386,17 @@ class StageResult:
     @property
     def snapshots(self) -> list[tuple[int, Path]]:
         where = f"{self.dir / 'stage.json'}: snapshot"
-        return [(s["step"], self.dir / "snapshots" / safe_member_name(s["file"], where, UsageError))
-                for s in self.record.get("snapshots", [])]
+        return [
+            (s["step"], self.dir / "snapshots" / safe_member_name(s["file"], where, UsageError))
+            for s in self.record.get("snapshots", [])
+        ]
 
     @property
     def fingerprint(self) -> str:
         return self.record["fingerprint"]
 
     @classmethod
-    def load(cls, stage_dir: str | Path) -> "StageResult":
+    def load(cls, stage_dir: str | Path) -> StageResult:
         stage_dir = Path(stage_dir)
         with open(stage_dir / "stage.json") as f:
             record = json.load(f)
@@ -388,10 +448,24 @@ def run_stage(
     bar = StageProgress(spec.name, spec.steps, enabled=progress)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "snapshots").mkdir()
-        snaps, tracker, logs = make_callbacks(model, base_state, snapshot_dir=tmp / "snapshots",
-                                              snapshot_every=spec.snapshot_every, total_steps=spec.steps, progress=bar)
-        trainer = build_trainer(spec, model, tokenizer, rows, base_dir=base_dir, output_dir=tmp / "trainer",
-                                callbacks=[snaps, tracker, logs, *callbacks], optimizer_factory=optimizer_factory)
+        snaps, tracker, logs = make_callbacks(
+            model,
+            base_state,
+            snapshot_dir=tmp / "snapshots",
+            snapshot_every=spec.snapshot_every,
+            total_steps=spec.steps,
+            progress=bar,
+        )
+        trainer = build_trainer(
+            spec,
+            model,
+            tokenizer,
+            rows,
+            base_dir=base_dir,
+            output_dir=tmp / "trainer",
+            callbacks=[snaps, tracker, logs, *callbacks],
+            optimizer_factory=optimizer_factory,
+        )
         if configure_trainer is not None:
             configure_trainer(trainer)
         t_train = time.monotonic()
@@ -420,8 +494,11 @@ def run_stage(
                 "fp32_master": greedy_accuracy(model, tokenizer, task.split("heldout"), n_new),
                 "heldout_digest": task.split_digest("heldout"),
             }
-        steps_record = {"atols": list(STEP_ATOLS), "steps": tracker.records,
-                        "decomposition_every_step": [c.to_record() for c in tracker.decomposition.counts()]}
+        steps_record = {
+            "atols": list(STEP_ATOLS),
+            "steps": tracker.records,
+            "decomposition_every_step": [c.to_record() for c in tracker.decomposition.counts()],
+        }
         atomic_write_text(tmp / "steps.json", json.dumps(steps_record, indent=1) + "\n")
         atomic_write_text(tmp / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs.logs))
@@ -463,9 +540,23 @@ def _describe_optimizer(opt) -> dict:
 def _train_summary(logs: Sequence[dict]) -> dict:
     """First and last logged values of the metrics that say whether training did anything."""
     out = {}
-    for key in ("reward", "loss", "grad_norm", "kl", "rewards/chosen", "rewards/margins", "rewards/accuracies", "mean_token_accuracy"):
+    for key in (
+        "reward",
+        "loss",
+        "grad_norm",
+        "kl",
+        "rewards/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "mean_token_accuracy",
+    ):
         vals = [r[key] for r in logs if isinstance(r.get(key), (int, float))]
         if vals:
             k = max(1, len(vals) // 10)
-            out[key] = {"first": vals[0], "last": vals[-1], "first_10pct_mean": sum(vals[:k]) / k, "last_10pct_mean": sum(vals[-k:]) / k}
+            out[key] = {
+                "first": vals[0],
+                "last": vals[-1],
+                "first_10pct_mean": sum(vals[:k]) / k,
+                "last_10pct_mean": sum(vals[-k:]) / k,
+            }
     return out
