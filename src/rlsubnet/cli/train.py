@@ -18,6 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlsubnet.cli.config_args import add_dataclass_arguments, from_args
 from rlsubnet.errors import UsageError
@@ -126,7 +127,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
         raise UsageError(f"--data {spec.data} needs θ0's own samples: pass --samples JSONL")
 
     callbacks: list = []
-    extra = None
+    extra: dict[str, Any] | None = None
     configure = None
     if mask is not None:
         from rlsubnet.train import attach_mask
@@ -164,8 +165,8 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
         progress=not cfg.quiet,
         overwrite=cfg.overwrite,
     )
-    report = None
-    if mask is not None:
+    report: dict[str, Any] | None = None
+    if mask is not None and extra is not None:
         report = {
             "mask": extra["mask"],
             "optimizer": callbacks[0].last_report if callbacks else None,

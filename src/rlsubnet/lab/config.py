@@ -40,9 +40,25 @@ def model_size(name: str) -> ModelSize:
     return SIZES[name]
 
 
+@dataclass(frozen=True)
+class SizedSettings:
+    """The demo settings whose defaults depend on the model size (:data:`SIZE_DEFAULTS`)."""
+
+    steps: int
+    batch_size: int
+    num_generations: int
+    snapshot_every: int
+    pretrain_max_steps: int
+    pretrain_eval_every: int
+    pretrain_target: float
+    pretrain_lr: float
+    pretrain_batch: int
+    sample_prompts: int
+
+
 # Per-size defaults of the demo's training; every one can be overridden from the command line.
-SIZE_DEFAULTS = {
-    "micro": dict(
+SIZE_DEFAULTS: dict[str, SizedSettings] = {
+    "micro": SizedSettings(
         steps=4,
         batch_size=8,
         num_generations=8,
@@ -54,7 +70,7 @@ SIZE_DEFAULTS = {
         pretrain_batch=64,
         sample_prompts=512,
     ),
-    "small": dict(
+    "small": SizedSettings(
         steps=100,
         batch_size=32,
         num_generations=8,
@@ -66,7 +82,7 @@ SIZE_DEFAULTS = {
         pretrain_batch=64,
         sample_prompts=8000,
     ),
-    "medium": dict(
+    "medium": SizedSettings(
         steps=100,
         batch_size=32,
         num_generations=8,
@@ -117,7 +133,7 @@ def check_at_least(obj, names, low, prefix: str = "") -> None:
 
 
 def _per_size(name: str) -> str:
-    return "per --size: " + ", ".join(f"{s} {d[name]:g}" for s, d in SIZE_DEFAULTS.items())
+    return "per --size: " + ", ".join(f"{s} {getattr(d, name):g}" for s, d in SIZE_DEFAULTS.items())
 
 
 def _sized(help: str, name: str, group: str = "training") -> dict:
@@ -255,10 +271,15 @@ class DemoConfig:
         if self.kl_beta < 0 or not self.dpo_beta > 0 or self.clip < 0:
             raise UsageError("--kl-beta and --clip must be non-negative, --dpo-beta positive")
 
+    def sized(self) -> SizedSettings:
+        """The per-size settings: each given value, else the size's default."""
+        d = SIZE_DEFAULTS[self.size]
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(d)}
+        return dataclasses.replace(d, **{k: v for k, v in given.items() if v is not None})
+
     def resolved(self) -> DemoConfig:
         """The config with every per-size default filled in (what run.json records)."""
-        d = SIZE_DEFAULTS[self.size]
-        return dataclasses.replace(self, **{k: d[k] for k in d if getattr(self, k) is None})
+        return dataclasses.replace(self, **dataclasses.asdict(self.sized()))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self.resolved())
@@ -377,8 +398,12 @@ class StageSpec:
         return {"grpo": "grpo", "dpo": "sigmoid"}.get(self.algorithm)
 
     @property
+    def resolved_beta(self) -> float:
+        return DEFAULT_BETA[self.algorithm] if self.beta is None else self.beta
+
+    @property
     def uses_own_samples(self) -> bool:
-        return self.data.startswith("own-")
+        return self.data is not None and self.data.startswith("own-")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

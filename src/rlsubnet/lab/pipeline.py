@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -38,34 +39,42 @@ from rlsubnet.lab.stages import file_digest, fingerprint, model_digest, quiet_li
 
 
 def pretrain_spec(cfg: DemoConfig) -> PretrainSpec:
-    c = cfg.resolved()
+    s = cfg.sized()
     return PretrainSpec(
-        size=c.size,
-        tasks=tuple(c.tasks),
-        seed=c.seed,
-        learning_rate=c.pretrain_lr,
-        batch_size=c.pretrain_batch,
-        max_steps=c.pretrain_max_steps,
-        eval_every=c.pretrain_eval_every,
-        target_accuracy=c.pretrain_target,
+        size=cfg.size,
+        tasks=tuple(cfg.tasks),
+        seed=cfg.seed,
+        learning_rate=s.pretrain_lr,
+        batch_size=s.pretrain_batch,
+        max_steps=s.pretrain_max_steps,
+        eval_every=s.pretrain_eval_every,
+        target_accuracy=s.pretrain_target,
     )
 
 
 def sample_spec(cfg: DemoConfig) -> SampleSpec:
-    c = cfg.resolved()
-    return SampleSpec(task=c.task, k=c.samples_per_prompt, max_prompts=c.sample_prompts, seed=c.seed)
+    return SampleSpec(task=cfg.task, k=cfg.samples_per_prompt, max_prompts=cfg.sized().sample_prompts, seed=cfg.seed)
+
+
+class _CommonSettings(TypedDict):
+    task: str
+    steps: int
+    batch_size: int
+    seed: int
+    snapshot_every: int
+    num_generations: int
 
 
 def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
     """The finetuning stages, all from θ0 with the same steps, batch, seed and data seed."""
-    c = cfg.resolved()
-    common = dict(
+    c, s = cfg, cfg.sized()
+    common = _CommonSettings(
         task=c.task,
-        steps=c.steps,
-        batch_size=c.batch_size,
+        steps=s.steps,
+        batch_size=s.batch_size,
         seed=c.seed,
-        snapshot_every=c.snapshot_every,
-        num_generations=c.num_generations,
+        snapshot_every=s.snapshot_every,
+        num_generations=s.num_generations,
     )
     specs = [
         StageSpec(
@@ -156,6 +165,7 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
         ),
     ]
     if c.second_task:
+        second: _CommonSettings = {**common, "task": c.second_task}
         specs.append(
             StageSpec(
                 f"grpo-task-{c.second_task}",
@@ -165,7 +175,7 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
                 beta=0.0,
                 max_grad_norm=c.clip,
                 description=f"GRPO on the second training set ({c.second_task})",
-                **{**common, "task": c.second_task},
+                **second,
             )
         )
     return specs
@@ -179,8 +189,9 @@ def stage_plan(specs: list[StageSpec], prepare_rerun) -> list[PlannedStage]:
     them), SFT stages last, so that with two workers the short stages fill the end; with one, order does not
     matter. No stage's result depends on the order or on which process ran it."""
     spec_by_name = {s.name: s for s in specs}
-    plan = [PlannedStage(s.name, job=StageJob(s)) for s in [*specs, *subnet.extra_seed_specs(spec_by_name)]]
-    algo = {node.name: node.job.spec.algorithm for node in plan}
+    full_runs = [*specs, *subnet.extra_seed_specs(spec_by_name)]
+    plan = [PlannedStage(s.name, job=StageJob(s)) for s in full_runs]
+    algo = {s.name: s.algorithm for s in full_runs}
     for of in subnet.RERUN_OF:
         if of in spec_by_name:
             for kind in ("subnet", "random"):

@@ -109,7 +109,7 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
     fp = fingerprint({"pretrain": spec.to_json()})
 
     class StopAtTarget(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.curve: list[dict] = []
             self.reached_at: int | None = None
             self.last_loss = None

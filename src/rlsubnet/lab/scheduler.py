@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from rlsubnet.lab.subnet import run_masked_stage
 class Stopwatch:
     """Wall and CPU time since it was made, as a timing record of results.json."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.t0, self.c0 = time.monotonic(), time.process_time()
 
     def record(self, **extra) -> dict:
@@ -54,6 +55,8 @@ class StageJob:
 def execute_job(job: StageJob, kwargs: dict):
     """Run ``job`` in this process (``kwargs``: the rest of :func:`rlsubnet.lab.stages.run_stage`'s arguments)."""
     if job.mask_path is not None:
+        if job.mask_sha256 is None:
+            raise ValueError(f"stage {job.spec.name}: a masked job must carry the SHA-256 of its mask's bits")
         return run_masked_stage(
             job.spec,
             mask_path=job.mask_path,
@@ -73,7 +76,7 @@ class PlannedStage:
     name: str
     job: StageJob | str | None = None
     needs: tuple[str, ...] = ()
-    prepare: object = None
+    prepare: Callable[[dict], StageJob | str] | None = None
 
 
 @dataclass

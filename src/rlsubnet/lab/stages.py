@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +44,9 @@ from rlsubnet.lab.progress import StageProgress
 from rlsubnet.lab.rewards import exact_match_reward
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.lab.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # transformers is imported where a trainer is built: it takes seconds
+    from transformers import Trainer, TrainingArguments
 
 # The train extra (transformers, trl, datasets, accelerate) is imported where it is used: `rlsubnet --help` and the
 # library's own commands never need it.
@@ -173,6 +177,13 @@ def remove_default_printers(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
+def _loss_type(spec: StageSpec) -> str:
+    loss_type = spec.resolved_loss_type
+    if loss_type is None:
+        raise UsageError(f"stage {spec.name}: {spec.algorithm} has no loss type")
+    return loss_type
+
+
 def build_trainer(
     spec: StageSpec,
     model,
@@ -196,16 +207,18 @@ def build_trainer(
         max_grad_norm=spec.max_grad_norm,
         weight_decay=spec.weight_decay,
     )
+    args: TrainingArguments
+    make: Callable[[torch.optim.Optimizer], Trainer]
     if spec.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(
+        grpo_args = GRPOConfig(
             **base,
             per_device_train_batch_size=spec.batch_size * spec.num_generations,  # counts completions
             num_generations=spec.num_generations,
             max_completion_length=task.max_answer_chars + 1,  # the answer and <eos>
-            beta=spec.beta,
-            loss_type=spec.resolved_loss_type,
+            beta=spec.resolved_beta,
+            loss_type=_loss_type(spec),
             scale_rewards="group",
             num_iterations=1,
             temperature=1.0,
@@ -217,10 +230,11 @@ def build_trainer(
             log_completions=False,
         )
         dataset = Dataset.from_list(list(rows))
+        args = grpo_args
         make = lambda opt: GRPOTrainer(
             model=model,
             reward_funcs=[exact_match_reward],
-            args=args,
+            args=grpo_args,
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=list(callbacks),
@@ -229,21 +243,22 @@ def build_trainer(
     elif spec.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(
+        dpo_args = DPOConfig(
             **base,
             per_device_train_batch_size=spec.batch_size,
-            beta=spec.beta,
-            loss_type=[spec.resolved_loss_type],
+            beta=spec.resolved_beta,
+            loss_type=[_loss_type(spec)],
             max_length=64,
             precompute_ref_log_probs=False,
             disable_dropout=True,
         )
         dataset = Dataset.from_list(list(rows))
         ref = load_model(base_dir)
+        args = dpo_args
         make = lambda opt: DPOTrainer(
             model=model,
             ref_model=ref,
-            args=args,
+            args=dpo_args,
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=list(callbacks),
@@ -252,7 +267,7 @@ def build_trainer(
     else:
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(
+        sft_args = SFTConfig(
             **base,
             per_device_train_batch_size=spec.batch_size,
             max_length=None,
@@ -261,9 +276,10 @@ def build_trainer(
             dataset_kwargs={"skip_prepare_dataset": True},
         )
         dataset = Dataset.from_dict(sft_features(rows, tokenizer))
+        args = sft_args
         make = lambda opt: SFTTrainer(
             model=model,
-            args=args,
+            args=sft_args,
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=list(callbacks),
@@ -298,7 +314,7 @@ def make_callbacks(
     class Snapshots(TrainerCallback):
         """bf16 weights every ``snapshot_every`` steps and at the last step (the final model)."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.saved: list[tuple[int, str]] = []
 
         def on_step_end(self, args, state, control, **kw):
@@ -317,7 +333,7 @@ def make_callbacks(
         """After every optimizer step: the engine's changed-test against the previous step's bf16 weights, and the
         never / returned / final decomposition at one-step resolution (the last step is the final model)."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.prev = base_state
             self.decomposition = Decomposition(base_state, step_atols)
             self.records: list[dict] = []
@@ -345,7 +361,7 @@ def make_callbacks(
             self.prev = cur
 
     class Logs(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.logs: list[dict] = []
             self._last: dict = {}
 
@@ -439,7 +455,7 @@ def run_stage(
     samples = load_samples(samples_path) if spec.uses_own_samples and samples_path else None
     rows, data_record = stage_rows(spec, samples)
     base_digest = model_digest(base_dir)
-    samples_digest = file_digest(samples_path) if samples is not None else None
+    samples_digest = file_digest(samples_path) if samples is not None and samples_path is not None else None
     fp = stage_fingerprint(spec, base_digest, samples_digest, extra_record)
     eval_tasks = list(eval_tasks or [spec.task])
 
@@ -529,7 +545,7 @@ def run_stage(
 
 def _describe_optimizer(opt) -> dict:
     inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
-    d = {"class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
+    d: dict[str, Any] = {"class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
     if getattr(inner, "param_groups", None):
         g = inner.param_groups[0]
         d.update({k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused") if k in g})

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rlsubnet._version import __version__
+
+
+def _printable_labels(f: Callable[[float, int | None], str]) -> Callable[[float, int | None], str]:
+    from rlsubnet.fileio import printable
+
+    return lambda x, pos: printable(str(f(x, pos)))
 
 
 def _pyplot():
@@ -34,7 +40,7 @@ def to_png(fig, provenance: dict) -> bytes:
             if isinstance(fmt, FixedFormatter):
                 fmt.seq = [printable(str(s)) for s in fmt.seq]
             elif isinstance(fmt, FuncFormatter):  # what set_ticks(..., labels) installs
-                fmt.func = lambda x, pos, f=fmt.func: printable(str(f(x, pos)))
+                fmt.func = _printable_labels(fmt.func)
     buf = io.BytesIO()
     fig.savefig(
         buf,

@@ -121,9 +121,11 @@ def assess(results: dict) -> list[dict]:
 
     # 3. learning-rate confound (later work), from both sides
     pairs = []
-    for b in ("sft-matched", "sft"):
-        if b in st and trained(st[b]):
-            pairs += [(a, b) for a in rl_stages(results, "any") if comparable(st[a]["spec"], st[b]["spec"])]
+    for sft_name in ("sft-matched", "sft"):
+        if sft_name in st and trained(st[sft_name]):
+            pairs += [
+                (a, sft_name) for a in rl_stages(results, "any") if comparable(st[a]["spec"], st[sft_name]["spec"])
+            ]
     if pairs:
         gaps = {(a, b): sp(st[a]) - sp(st[b]) for a, b in pairs}
         closed = [k for k, g in gaps.items() if abs(g) <= near]
@@ -175,8 +177,8 @@ def assess(results: dict) -> list[dict]:
         layers_ok = (max(lay) - min(lay)) <= u if lay else True
         mats_ok = (max(mats.values()) - min(mats.values())) <= u if mats else True
         norms_ok = norm_sp is not None and norm_sp >= 0.99
-        lo_m = min(mats, key=mats.get) if mats else None
-        hi_m = max(mats, key=mats.get) if mats else None
+        lo_m = min(mats, key=lambda n: mats[n]) if mats else None
+        hi_m = max(mats, key=lambda n: mats[n]) if mats else None
         drift = g["spec"]["learning_rate"] * g["spec"]["steps"]
         half_ulp = 2.0**-8  # half a bf16 step at |w| = 1.0 (8 significant bits: a step of 2^-7 in [1, 2))
         if drift < half_ulp:
@@ -330,12 +332,11 @@ def assess(results: dict) -> list[dict]:
             tol = CRITERIA["decomposition_share_points"]
             f = CRITERIA["ever_outside_factor"]
 
-            def near(
-                ours, theirs
-            ):  # within tol points and within a factor f: an absolute bar alone lets 0.5% pass for 8%
+            # Within tol points and within a factor f: an absolute bar alone lets 0.5% pass for 8%.
+            def close_to(ours, theirs):
                 return abs(ours - theirs) <= tol and theirs / f <= ours <= theirs * f
 
-            share_ok = {k: near(100 * fine[f"{k}_share"], p[k]) for k in ("never", "returned", "final")}
+            share_ok = {k: close_to(100 * fine[f"{k}_share"], p[k]) for k in ("never", "returned", "final")}
             ever = 100 * fine["returned_share_of_ever"]
             e_lo, e_hi = paper.EVER_UPDATED_OUTSIDE_FINAL / f, paper.EVER_UPDATED_OUTSIDE_FINAL * f
             ever_ok = e_lo <= ever <= e_hi
@@ -395,9 +396,9 @@ def assess(results: dict) -> list[dict]:
         mag = g["magnitude_bf16"]["buckets"]
         lr, T = g["spec"]["learning_rate"], g["spec"]["steps"]
         bound = 512 * lr * T
-        above = [b for b in mag if b["lo"] >= bound]
-        n_above = sum(b["numel"] for b in above)
-        ch_above = sum(b["numel"] * b["p_changed"]["0.0"] for b in above)
+        above_bound = [b for b in mag if b["lo"] >= bound]
+        n_above = sum(b["numel"] for b in above_bound)
+        ch_above = sum(b["numel"] * b["p_changed"]["0.0"] for b in above_bound)
         fp32_dense = dense_in_fp32(g)
         bound_ok = n_above == 0 or ch_above / n_above <= CRITERIA["changed_above_bound_at_most"]
         curve = one_curve_gap(results)

@@ -3,13 +3,18 @@ record (title, caption, where its numbers are in results.json) goes into results
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 from rlsubnet._version import __version__
 from rlsubnet.lab import paper_numbers as paper
 from rlsubnet.lab.report.records import RL_ALGOS, ident, pct, se, settings_of, sp, sub_settings, trained
 from rlsubnet.report import plots
 from rlsubnet.report.overlap_outputs import matrix_heatmap
+
+FigureFn = Callable[[dict], Any]  # the results dict -> a matplotlib Figure
 
 
 def pyplot():
@@ -483,7 +488,7 @@ FIGURE_DATA = {
     "overlap_o1_over_magnitude_chance": "subnetwork.overlap.matrix.o1 / .magnitude_chance_o1",
 }
 
-SUBNETWORK_FIGURES = {
+SUBNETWORK_FIGURES: dict[str, tuple[str, FigureFn]] = {
     "subnetwork_identity": ("Subnetwork re-runs vs θ_full (Table 3)", _fig_identity),
     "overlap_o1": ("Subnetwork overlap o1 (Table 4)", lambda r: _fig_overlap(r, "o1")),
     "overlap_o1_over_chance": ("Overlap over the density chance", lambda r: _fig_overlap(r, "chance")),
@@ -493,7 +498,7 @@ SUBNETWORK_FIGURES = {
     ),
 }
 
-FIGURES = {
+FIGURES: dict[str, tuple[str, FigureFn]] = {
     "sparsity_vs_paper": ("Sparsity per stage beside the paper's Table 1", _fig_sparsity_vs_paper),
     "sft_vs_rl": ("SFT vs RL at usual and matched learning rates", _fig_sft_vs_rl),
     "sparsity_vs_step": ("Sparsity vs step (against θ0, and step to step)", _fig_sparsity_vs_step),
@@ -512,9 +517,9 @@ def render_figures(results: dict) -> dict[str, tuple[bytes, dict]]:
     """file name -> (PNG bytes, record for results.json)."""
     prov = {"rlsubnet_version": __version__, "config": results["config"]}
     out = {}
-    todo = [(k, title, fn) for k, (title, fn) in FIGURES.items()]
+    todo: list[tuple[str, str, FigureFn]] = [(k, title, fn) for k, (title, fn) in FIGURES.items()]
     todo += [
-        (f"heatmap_{n}", f"Layer × module sparsity: {n}", (lambda r, n=n: _fig_heatmap(r, n)))
+        (f"heatmap_{n}", f"Layer × module sparsity: {n}", functools.partial(_fig_heatmap, name=n))
         for n in HEATMAP_STAGES
         if n in results["stages"]
     ]

@@ -12,6 +12,7 @@ from rlsubnet.lab.report.records import (
     ROLE_LABEL,
     acc_diff,
     ident,
+    ident_at,
     md_table,
     pct,
     pts,
@@ -79,14 +80,14 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
             continue
         r = srow[0]
         base = "; ".join(f"{b['run']} {pct(ident(b, 1e-5))}" for b in sec["rows"] if b is not r)
-        d = acc_diff(sec, r, c["task"])
+        gap = acc_diff(sec, r, c["task"])
         out.append(
             f"- Re-training only {alg}'s subnetwork ({pct(sec['mask']['density'])} of the parameters; same seed and data "
             f"order) gives a model whose bf16 parameters equal θ_full's in {pct(ident(r, 1e-5))} of entries at atol "
             f"1e-5 and {pct(ident(r, 1e-4), 2)} at 1e-4 (paper: 90.5–94.0% and 100%); baselines at 1e-5: {base}."
             + (
-                f" Held-out {c['task']} accuracy {pct(d[2]['accuracy'])} vs θ_full {pct(d[2]['accuracy'] - d[0])}."
-                if d
+                f" Held-out {c['task']} accuracy {pct(gap[2]['accuracy'])} vs θ_full {pct(gap[2]['accuracy'] - gap[0])}."
+                if gap
                 else ""
             )
         )
@@ -103,7 +104,7 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
                 + ", ".join(pct(x["magnitude_chance_o1"]) for x in seeds)
                 + " (paper, DPO seeds: 60.5% vs 36.7%)."
             )
-    verdicts = {}
+    verdicts: dict[str, list[str]] = {}
     for cl in claims:
         verdicts.setdefault(cl["verdict"], []).append(cl["id"])
     out.append("- Claims checked: " + "; ".join(f"{v}: {', '.join(ids)}" for v, ids in verdicts.items()) + ".")
@@ -223,8 +224,8 @@ def subnetwork_markdown(results: dict) -> list[str]:
         if not srow:
             continue
         r = srow[0]
-        f32 = {b["run"]: ident(b, 1e-5, key="identity_fp32_masters") for b in sec["rows"]}
-        f32_4 = [ident(b, 1e-4, key="identity_fp32_masters") for b in sec["rows"]]
+        f32 = {b["run"]: ident_at(b, 1e-5, key="identity_fp32_masters") for b in sec["rows"]}
+        f32_4 = [ident_at(b, 1e-4, key="identity_fp32_masters") for b in sec["rows"]]
         others = [f32[b["run"]] for b in sec["rows"] if b["role"] == "full run, another seed"]
         closer = others and f32[r["run"]] > max(others)
         line = (
@@ -337,11 +338,11 @@ def subnetwork_markdown(results: dict) -> list[str]:
             + f"; all {c['steps']} steps, batch {c['batch_size']}, from the same θ0. "
             "The random mask is a control: its overlap with any mask should sit at the density chance."
         )
-        seeds = next((x for x in ov["comparisons"] if x["group"] == "seeds"), None)
-        if seeds and seeds.get("modules"):
+        seed_pair = next((x for x in ov["comparisons"] if x["group"] == "seeds"), None)
+        if seed_pair and seed_pair.get("modules"):
             md += [
                 "",
-                f"Per module, {seeds['what']} (`{seeds['a']}` vs `{seeds['b']}`; every pair's per-layer and per-module "
+                f"Per module, {seed_pair['what']} (`{seed_pair['a']}` vs `{seed_pair['b']}`; every pair's per-layer and per-module "
                 "rows are in results.json, `subnetwork.overlap.pairs`):",
                 "",
             ]
@@ -354,14 +355,14 @@ def subnetwork_markdown(results: dict) -> list[str]:
                     pct(m["chance_o1"]),
                     pct(m.get("magnitude_chance_o1")),
                 ]
-                for m in seeds["modules"]
+                for m in seed_pair["modules"]
             ]
             md.append(
                 md_table(
                     [
                         "module",
                         "entries",
-                        f"density of {seeds['a']}",
+                        f"density of {seed_pair['a']}",
                         "o1",
                         "density chance o1",
                         "magnitude chance o1 (within the module)",

@@ -91,6 +91,14 @@ def ident(row: dict, atol: float, inside: bool = False, key: str = "identity") -
     return rec["identity_in_mask"] if inside else rec["identity"]
 
 
+def ident_at(row: dict, atol: float, key: str = "identity") -> float:
+    """Identity of a Table 3 row overall at ``atol``, one of the atols the subnetwork measurement records."""
+    value = ident(row, atol, key=key)
+    if value is None:
+        raise KeyError(f"{row.get('run')}: no {key} record at atol {atol:g}")
+    return value
+
+
 def rows_of(section: dict, role: str) -> list[dict]:
     return [r for r in section["rows"] if r["role"] == role]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from rlsubnet.lab import paper_numbers as paper
 from rlsubnet.lab.report.criteria import CRITERIA, dense_in_fp32
-from rlsubnet.lab.report.records import acc_diff, algo_of, full_gain, ident, pct, pts, rows_of, sp, spec_of
+from rlsubnet.lab.report.records import acc_diff, algo_of, full_gain, ident, ident_at, pct, pts, rows_of, sp, spec_of
 
 
 def assess_subnetworks(results: dict) -> list[dict]:
     """The paper's claims 3 and 4 (Tables 3 and 4), and the baselines later work asks for."""
     sub = results.get("subnetwork")
-    out = []
+    out: list[dict] = []
     if not sub:
         return out
     tsk = results["config"]["task"]
@@ -23,7 +23,7 @@ def assess_subnetworks(results: dict) -> list[dict]:
         if not srow:
             continue
         r = srow[0]
-        i5, i4 = ident(r, 1e-5), ident(r, 1e-4)
+        i5, i4 = ident_at(r, 1e-5), ident_at(r, 1e-4)
         d = acc_diff(sec, r, tsk)
         ok5 = i5 >= CRITERIA["identity_1e-5"]
         ok4 = i4 >= 1 - CRITERIA["identity_1e-4_points"] / 100
@@ -60,10 +60,10 @@ def assess_subnetworks(results: dict) -> list[dict]:
         srow = rows_of(sec, "subnetwork re-run")
         if not srow:
             continue
-        i_sub = ident(srow[0], 1e-5)
+        i_sub = ident_at(srow[0], 1e-5)
         for role in ("random-mask re-run", "full run, another seed"):
             for b in rows_of(sec, role):
-                i_b = ident(b, 1e-5)
+                i_b = ident_at(b, 1e-5)
                 win = i_sub - i_b > CRITERIA["beats_baseline_points"] / 100
                 wins.append(win)
                 parts.append(f"{alg}: θ_sub {pct(i_sub)} vs {b['run']} {pct(i_b)}")
@@ -163,7 +163,7 @@ def subnetwork_differences(results: dict) -> list[str]:
         if not srow:
             continue
         r = srow[0]
-        i5, i4 = ident(r, 1e-5), ident(r, 1e-4)
+        i5, i4 = ident_at(r, 1e-5), ident_at(r, 1e-4)
         lo5 = min(v[1e-5] for v in paper.TABLE3.values()) / 100
         hi5 = max(v[1e-5] for v in paper.TABLE3.values()) / 100
         if i5 > hi5:
@@ -182,8 +182,8 @@ def subnetwork_differences(results: dict) -> list[str]:
                 f"- {alg.upper()}: not 100% at 1e-4 as in the paper: {n['numel'] - n['identical']:,} of "
                 f"{n['numel']:,} entries ({pct(1 - i4, 2)}) differ by more than 1e-4."
             )
-        f32 = ident(r, 1e-5, key="identity_fp32_masters")
-        seeds = [ident(b, 1e-5, key="identity_fp32_masters") for b in rows_of(sec, "full run, another seed")]
+        f32 = ident_at(r, 1e-5, key="identity_fp32_masters")
+        seeds = [ident_at(b, 1e-5, key="identity_fp32_masters") for b in rows_of(sec, "full run, another seed")]
         if seeds and f32 <= max(seeds):
             out.append(
                 f"- {alg.upper()}: the reproduction holds in bf16 only. Between the fp32 masters, θ_sub matches "
