@@ -55,7 +55,7 @@ def real(value, name: str, lo: float = 0.0, hi: float = math.inf, *, lo_open: bo
 
 
 def seed(value, name: str = "seed") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_SEED:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) <= MAX_SEED:
         raise UsageError(f"{name} must be a non-negative integer below 2**63, got {value!r}")
     return int(value)
 

@@ -71,8 +71,9 @@ def _target(parser: argparse.ArgumentParser, title: str | None, default):
     return parser.add_argument_group(title)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, exclude: Iterable[str] = (),
-                            group: str | None = None) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls, *, exclude: Iterable[str] = (), group: str | None = None
+) -> None:
     """Add one argument per field of ``cls`` (in field order) to ``parser``; ``group``: the help section of the
     fields that name none. The parsed value lands under the field's own name (``from_args`` reads it back)."""
     hints = typing.get_type_hints(cls)
@@ -92,8 +93,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, exclude: It
         names = [option_name(f), *meta.get("aliases", ())]
         kwargs["dest"] = f.name
         if tp is bool:
-            where.add_argument(*names, action="store_true" if default is False else argparse.BooleanOptionalAction,
-                               default=default, **kwargs)
+            where.add_argument(
+                *names,
+                action="store_true" if default is False else argparse.BooleanOptionalAction,
+                default=default,
+                **kwargs,
+            )
             continue
         if default is dataclasses.MISSING:
             kwargs["required"] = True
@@ -111,6 +116,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, exclude: It
 def from_args(cls, namespace: argparse.Namespace, **overrides):
     """An instance of ``cls`` from the parsed ``namespace`` (fields that were not on the command line keep their
     defaults); ``overrides`` replace values, e.g. those the command derives from other options."""
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(namespace, f.name)}
+    values = {
+        f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(namespace, f.name)
+    }
     values.update(overrides)
     return cls(**values)

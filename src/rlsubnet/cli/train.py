@@ -18,6 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlsubnet.cli.config_args import add_dataclass_arguments, from_args
 from rlsubnet.errors import UsageError
@@ -35,24 +36,52 @@ class TrainConfig:
     base: str = field(metadata={"help": "θ0: a lab model folder (bf16 weights, config, tokenizer)", "metavar": "DIR"})
     out: str = field(metadata={"help": "stage folder to write (model/, master-fp32, stage.json...)", "metavar": "DIR"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
-    mask: str | None = field(default=None, metadata={
-        "help": "train only this mask's entries (a file from `rlsubnet mask`)", "metavar": "FILE", "group": "mask"})
-    mask_before_clip: bool = field(default=False, metadata={
-        "help": "mask the gradient before clipping (default: clip the full gradient, then mask, as the paper)",
-        "group": "mask"})
-    strict: bool = field(default=False, metadata={"help": "also restore frozen entries after every step", "group": "mask"})
-    compare_dtype: str = field(default="bf16", metadata={
-        "help": "dtype the result will be compared in; a mask built in another dtype is warned about",
-        "choices": ("bf16", "fp32", "native"), "group": "mask"})
-    allow_full: bool = field(default=False, metadata={"help": "accept a mask of density 1 without a warning",
-                                                      "group": "mask"})
-    name: str | None = field(default=None, metadata={
-        "help": "stage name", "default_help": "ALGORITHM, or ALGORITHM-sub with --mask", "group": STAGE})
-    samples: str | None = field(default=None, metadata={
-        "help": "θ0's own samples (needed by own-pairs / own-correct)", "metavar": "JSONL", "group": STAGE})
-    eval_task: list[str] | None = field(default=None, metadata={
-        "help": "held-out task to evaluate; repeatable", "choices": tuple(TASKS), "default_help": "--task",
-        "group": STAGE})
+    mask: str | None = field(
+        default=None,
+        metadata={
+            "help": "train only this mask's entries (a file from `rlsubnet mask`)",
+            "metavar": "FILE",
+            "group": "mask",
+        },
+    )
+    mask_before_clip: bool = field(
+        default=False,
+        metadata={
+            "help": "mask the gradient before clipping (default: clip the full gradient, then mask, as the paper)",
+            "group": "mask",
+        },
+    )
+    strict: bool = field(
+        default=False, metadata={"help": "also restore frozen entries after every step", "group": "mask"}
+    )
+    compare_dtype: str = field(
+        default="bf16",
+        metadata={
+            "help": "dtype the result will be compared in; a mask built in another dtype is warned about",
+            "choices": ("bf16", "fp32", "native"),
+            "group": "mask",
+        },
+    )
+    allow_full: bool = field(
+        default=False, metadata={"help": "accept a mask of density 1 without a warning", "group": "mask"}
+    )
+    name: str | None = field(
+        default=None,
+        metadata={"help": "stage name", "default_help": "ALGORITHM, or ALGORITHM-sub with --mask", "group": STAGE},
+    )
+    samples: str | None = field(
+        default=None,
+        metadata={"help": "θ0's own samples (needed by own-pairs / own-correct)", "metavar": "JSONL", "group": STAGE},
+    )
+    eval_task: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "held-out task to evaluate; repeatable",
+            "choices": tuple(TASKS),
+            "default_help": "--task",
+            "group": STAGE,
+        },
+    )
     json: bool = field(default=False, metadata={"help": "print the stage record (and mask report) as JSON"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar", "aliases": ("-q",)})
 
@@ -98,28 +127,51 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
         raise UsageError(f"--data {spec.data} needs θ0's own samples: pass --samples JSONL")
 
     callbacks: list = []
-    extra = None
+    extra: dict[str, Any] | None = None
     configure = None
     if mask is not None:
         from rlsubnet.train import attach_mask
 
         warn_if_other_base(mask, base_dir)
-        options = {"strict": True if cfg.strict else None, "mask_before_clip": cfg.mask_before_clip,
-                   "compare_dtype": cfg.compare_dtype, "allow_full": cfg.allow_full}
-        extra = {"mask": {"path": str(cfg.mask), "kind": mask.kind, "atol": mask.atol, "dtype": mask.dtype,
-                          "density": mask.density, "bits_sha256": mask.bits_sha256(), "options": dict(options)}}
+        options = {
+            "strict": True if cfg.strict else None,
+            "mask_before_clip": cfg.mask_before_clip,
+            "compare_dtype": cfg.compare_dtype,
+            "allow_full": cfg.allow_full,
+        }
+        extra = {
+            "mask": {
+                "path": str(cfg.mask),
+                "kind": mask.kind,
+                "atol": mask.atol,
+                "dtype": mask.dtype,
+                "density": mask.density,
+                "bits_sha256": mask.bits_sha256(),
+                "options": dict(options),
+            }
+        }
 
         def configure(trainer):
             callbacks.append(attach_mask(trainer, mask, **options))
 
     result = run_stage(
-        spec, base_dir=base_dir, out_dir=cfg.out, samples_path=cfg.samples, eval_tasks=cfg.eval_task,
-        configure_trainer=configure, extra_record=extra, progress=not cfg.quiet, overwrite=cfg.overwrite,
+        spec,
+        base_dir=base_dir,
+        out_dir=cfg.out,
+        samples_path=cfg.samples,
+        eval_tasks=cfg.eval_task,
+        configure_trainer=configure,
+        extra_record=extra,
+        progress=not cfg.quiet,
+        overwrite=cfg.overwrite,
     )
-    report = None
-    if mask is not None:
-        report = {"mask": extra["mask"], "optimizer": callbacks[0].last_report if callbacks else None,
-                  "check": check_frozen_masters(mask, base_dir, result.master_path)}
+    report: dict[str, Any] | None = None
+    if mask is not None and extra is not None:
+        report = {
+            "mask": extra["mask"],
+            "optimizer": callbacks[0].last_report if callbacks else None,
+            "check": check_frozen_masters(mask, base_dir, result.master_path),
+        }
         atomic_write_text(Path(cfg.out) / "mask.json", json.dumps(report, indent=2) + "\n")
         if report["check"]["frozen_entries_moved"]:
             raise MaskError(
@@ -137,10 +189,14 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     if report is not None:
         opt = report["optimizer"] or {}
         c = report["check"]
-        print(f"  mask {cfg.mask}: trained {opt.get('trainable', 0):,} of {opt.get('numel', 0):,} entries "
-              f"(density {opt.get('density', 0):.4f}); {opt.get('order')}; {opt.get('mode')}")
-        print(f"  fp32 masters outside the mask: {c['frozen_entries_moved']} of {c['frozen_entries_checked']:,} "
-              "entries moved (bitwise against θ0)")
+        print(
+            f"  mask {cfg.mask}: trained {opt.get('trainable', 0):,} of {opt.get('numel', 0):,} entries "
+            f"(density {opt.get('density', 0):.4f}); {opt.get('order')}; {opt.get('mode')}"
+        )
+        print(
+            f"  fp32 masters outside the mask: {c['frozen_entries_moved']} of {c['frozen_entries_checked']:,} "
+            "entries moved (bitwise against θ0)"
+        )
     return 0
 
 
@@ -160,7 +216,9 @@ def warn_if_other_base(mask, base_dir) -> None:
     finally:
         ck.close()
     if digest != rec["content_hash"]:
-        msg = (f"the mask was measured from base {rec.get('source')!r}, whose weights differ from {base_dir} "
-               "(content hashes differ): this is not that run's subnetwork")
+        msg = (
+            f"the mask was measured from base {rec.get('source')!r}, whose weights differ from {base_dir} "
+            "(content hashes differ): this is not that run's subnetwork"
+        )
         warnings.warn(msg, stacklevel=2)
         print(f"rlsubnet: warning: {msg}", file=sys.stderr)

@@ -143,8 +143,7 @@ def check_top_k(top_k, shape: Sequence[int], name: str = "") -> None:
     if top_k > min(shape):
         what = f"{name!r} " if name else ""
         raise UsageError(
-            f"--top-k {top_k} is larger than matrix {what}of shape {'×'.join(map(str, shape))} "
-            f"(at most {min(shape)})"
+            f"--top-k {top_k} is larger than matrix {what}of shape {'×'.join(map(str, shape))} (at most {min(shape)})"
         )
 
 

@@ -66,10 +66,16 @@ def stage_rows(spec: StageSpec, samples: Sequence[dict] | None = None) -> tuple[
         train_prompts = {p.prompt for p in train}
         foreign = [s["prompt"] for s in samples if s["prompt"] not in train_prompts]
         if foreign:
-            raise UsageError(f"stage {spec.name}: samples include prompts outside the training split, e.g. {foreign[0]!r}")
+            raise UsageError(
+                f"stage {spec.name}: samples include prompts outside the training split, e.g. {foreign[0]!r}"
+            )
         pool = own_correct_examples(samples) if spec.data == "own-correct" else own_pairs(samples)
         if not pool:
-            what = "correct samples" if spec.data == "own-correct" else "prompts with both a correct and an incorrect sample"
+            what = (
+                "correct samples"
+                if spec.data == "own-correct"
+                else "prompts with both a correct and an incorrect sample"
+            )
             raise UsageError(
                 f"stage {spec.name}: θ0 produced no {what} on the {spec.task} training prompts; "
                 "pretrain further (raise --pretrain-target or --pretrain-max-steps)"
@@ -78,8 +84,11 @@ def stage_rows(spec: StageSpec, samples: Sequence[dict] | None = None) -> tuple[
     rows = []
     for item in chosen:
         if isinstance(item, Problem):
-            rows.append({"prompt": item.prompt, "answer": item.answer} if spec.data == "prompts"
-                        else {"prompt": item.prompt, "completion": item.answer})
+            rows.append(
+                {"prompt": item.prompt, "answer": item.answer}
+                if spec.data == "prompts"
+                else {"prompt": item.prompt, "completion": item.answer}
+            )
         else:
             rows.append(dict(item))
     record = {
@@ -101,7 +110,9 @@ def sft_features(rows: Sequence[dict], tokenizer) -> dict[str, list]:
     time in ``datasets.map``; the trainer's collator, loss and loop are TRL's own.
     """
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    completions = tokenizer([r["completion"] + tokenizer.eos_token for r in rows], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([r["completion"] + tokenizer.eos_token for r in rows], add_special_tokens=False)[
+        "input_ids"
+    ]
     input_ids = [p + c for p, c in zip(prompts, completions)]
     labels = [[-100] * len(p) + c for p, c in zip(prompts, completions)]
     return {"input_ids": input_ids, "labels": labels}

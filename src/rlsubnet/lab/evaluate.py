@@ -10,8 +10,17 @@ from rlsubnet.lab.rewards import is_correct
 from rlsubnet.lab.tasks import Problem
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, sample: bool = False,
-             num_return_sequences: int = 1, generator_seed: int | None = None, batch_size: int = 512) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    sample: bool = False,
+    num_return_sequences: int = 1,
+    generator_seed: int | None = None,
+    batch_size: int = 512,
+) -> list[str]:
     """Completions (decoded, special tokens kept so that the reward can cut at <eos>), prompt-major order."""
     was_training = model.training
     model.eval()

@@ -17,8 +17,19 @@ from rlsubnet.errors import RlsubnetError
 from rlsubnet.lab import paper_numbers as paper
 from rlsubnet.lab.config import DemoConfig, StageSpec
 from rlsubnet.lab.stages import StageResult
-from rlsubnet.lab.subnet import (IDENTITY_ATOLS, MASK_ATOL, MASK_DTYPE, MASK_OPTIONS, RANDOM_SCOPE, RERUN_OF, MaskStore,
-                                 mask_record, named_pairs, overlap_labels, random_mask_label)
+from rlsubnet.lab.subnet import (
+    IDENTITY_ATOLS,
+    MASK_ATOL,
+    MASK_DTYPE,
+    MASK_OPTIONS,
+    RANDOM_SCOPE,
+    RERUN_OF,
+    MaskStore,
+    mask_record,
+    named_pairs,
+    overlap_labels,
+    random_mask_label,
+)
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.masks import Mask, identity, overlap_many
 from rlsubnet.train import check_frozen_masters
@@ -52,7 +63,7 @@ def measure_stage(theta0_dir: Path, stage: StageResult, *, atols: Sequence[float
     vs_theta0 = compare_many(theta0, snap_paths, atol=DYNAMICS_ATOLS, dtype="bf16") if snaps else []
     consecutive = []
     prev = theta0
-    for (step, p), r0 in zip(snaps, vs_theta0):
+    for step, p in snaps:
         r = compare(prev, str(p), atol=DYNAMICS_ATOLS, dtype="bf16")
         consecutive.append({"step": step, "sparsity": {repr(a): r.sparsity(a) for a in DYNAMICS_ATOLS}})
         prev = str(p)
@@ -84,14 +95,30 @@ def measure_stage(theta0_dir: Path, stage: StageResult, *, atols: Sequence[float
 
     return {
         "bf16": bf16.to_json(),
-        "bf16_rank": {"mean_rank_ratio": bf16.mean_rank_ratio,
-                      "per_matrix": [{"name": t.name, "rank": t.rank, "rank_ratio": t.rank_ratio}
-                                     for t in bf16.tensors if t.rank is not None]},
-        "matrices": [{"name": t.name, "module": t.module, "layer": t.layer, "shape": list(t.shape),
-                      "sparsity": 1 - t.density(1e-5), "sparsity_0": 1 - t.density(0.0), "rank_ratio": t.rank_ratio}
-                     for t in bf16.tensors if len(t.shape) == 2 and t.module not in ("norm", "embed", "lm_head")],
+        "bf16_rank": {
+            "mean_rank_ratio": bf16.mean_rank_ratio,
+            "per_matrix": [
+                {"name": t.name, "rank": t.rank, "rank_ratio": t.rank_ratio} for t in bf16.tensors if t.rank is not None
+            ],
+        },
+        "matrices": [
+            {
+                "name": t.name,
+                "module": t.module,
+                "layer": t.layer,
+                "shape": list(t.shape),
+                "sparsity": 1 - t.density(1e-5),
+                "sparsity_0": 1 - t.density(0.0),
+                "rank_ratio": t.rank_ratio,
+            }
+            for t in bf16.tensors
+            if len(t.shape) == 2 and t.module not in ("norm", "embed", "lm_head")
+        ],
         "fp32": fp32.to_json(),
-        "sparsity": {"bf16": {repr(a): bf16.sparsity(a) for a in atols}, "fp32": {repr(a): fp32.sparsity(a) for a in atols}},
+        "sparsity": {
+            "bf16": {repr(a): bf16.sparsity(a) for a in atols},
+            "fp32": {repr(a): fp32.sparsity(a) for a in atols},
+        },
         "grid": {"layers": layers, "modules": kinds, "sparsity_1e-05": grid, "sparsity_0": grid0},
         "sparsity_vs_step": sparsity_vs_step,
         "consecutive_snapshots": consecutive,
@@ -114,6 +141,7 @@ def _identity(full: Path, other: Path, inside: Mask | None, *, dtype: str = MASK
 
 def first_differing_step(full_dir: Path, other_dir: Path, key: str) -> int | None:
     """First optimizer step whose logged ``key`` differs between two stages' log.jsonl (None: never)."""
+
     def series(d):
         out = {}
         p = Path(d) / "log.jsonl"
@@ -132,17 +160,32 @@ def first_differing_step(full_dir: Path, other_dir: Path, key: str) -> int | Non
 
 
 def _stage_sparsity(theta0: Path, stage: StageResult) -> dict:
-    bf16 = compare(str(theta0 / "model.safetensors"), str(stage.model_dir / "model.safetensors"), atol=(0.0, MASK_ATOL), dtype="bf16")
+    bf16 = compare(
+        str(theta0 / "model.safetensors"),
+        str(stage.model_dir / "model.safetensors"),
+        atol=(0.0, MASK_ATOL),
+        dtype="bf16",
+    )
     fp32 = compare(str(theta0 / "model.safetensors"), str(stage.master_path), atol=0.0, dtype="fp32")
-    return {"bf16": {"0.0": bf16.sparsity(0.0), repr(MASK_ATOL): bf16.sparsity(MASK_ATOL)}, "fp32": {"0.0": fp32.sparsity(0.0)}}
+    return {
+        "bf16": {"0.0": bf16.sparsity(0.0), repr(MASK_ATOL): bf16.sparsity(MASK_ATOL)},
+        "fp32": {"0.0": fp32.sparsity(0.0)},
+    }
 
 
 def run_record(theta0: Path, stage: StageResult, spec: StageSpec, role: str, of: str | None) -> dict:
     rec = stage.record
     out = {
-        "role": role, "of": of, "spec": rec["spec"], "settings": rec["settings"], "description": spec.description,
-        "accuracy": rec["accuracy"], "train_summary": rec["train_summary"], "stage_timings": rec["timings"],
-        "optimizer": rec["optimizer"], "sparsity": _stage_sparsity(theta0, stage),
+        "role": role,
+        "of": of,
+        "spec": rec["spec"],
+        "settings": rec["settings"],
+        "description": spec.description,
+        "accuracy": rec["accuracy"],
+        "train_summary": rec["train_summary"],
+        "stage_timings": rec["timings"],
+        "optimizer": rec["optimizer"],
+        "sparsity": _stage_sparsity(theta0, stage),
     }
     if rec.get("extra"):
         out["mask"] = rec["extra"].get("mask")
@@ -151,11 +194,12 @@ def run_record(theta0: Path, stage: StageResult, spec: StageSpec, role: str, of:
     return out
 
 
-def overlap_section(theta0: Path, masks: Mapping[str, Mask], stage_settings: Mapping[str, dict], seed: int,
-                    second_task: str | None) -> dict:
+def overlap_section(
+    theta0: Path, masks: Mapping[str, Mask], stage_settings: Mapping[str, dict], seed: int, second_task: str | None
+) -> dict:
     """Every pair of ``masks`` (matrix, per layer, per module) and the named comparisons beside the paper's Table 4."""
     labels = list(masks)
-    res = overlap_many([masks[l] for l in labels], labels, base=theta0 / "model.safetensors")
+    res = overlap_many([masks[label] for label in labels], labels, base=theta0 / "model.safetensors")
     comparisons = []
     for group, a, b, what in named_pairs(seed, second_task):
         if a not in labels or b not in labels:
@@ -167,30 +211,67 @@ def overlap_section(theta0: Path, masks: Mapping[str, Mask], stage_settings: Map
             f = _swap(f)
         excess = (f["o1"] - f["chance_o1"]) if f["o1"] is not None else None
         explained = ((f["magnitude_chance_o1"] - f["chance_o1"]) / excess) if excess else None
-        row = {"group": group, "a": a, "b": b, "what": what, **{k: f[k] for k in (
-            "o1", "o2", "jaccard", "chance_o1", "chance_o2", "chance_jaccard", "magnitude_chance_o1", "magnitude_chance_o2",
-            "magnitude_chance_jaccard", "density_a", "density_b", "intersection", "count_a", "count_b", "numel")},
+        row = {
+            "group": group,
+            "a": a,
+            "b": b,
+            "what": what,
+            **{
+                k: f[k]
+                for k in (
+                    "o1",
+                    "o2",
+                    "jaccard",
+                    "chance_o1",
+                    "chance_o2",
+                    "chance_jaccard",
+                    "magnitude_chance_o1",
+                    "magnitude_chance_o2",
+                    "magnitude_chance_jaccard",
+                    "density_a",
+                    "density_b",
+                    "intersection",
+                    "count_a",
+                    "count_b",
+                    "numel",
+                )
+            },
             "o1_over_chance": f["o1"] / f["chance_o1"] if f["o1"] is not None and f["chance_o1"] else None,
-            "o1_over_magnitude_chance": (f["o1"] / f["magnitude_chance_o1"]
-                                         if f["o1"] is not None and f["magnitude_chance_o1"] else None),
+            "o1_over_magnitude_chance": (
+                f["o1"] / f["magnitude_chance_o1"] if f["o1"] is not None and f["magnitude_chance_o1"] else None
+            ),
             "magnitude_explains_share_of_excess": explained,
             **reach(f["o1"], f["o2"], f["density_a"], f["density_b"]),
-            "settings_a": stage_settings.get(a, {}).get("settings"), "settings_b": stage_settings.get(b, {}).get("settings"),
+            "settings_a": stage_settings.get(a, {}).get("settings"),
+            "settings_b": stage_settings.get(b, {}).get("settings"),
             "modules": p.modules if i < j else [_swap(m) for m in p.modules],
             "layers": p.layers if i < j else [_swap(m) for m in p.layers],
-            "buckets": p.buckets}
+            "buckets": p.buckets,
+        }
         paper_row = next((r for r in paper.TABLE4 if r[0] == group), None)
         if paper_row and (group != "algorithm" or (a, b) == ("grpo", "dpo")):
             o1, o2, c1, c2 = (x / 100 for x in paper_row[2:6])
-            row["paper"] = {"what": paper_row[1], "o1": o1, "o2": o2, "chance_o1": c1, "chance_o2": c2,
-                            **reach(o1, o2, c2, c1)}  # the paper's chance o1 is B's density, chance o2 A's
+            row["paper"] = {
+                "what": paper_row[1],
+                "o1": o1,
+                "o2": o2,
+                "chance_o1": c1,
+                "chance_o2": c2,
+                **reach(o1, o2, c2, c1),
+            }  # the paper's chance o1 is B's density, chance o2 A's
         comparisons.append(row)
     matrix = res.to_json()
     for pr in matrix["pairs"]:
         pr.pop("buckets", None)  # the named comparisons keep theirs; the matrix keeps layers and modules
-    return {"labels": labels, "settings": res.settings, "warnings": res.warnings,
-            "densities": dict(zip(labels, res.densities)), "matrix": matrix["matrix"], "pairs": matrix["pairs"],
-            "comparisons": comparisons}
+    return {
+        "labels": labels,
+        "settings": res.settings,
+        "warnings": res.warnings,
+        "densities": dict(zip(labels, res.densities)),
+        "matrix": matrix["matrix"],
+        "pairs": matrix["pairs"],
+        "comparisons": comparisons,
+    }
 
 
 def reach(o1: float | None, o2: float | None, d_a: float, d_b: float) -> dict:
@@ -200,6 +281,7 @@ def reach(o1: float | None, o2: float | None, d_a: float, d_b: float) -> dict:
     dense mask (SFT at its usual lr) the raw excess over chance is small because there is little room, and this
     share says how much of that room is used. Both equal (|A∩B| − n·d_A·d_B) / (min(|A|, |B|) − n·d_A·d_B), so
     ``reach`` is one number per pair (``reach_o1`` and ``reach_o2`` are kept as computed)."""
+
     def one(o, chance, top):
         if o is None or top - chance <= 0:
             return None
@@ -214,8 +296,13 @@ def reach(o1: float | None, o2: float | None, d_a: float, d_b: float) -> dict:
 
 def _swap(f: dict) -> dict:
     out = dict(f)
-    for x, y in (("o1", "o2"), ("chance_o1", "chance_o2"), ("magnitude_chance_o1", "magnitude_chance_o2"),
-                 ("density_a", "density_b"), ("count_a", "count_b")):
+    for x, y in (
+        ("o1", "o2"),
+        ("chance_o1", "chance_o2"),
+        ("magnitude_chance_o1", "magnitude_chance_o2"),
+        ("density_a", "density_b"),
+        ("count_a", "count_b"),
+    ):
         if x in f or y in f:
             out[x], out[y] = f.get(y), f.get(x)
     return out
@@ -230,12 +317,15 @@ def rerun_section(theta0: Path, full: StageResult, mask: Mask, rows: Sequence[tu
     """
     out_rows = []
     for name, stage, role, own in rows:
-        rec = {"run": name, "role": role,
-               "identity": _identity(full.model_dir, stage.model_dir, mask),
-               "identity_fp32_masters": _identity(full.master_path, stage.master_path, mask, dtype="fp32"),
-               "accuracy": stage.record["accuracy"],
-               "first_step_loss_differs": first_differing_step(full.dir, stage.dir, "loss"),
-               "first_step_reward_differs": first_differing_step(full.dir, stage.dir, "reward")}
+        rec = {
+            "run": name,
+            "role": role,
+            "identity": _identity(full.model_dir, stage.model_dir, mask),
+            "identity_fp32_masters": _identity(full.master_path, stage.master_path, mask, dtype="fp32"),
+            "accuracy": stage.record["accuracy"],
+            "first_step_loss_differs": first_differing_step(full.dir, stage.dir, "loss"),
+            "first_step_reward_differs": first_differing_step(full.dir, stage.dir, "reward"),
+        }
         if own is not None:
             used = ((stage.record.get("extra") or {}).get("mask") or {}).get("bits_sha256")
             if used != own.bits_sha256():
@@ -244,20 +334,38 @@ def rerun_section(theta0: Path, full: StageResult, mask: Mask, rows: Sequence[tu
             if check["frozen_entries_moved"]:
                 raise RlsubnetError(
                     f"stage {name}: {check['frozen_entries_moved']:,} fp32 master entries outside its mask differ from θ0 "
-                    f"({', '.join(check['moved_by_tensor'])}): the masked run leaked")
+                    f"({', '.join(check['moved_by_tensor'])}): the masked run leaked"
+                )
             rec["frozen_masters"] = check
             rec["trained_mask"] = {"kind": own.kind, "density": own.density, "changed": own.changed}
             if own is not mask:
                 rec["identity_inside_own_mask"] = _identity(full.model_dir, stage.model_dir, own)
         out_rows.append(rec)
-    return {"full": full.name, "mask": {"of": full.name, "atol": mask.atol, "dtype": mask.dtype, "density": mask.density,
-                                         "changed": mask.changed, "numel": mask.numel},
-            "full_accuracy": full.record["accuracy"], "rows": out_rows}
+    return {
+        "full": full.name,
+        "mask": {
+            "of": full.name,
+            "atol": mask.atol,
+            "dtype": mask.dtype,
+            "density": mask.density,
+            "changed": mask.changed,
+            "numel": mask.numel,
+        },
+        "full_accuracy": full.record["accuracy"],
+        "rows": out_rows,
+    }
 
 
-def measure_subnetwork(theta0: Path, out: Path, stages: Mapping[str, StageResult], extra: Mapping[str, StageResult],
-                       extra_specs: Mapping[str, StageSpec], store: MaskStore, skipped: Mapping[str, str],
-                       cfg: DemoConfig) -> dict:
+def measure_subnetwork(
+    theta0: Path,
+    out: Path,
+    stages: Mapping[str, StageResult],
+    extra: Mapping[str, StageResult],
+    extra_specs: Mapping[str, StageSpec],
+    store: MaskStore,
+    skipped: Mapping[str, str],
+    cfg: DemoConfig,
+) -> dict:
     """``results["subnetwork"]``: the new runs, the masks, Table 3 per algorithm and Table 4 (see
     :mod:`rlsubnet.lab.subnet`).
 
@@ -273,7 +381,10 @@ def measure_subnetwork(theta0: Path, out: Path, stages: Mapping[str, StageResult
                 roles[name] = ("random-mask re-run", of)
             elif name.startswith(f"{of}-seed"):
                 roles[name] = ("full run, another seed", of)
-    runs = {name: run_record(theta0, res, extra_specs[name], *roles.get(name, ("extra", None))) for name, res in extra.items()}
+    runs = {
+        name: run_record(theta0, res, extra_specs[name], *roles.get(name, ("extra", None)))
+        for name, res in extra.items()
+    }
 
     reruns = {}
     for of in RERUN_OF:
@@ -298,37 +409,46 @@ def measure_subnetwork(theta0: Path, out: Path, stages: Mapping[str, StageResult
     if "grpo" in stages:
         rlabel = random_mask_label("grpo")
         masks[rlabel] = store.random_like("grpo", stages["grpo"])
-        settings[rlabel] = {"settings": f"random {RANDOM_SCOPE.replace('_', '-')} mask with grpo's count in every tensor, "
-                                        f"seed {cfg.seed}"}
+        settings[rlabel] = {
+            "settings": f"random {RANDOM_SCOPE.replace('_', '-')} mask with grpo's count in every tensor, "
+            f"seed {cfg.seed}"
+        }
     overlap = overlap_section(theta0, masks, settings, cfg.seed, cfg.second_task) if len(masks) >= 2 else None
 
     return {
         "settings": {
             "mask": f"entries of the bf16 checkpoint with |θ − θ0| > {MASK_ATOL:g} (compare engine's test), per stage",
-            "mask_atol": MASK_ATOL, "mask_dtype": MASK_DTYPE,
+            "mask_atol": MASK_ATOL,
+            "mask_dtype": MASK_DTYPE,
             "identity": "share of entries with |θ_full − θ_other| ≤ atol, on the bf16 checkpoints (and between the fp32 "
-                        "masters, identity_fp32_masters); 'inside the mask' = among the full run's subnetwork entries",
+            "masters, identity_fp32_masters); 'inside the mask' = among the full run's subnetwork entries",
             "identity_atols": list(IDENTITY_ATOLS),
             "masked_training": "rlsubnet.train.attach_mask on the stage's TRL trainer: clip the full gradient, then mask; "
-                               "AdamW (single-tensor), no weight decay; same spec, seed and data order as the full run",
+            "AdamW (single-tensor), no weight decay; same spec, seed and data order as the full run",
             "mask_options": dict(MASK_OPTIONS),
             "random_mask": f"{RANDOM_SCOPE.replace('_', '-')}: every tensor gets exactly the full run's count there "
-                           f"(so norms stay frozen), uniformly placed, seed {cfg.seed} (numpy PCG64)",
+            f"(so norms stay frozen), uniformly placed, seed {cfg.seed} (numpy PCG64)",
             "extra_seeds": "another seed changes the trainer seed (GRPO's sampling) and the data order (data_seed = seed)",
             "magnitude_chance": "parameters bucketed by the bf16 exponent of |w| in θ0 (one bucket per octave); chance "
-                                "intersection Σ_b n_b·p_A,b·p_B,b with p estimated from the masks",
+            "intersection Σ_b n_b·p_A,b·p_B,b with p estimated from the masks",
         },
         "runs": runs,
         "skipped": dict(skipped),
         "masks": {label: mask_record(m, store.paths.get(label), out) for label, m in store.masks.items()},
         "reruns": reruns,
         "overlap": overlap,
-        "paper": {"table3": {alg: {repr(a): v for a, v in d.items()} for alg, d in paper.TABLE3.items()},
-                  "table3_accuracy": paper.TABLE3_ACCURACY,
-                  "table4": [{**dict(zip(("comparison", "what", "o1", "o2", "chance_o1", "chance_o2"), r)),
-                              # the paper's chance o1 is B's density, chance o2 A's
-                              "reach": reach(r[2] / 100, r[3] / 100, r[5] / 100, r[4] / 100)["reach"]}
-                             for r in paper.TABLE4]},
+        "paper": {
+            "table3": {alg: {repr(a): v for a, v in d.items()} for alg, d in paper.TABLE3.items()},
+            "table3_accuracy": paper.TABLE3_ACCURACY,
+            "table4": [
+                {
+                    **dict(zip(("comparison", "what", "o1", "o2", "chance_o1", "chance_o2"), r)),
+                    # the paper's chance o1 is B's density, chance o2 A's
+                    "reach": reach(r[2] / 100, r[3] / 100, r[5] / 100, r[4] / 100)["reach"],
+                }
+                for r in paper.TABLE4
+            ],
+        },
     }
 
 

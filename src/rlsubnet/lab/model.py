@@ -99,7 +99,7 @@ def save_model(model, out_dir: str | Path, dtype, *, tokenizer=None, metadata: d
     return out_dir
 
 
-def load_model(path: str | Path, dtype=None):
+def load_model(path: str | Path, dtype: torch.dtype | None = None):
     """Load a folder written by :func:`save_model` (or any local Llama folder) and upcast it to ``dtype``
     (fp32 by default): training keeps fp32 master weights whose starting values are the stored ones exactly."""
     from transformers import AutoModelForCausalLM
@@ -108,4 +108,5 @@ def load_model(path: str | Path, dtype=None):
     if not (path / "config.json").is_file():
         raise UsageError(f"{path}: not a model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    return model.to(dtype or torch.float32)
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), whose stub loses the bound self
+    return model.to(dtype or torch.float32)  # type: ignore[arg-type]

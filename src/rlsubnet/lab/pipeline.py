@@ -19,12 +19,12 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from rlsubnet import limits
 from rlsubnet._version import __version__
-from rlsubnet.errors import UsageError
 from rlsubnet.lab import subnet
 from rlsubnet.lab.config import DemoConfig, StageSpec
 from rlsubnet.lab.measure import commuted_twins, measure_stage, measure_subnetwork
@@ -39,46 +39,145 @@ from rlsubnet.lab.stages import file_digest, fingerprint, model_digest, quiet_li
 
 
 def pretrain_spec(cfg: DemoConfig) -> PretrainSpec:
-    c = cfg.resolved()
-    return PretrainSpec(size=c.size, tasks=tuple(c.tasks), seed=c.seed, learning_rate=c.pretrain_lr,
-                        batch_size=c.pretrain_batch, max_steps=c.pretrain_max_steps, eval_every=c.pretrain_eval_every,
-                        target_accuracy=c.pretrain_target)
+    s = cfg.sized()
+    return PretrainSpec(
+        size=cfg.size,
+        tasks=tuple(cfg.tasks),
+        seed=cfg.seed,
+        learning_rate=s.pretrain_lr,
+        batch_size=s.pretrain_batch,
+        max_steps=s.pretrain_max_steps,
+        eval_every=s.pretrain_eval_every,
+        target_accuracy=s.pretrain_target,
+    )
 
 
 def sample_spec(cfg: DemoConfig) -> SampleSpec:
-    c = cfg.resolved()
-    return SampleSpec(task=c.task, k=c.samples_per_prompt, max_prompts=c.sample_prompts, seed=c.seed)
+    return SampleSpec(task=cfg.task, k=cfg.samples_per_prompt, max_prompts=cfg.sized().sample_prompts, seed=cfg.seed)
+
+
+class _CommonSettings(TypedDict):
+    task: str
+    steps: int
+    batch_size: int
+    seed: int
+    snapshot_every: int
+    num_generations: int
 
 
 def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
     """The finetuning stages, all from θ0 with the same steps, batch, seed and data seed."""
-    c = cfg.resolved()
-    common = dict(task=c.task, steps=c.steps, batch_size=c.batch_size, seed=c.seed, snapshot_every=c.snapshot_every,
-                  num_generations=c.num_generations)
+    c, s = cfg, cfg.sized()
+    common = _CommonSettings(
+        task=c.task,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        seed=c.seed,
+        snapshot_every=s.snapshot_every,
+        num_generations=s.num_generations,
+    )
     specs = [
-        StageSpec("grpo", "grpo", data="prompts", learning_rate=c.rl_lr, beta=0.0, max_grad_norm=c.clip,
-                  description="GRPO, exact-match reward, no KL term, gradient clipping", **common),
-        StageSpec("grpo-kl", "grpo", data="prompts", learning_rate=c.rl_lr, beta=c.kl_beta, max_grad_norm=c.clip,
-                  description="GRPO with the KL term", **common),
-        StageSpec("grpo-noclip", "grpo", data="prompts", learning_rate=c.rl_lr, beta=0.0, max_grad_norm=0.0,
-                  description="GRPO without gradient clipping", **common),
-        StageSpec("grpo-sftlr", "grpo", data="prompts", learning_rate=c.sft_lr, beta=0.0, max_grad_norm=c.clip,
-                  description="GRPO at the usual SFT learning rate (the matched-lr control, from the RL side)", **common),
-        StageSpec("dpo", "dpo", data="own-pairs", learning_rate=c.rl_lr, beta=c.dpo_beta, max_grad_norm=c.clip,
-                  description="DPO on θ0's own correct vs incorrect samples", **common),
-        StageSpec("sft", "sft", data="gold", learning_rate=c.sft_lr, max_grad_norm=c.clip,
-                  description="SFT on reference answers at a usual SFT learning rate", **common),
-        StageSpec("sft-matched", "sft", data="gold", learning_rate=c.rl_lr, max_grad_norm=c.clip,
-                  description="SFT on reference answers at the RL learning rate (matched-lr control)", **common),
-        StageSpec("rft", "sft", data="own-correct", learning_rate=c.sft_lr, max_grad_norm=c.clip,
-                  description="rejection-sampling FT: SFT on θ0's own correct samples, usual SFT lr", **common),
-        StageSpec("rft-matched", "sft", data="own-correct", learning_rate=c.rl_lr, max_grad_norm=c.clip,
-                  description="rejection-sampling FT at the RL learning rate", **common),
+        StageSpec(
+            "grpo",
+            "grpo",
+            data="prompts",
+            learning_rate=c.rl_lr,
+            beta=0.0,
+            max_grad_norm=c.clip,
+            description="GRPO, exact-match reward, no KL term, gradient clipping",
+            **common,
+        ),
+        StageSpec(
+            "grpo-kl",
+            "grpo",
+            data="prompts",
+            learning_rate=c.rl_lr,
+            beta=c.kl_beta,
+            max_grad_norm=c.clip,
+            description="GRPO with the KL term",
+            **common,
+        ),
+        StageSpec(
+            "grpo-noclip",
+            "grpo",
+            data="prompts",
+            learning_rate=c.rl_lr,
+            beta=0.0,
+            max_grad_norm=0.0,
+            description="GRPO without gradient clipping",
+            **common,
+        ),
+        StageSpec(
+            "grpo-sftlr",
+            "grpo",
+            data="prompts",
+            learning_rate=c.sft_lr,
+            beta=0.0,
+            max_grad_norm=c.clip,
+            description="GRPO at the usual SFT learning rate (the matched-lr control, from the RL side)",
+            **common,
+        ),
+        StageSpec(
+            "dpo",
+            "dpo",
+            data="own-pairs",
+            learning_rate=c.rl_lr,
+            beta=c.dpo_beta,
+            max_grad_norm=c.clip,
+            description="DPO on θ0's own correct vs incorrect samples",
+            **common,
+        ),
+        StageSpec(
+            "sft",
+            "sft",
+            data="gold",
+            learning_rate=c.sft_lr,
+            max_grad_norm=c.clip,
+            description="SFT on reference answers at a usual SFT learning rate",
+            **common,
+        ),
+        StageSpec(
+            "sft-matched",
+            "sft",
+            data="gold",
+            learning_rate=c.rl_lr,
+            max_grad_norm=c.clip,
+            description="SFT on reference answers at the RL learning rate (matched-lr control)",
+            **common,
+        ),
+        StageSpec(
+            "rft",
+            "sft",
+            data="own-correct",
+            learning_rate=c.sft_lr,
+            max_grad_norm=c.clip,
+            description="rejection-sampling FT: SFT on θ0's own correct samples, usual SFT lr",
+            **common,
+        ),
+        StageSpec(
+            "rft-matched",
+            "sft",
+            data="own-correct",
+            learning_rate=c.rl_lr,
+            max_grad_norm=c.clip,
+            description="rejection-sampling FT at the RL learning rate",
+            **common,
+        ),
     ]
     if c.second_task:
-        specs.append(StageSpec(f"grpo-task-{c.second_task}", "grpo", data="prompts", learning_rate=c.rl_lr, beta=0.0,
-                               max_grad_norm=c.clip, description=f"GRPO on the second training set ({c.second_task})",
-                               **{**common, "task": c.second_task}))
+        second: _CommonSettings = {**common, "task": c.second_task}
+        specs.append(
+            StageSpec(
+                f"grpo-task-{c.second_task}",
+                "grpo",
+                data="prompts",
+                learning_rate=c.rl_lr,
+                beta=0.0,
+                max_grad_norm=c.clip,
+                description=f"GRPO on the second training set ({c.second_task})",
+                **second,
+            )
+        )
     return specs
 
 
@@ -90,12 +189,15 @@ def stage_plan(specs: list[StageSpec], prepare_rerun) -> list[PlannedStage]:
     them), SFT stages last, so that with two workers the short stages fill the end; with one, order does not
     matter. No stage's result depends on the order or on which process ran it."""
     spec_by_name = {s.name: s for s in specs}
-    plan = [PlannedStage(s.name, job=StageJob(s)) for s in [*specs, *subnet.extra_seed_specs(spec_by_name)]]
-    algo = {node.name: node.job.spec.algorithm for node in plan}
+    full_runs = [*specs, *subnet.extra_seed_specs(spec_by_name)]
+    plan = [PlannedStage(s.name, job=StageJob(s)) for s in full_runs]
+    algo = {s.name: s.algorithm for s in full_runs}
     for of in subnet.RERUN_OF:
         if of in spec_by_name:
             for kind in ("subnet", "random"):
-                plan.append(PlannedStage(f"{of}-{kind}", needs=(of,), prepare=functools.partial(prepare_rerun, of, kind)))
+                plan.append(
+                    PlannedStage(f"{of}-{kind}", needs=(of,), prepare=functools.partial(prepare_rerun, of, kind))
+                )
                 algo[f"{of}-{kind}"] = spec_by_name[of].algorithm
 
     def priority(node):
@@ -117,19 +219,28 @@ def plan_rerun(store: subnet.MaskStore, spec_by_name: dict, of: str, kind: str, 
     full = done[of]
     mask = store.changed(of, full)
     if mask.changed == 0:
-        return (f"`{of}` changed no bf16 entry at atol {subnet.MASK_ATOL:g}: its subnetwork is empty, there is "
-                "nothing to re-run")
+        return (
+            f"`{of}` changed no bf16 entry at atol {subnet.MASK_ATOL:g}: its subnetwork is empty, there is "
+            "nothing to re-run"
+        )
     use = mask if kind == "subnet" else store.random_like(of, full)
     role = "subnetwork of the full run" if kind == "subnet" else f"random {subnet.RANDOM_SCOPE} mask of equal density"
     key = of if kind == "subnet" else subnet.random_mask_label(of)
-    return StageJob(subnet.rerun_spec(spec_by_name[of], kind), extra_record=subnet.mask_extra_record(use, role, of),
-                    mask_path=str(store.paths[key]), mask_sha256=use.bits_sha256(), allow_full=use.changed == use.numel)
+    return StageJob(
+        subnet.rerun_spec(spec_by_name[of], kind),
+        extra_record=subnet.mask_extra_record(use, role, of),
+        mask_path=str(store.paths[key]),
+        mask_sha256=use.bits_sha256(),
+        allow_full=use.changed == use.numel,
+    )
 
 
 # -- the run
 
 
-def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, jobs: int | None = None) -> dict:
+def run_demo(
+    cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, jobs: int | None = None
+) -> dict:
     """Run (or resume) the whole demo and write the report; returns the results dict (results.json).
 
     ``jobs``: finetuning stages run at once, each in its own worker process (default :func:`default_jobs`);
@@ -148,9 +259,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
         n_plan = len(stage_order(cfg))
         n_total = 2 + n_plan
         timings: dict[str, dict] = {}
-        say(f"rlsubnet demo: size {cfg.size}, task {cfg.task}"
+        say(
+            f"rlsubnet demo: size {cfg.size}, task {cfg.task}"
             + (f" (+ {cfg.second_task})" if cfg.second_task else "")
-            + f", seed {cfg.seed}, {n_plan} finetuning stages of {cfg.steps} steps, {jobs} at a time -> {folder.out}", progress)
+            + f", seed {cfg.seed}, {n_plan} finetuning stages of {cfg.steps} steps, {jobs} at a time -> {folder.out}",
+            progress,
+        )
 
         # 1. θ0
         say(f"[1/{n_total}] pretrain: {pre_spec.settings_line()}", progress)
@@ -163,14 +277,19 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
             timings["pretrain"] = {"reused": True}
         acc = ", ".join(f"{t} {v['bf16']['accuracy']:.1%}" for t, v in pre.record["accuracy"].items())
         status = "reached" if pre.record["target_reached"] else "NOT reached"
-        say(f"    θ0 after {pre.record['steps_done']} steps (target {status}); held-out accuracy {acc}"
-            + time_note(timings["pretrain"]), progress)
+        say(
+            f"    θ0 after {pre.record['steps_done']} steps (target {status}); held-out accuracy {acc}"
+            + time_note(timings["pretrain"]),
+            progress,
+        )
         theta0 = pre.model_dir
         base_digest = model_digest(theta0)
 
         # 2. θ0's own samples (for DPO and rejection-sampling FT)
-        say(f"[2/{n_total}] samples: {smp_spec.k} samples/prompt from θ0 at temperature 1 on {cfg.task} training prompts",
-            progress)
+        say(
+            f"[2/{n_total}] samples: {smp_spec.k} samples/prompt from θ0 at temperature 1 on {cfg.task} training prompts",
+            progress,
+        )
         smp = folder.finished("samples", fingerprint({"samples": smp_spec.to_json(), "base": base_digest}))
         clock = Stopwatch()
         if smp is None:
@@ -178,15 +297,29 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
             timings["samples"] = clock.record(reused=False)
         else:
             timings["samples"] = {"reused": True}
-        say(f"    sample accuracy {smp.record['sample_accuracy']:.1%}; {smp.record['prompts_with_a_correct_sample']} prompts "
-            f"with a correct sample, {smp.record['prompts_with_correct_and_incorrect']} with both" + time_note(timings["samples"]), progress)
+        say(
+            f"    sample accuracy {smp.record['sample_accuracy']:.1%}; {smp.record['prompts_with_a_correct_sample']} prompts "
+            f"with a correct sample, {smp.record['prompts_with_correct_and_incorrect']} with both"
+            + time_note(timings["samples"]),
+            progress,
+        )
         samples_path = smp.dir / "samples.jsonl"
 
         # 3. the finetuning stages, then the extra seeds and the masked re-runs (the paper's Tables 3, 4)
-        ctx = StageContext(folder=folder, theta0=theta0, base_digest=base_digest, samples_path=samples_path,
-                           samples_digest=file_digest(samples_path), eval_tasks=cfg.tasks,
-                           theta0_accuracy=pre.record["accuracy"], timings=timings, fresh=fresh, progress=progress,
-                           jobs=jobs, threads=cfg.threads)
+        ctx = StageContext(
+            folder=folder,
+            theta0=theta0,
+            base_digest=base_digest,
+            samples_path=samples_path,
+            samples_digest=file_digest(samples_path),
+            eval_tasks=cfg.tasks,
+            theta0_accuracy=pre.record["accuracy"],
+            timings=timings,
+            fresh=fresh,
+            progress=progress,
+            jobs=jobs,
+            threads=cfg.threads,
+        )
         store = subnet.MaskStore(folder.out, theta0, cfg.seed)
         clock = Stopwatch()
         plan = stage_plan(specs, functools.partial(plan_rerun, store, spec_by_name))
@@ -209,10 +342,33 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
         results = {
             "rlsubnet_version": __version__,
             "config": cfg.to_json(),
-            "theta0": {"dir": str(theta0), "digest": base_digest, **{k: pre.record[k] for k in (
-                "settings", "parameters", "steps_done", "target_reached", "reached_at_step", "curve", "accuracy", "spec")}},
-            "samples": {k: smp.record[k] for k in ("settings", "prompts", "sample_accuracy", "prompts_with_a_correct_sample",
-                                                     "prompts_with_correct_and_incorrect")},
+            "theta0": {
+                "dir": str(theta0),
+                "digest": base_digest,
+                **{
+                    k: pre.record[k]
+                    for k in (
+                        "settings",
+                        "parameters",
+                        "steps_done",
+                        "target_reached",
+                        "reached_at_step",
+                        "curve",
+                        "accuracy",
+                        "spec",
+                    )
+                },
+            },
+            "samples": {
+                k: smp.record[k]
+                for k in (
+                    "settings",
+                    "prompts",
+                    "sample_accuracy",
+                    "prompts_with_a_correct_sample",
+                    "prompts_with_correct_and_incorrect",
+                )
+            },
             "stages": {
                 name: {
                     "spec": res.record["spec"],
@@ -232,8 +388,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, fresh: bool = False, progress:
             "commuted_twins": commuted_twins(cfg.tasks),
             "versions": pre.record["versions"],
             "timings": timings,
-            "machine": {"cpu_count": os.cpu_count(), "jobs": jobs, "threads_per_stage": cfg.threads,
-                        "loadavg_start": list(load_start)},
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "jobs": jobs,
+                "threads_per_stage": cfg.threads,
+                "loadavg_start": list(load_start),
+            },
         }
 
         # 5. the report: it renders results.json

@@ -22,14 +22,22 @@ import torch
 from rlsubnet._version import __version__
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text
+from rlsubnet.lab.config import model_size
 from rlsubnet.lab.data import sft_features
 from rlsubnet.lab.evaluate import generate, greedy_accuracy
-from rlsubnet.lab.config import model_size
 from rlsubnet.lab.model import build_model, count_parameters, load_model, save_model, save_weights_file, unique_state
 from rlsubnet.lab.progress import StageProgress
 from rlsubnet.lab.rewards import is_correct, normalise_completion
-from rlsubnet.lab.stages import (StageResult, common_args, default_optimizer, fingerprint, library_versions,
-                                 model_digest, quiet_libraries, remove_default_printers)
+from rlsubnet.lab.stages import (
+    StageResult,
+    common_args,
+    default_optimizer,
+    fingerprint,
+    library_versions,
+    model_digest,
+    quiet_libraries,
+    remove_default_printers,
+)
 from rlsubnet.lab.tasks import get_task, ordered
 from rlsubnet.lab.tokenizer import EOS, build_tokenizer, load_tokenizer
 
@@ -63,17 +71,21 @@ class PretrainSpec:
         return d
 
     def settings_line(self) -> str:
-        return (f"SFT from scratch on {'+'.join(self.tasks)} (gold answers), lr {self.learning_rate:g} constant after "
-                f"{self.warmup_steps} warm-up steps, batch {self.batch_size}, seed {self.seed}, stop at validation "
-                f"accuracy ≥ {self.target_accuracy:.0%} on every task (checked every {self.eval_every} steps, "
-                f"at most {self.max_steps} steps)")
+        return (
+            f"SFT from scratch on {'+'.join(self.tasks)} (gold answers), lr {self.learning_rate:g} constant after "
+            f"{self.warmup_steps} warm-up steps, batch {self.batch_size}, seed {self.seed}, stop at validation "
+            f"accuracy ≥ {self.target_accuracy:.0%} on every task (checked every {self.eval_every} steps, "
+            f"at most {self.max_steps} steps)"
+        )
 
 
 def pretrain_rows(spec: PretrainSpec) -> list[dict]:
     """``max_steps × batch_size`` gold examples, the tasks interleaved in a seeded order."""
     n = spec.max_steps * spec.batch_size
-    per_task = [ordered(get_task(t).split("train"), -(-n // len(spec.tasks)), spec.seed + 7919 * i)
-                for i, t in enumerate(spec.tasks)]
+    per_task = [
+        ordered(get_task(t).split("train"), -(-n // len(spec.tasks)), spec.seed + 7919 * i)
+        for i, t in enumerate(spec.tasks)
+    ]
     mixed = [p for group in zip(*per_task) for p in group][:n]
     random.Random(f"mix:{spec.seed}").shuffle(mixed)
     return [{"prompt": p.prompt, "completion": p.answer} for p in mixed]
@@ -97,7 +109,7 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
     fp = fingerprint({"pretrain": spec.to_json()})
 
     class StopAtTarget(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.curve: list[dict] = []
             self.reached_at: int | None = None
             self.last_loss = None
@@ -112,8 +124,10 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
             if self.curve:
                 logs["val_acc"] = min(self.curve[-1]["validation_accuracy"].values())
             if step % spec.eval_every == 0 or step == spec.max_steps:
-                acc = {t.name: greedy_accuracy(model, tokenizer, t.split("validation"), t.max_answer_chars + 1)["accuracy"]
-                       for t in tasks}
+                acc = {
+                    t.name: greedy_accuracy(model, tokenizer, t.split("validation"), t.max_answer_chars + 1)["accuracy"]
+                    for t in tasks
+                }
                 self.curve.append({"step": step, "validation_accuracy": acc, "loss": self.last_loss})
                 logs["val_acc"] = min(acc.values())
                 if min(acc.values()) >= spec.target_accuracy:
@@ -124,17 +138,30 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
     stopper = StopAtTarget()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         args = SFTConfig(
-            **common_args(str(tmp / "trainer"), learning_rate=spec.learning_rate, steps=spec.max_steps, seed=spec.seed,
-                          max_grad_norm=1.0, weight_decay=0.0, lr_scheduler_type="constant_with_warmup",
-                          warmup_steps=spec.warmup_steps),
+            **common_args(
+                str(tmp / "trainer"),
+                learning_rate=spec.learning_rate,
+                steps=spec.max_steps,
+                seed=spec.seed,
+                max_grad_norm=1.0,
+                weight_decay=0.0,
+                lr_scheduler_type="constant_with_warmup",
+                warmup_steps=spec.warmup_steps,
+            ),
             per_device_train_batch_size=spec.batch_size,
             max_length=None,
             shuffle_dataset=False,
             packing=False,
             dataset_kwargs={"skip_prepare_dataset": True},
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[stopper], optimizers=(default_optimizer(model, args), None))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[stopper],
+            optimizers=(default_optimizer(model, args), None),
+        )
         remove_default_printers(trainer)
         t_train = time.monotonic()
         try:
@@ -187,8 +214,9 @@ class SampleSpec:
         return dataclasses.asdict(self)
 
 
-def run_samples(spec: SampleSpec, base_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
-                overwrite: bool = False):
+def run_samples(
+    spec: SampleSpec, base_dir: str | Path, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False
+):
     """``k`` samples per training prompt from θ0 at temperature 1: the data of DPO and rejection-sampling FT."""
     quiet_libraries()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -204,8 +232,15 @@ def run_samples(spec: SampleSpec, base_dir: str | Path, out_dir: str | Path, *, 
     raw: list[str] = []
     for start in range(0, len(problems), chunk):
         part = problems[start : start + chunk]
-        raw += generate(model, tokenizer, [p.prompt for p in part], task.max_answer_chars + 1, sample=True,
-                        num_return_sequences=spec.k, generator_seed=spec.seed * 1_000_003 + start)
+        raw += generate(
+            model,
+            tokenizer,
+            [p.prompt for p in part],
+            task.max_answer_chars + 1,
+            sample=True,
+            num_return_sequences=spec.k,
+            generator_seed=spec.seed * 1_000_003 + start,
+        )
         bar.update(start + len(part))
     bar.close()
     lines = []
@@ -216,13 +251,17 @@ def run_samples(spec: SampleSpec, base_dir: str | Path, out_dir: str | Path, *, 
         n_correct += sum(correct)
         n_any += any(correct)
         n_mixed += any(correct) and not all(correct)
-        lines.append(json.dumps({
-            "prompt": p.prompt,
-            "answer": p.answer,
-            "completions": [normalise_completion(c) for c in outs],
-            "correct": correct,
-            "terminated": [EOS in c for c in outs],
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": p.prompt,
+                    "answer": p.answer,
+                    "completions": [normalise_completion(c) for c in outs],
+                    "correct": correct,
+                    "terminated": [EOS in c for c in outs],
+                }
+            )
+        )
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         atomic_write_text(tmp / "samples.jsonl", "\n".join(lines) + "\n")
         record = {

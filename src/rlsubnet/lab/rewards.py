@@ -22,8 +22,11 @@ def is_correct(completion: str, answer: str) -> bool:
     return normalise_completion(completion) == answer
 
 
-def exact_match_reward(completions: Sequence[str], answer: Sequence[str], **_) -> list[float]:
-    """GRPO reward function: 1.0 for an exact answer, else 0.0 (``answer`` is the dataset column)."""
+def exact_match_reward(completions: Sequence[str], answer: Sequence[str], **_) -> list[float | None]:
+    """GRPO reward function: 1.0 for an exact answer, else 0.0 (``answer`` is the dataset column).
+
+    The return type is TRL's for a reward function, where None means "no reward for this completion"; this one
+    scores every completion."""
     if len(completions) != len(answer):
         raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
     return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer)]

@@ -33,7 +33,9 @@ class RunFolder:
                 raise UsageError(f"--out {out}: exists and is not a folder")
             run_json = out / "run.json"
             if out.is_dir() and any(out.iterdir()) and not run_json.is_file():
-                raise UsageError(f"--out {out}: folder is not empty and holds no demo run (no run.json); choose another folder")
+                raise UsageError(
+                    f"--out {out}: folder is not empty and holds no demo run (no run.json); choose another folder"
+                )
             out.mkdir(parents=True, exist_ok=True)
             if run_json.is_file():
                 try:
@@ -42,10 +44,15 @@ class RunFolder:
                     raise UsageError(f"{run_json}: unreadable ({exc}); rerun with --fresh to start over") from None
                 current = self.cfg.to_json()
                 if previous != current and not self.fresh:
-                    diff = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(previous) | set(current))
-                                     if previous.get(k) != current.get(k))
-                    raise UsageError(f"--out {out} holds the results of another configuration ({diff}); "
-                                     "pass --fresh to replace them or choose another folder")
+                    diff = ", ".join(
+                        f"{k}: {previous.get(k)!r} -> {current.get(k)!r}"
+                        for k in sorted(set(previous) | set(current))
+                        if previous.get(k) != current.get(k)
+                    )
+                    raise UsageError(
+                        f"--out {out} holds the results of another configuration ({diff}); "
+                        "pass --fresh to replace them or choose another folder"
+                    )
             if self.fresh:
                 for name in OUR_ENTRIES:
                     p = out / name

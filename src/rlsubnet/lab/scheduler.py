@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from rlsubnet.lab.subnet import run_masked_stage
 class Stopwatch:
     """Wall and CPU time since it was made, as a timing record of results.json."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.t0, self.c0 = time.monotonic(), time.process_time()
 
     def record(self, **extra) -> dict:
@@ -54,8 +55,16 @@ class StageJob:
 def execute_job(job: StageJob, kwargs: dict):
     """Run ``job`` in this process (``kwargs``: the rest of :func:`rlsubnet.lab.stages.run_stage`'s arguments)."""
     if job.mask_path is not None:
-        return run_masked_stage(job.spec, mask_path=job.mask_path, mask_sha256=job.mask_sha256,
-                                allow_full=job.allow_full, extra_record=job.extra_record, **kwargs)
+        if job.mask_sha256 is None:
+            raise ValueError(f"stage {job.spec.name}: a masked job must carry the SHA-256 of its mask's bits")
+        return run_masked_stage(
+            job.spec,
+            mask_path=job.mask_path,
+            mask_sha256=job.mask_sha256,
+            allow_full=job.allow_full,
+            extra_record=job.extra_record,
+            **kwargs,
+        )
     return stages.run_stage(job.spec, extra_record=job.extra_record, **kwargs)
 
 
@@ -67,7 +76,7 @@ class PlannedStage:
     name: str
     job: StageJob | str | None = None
     needs: tuple[str, ...] = ()
-    prepare: object = None
+    prepare: Callable[[dict], StageJob | str] | None = None
 
 
 @dataclass
@@ -94,8 +103,13 @@ class StageContext:
 
     def _kwargs(self, spec: StageSpec, progress: bool) -> dict:
         own = spec.uses_own_samples
-        return dict(base_dir=self.theta0, out_dir=self.folder.stage_dir(spec.name),
-                    samples_path=self.samples_path if own else None, eval_tasks=list(self.eval_tasks), progress=progress)
+        return dict(
+            base_dir=self.theta0,
+            out_dir=self.folder.stage_dir(spec.name),
+            samples_path=self.samples_path if own else None,
+            eval_tasks=list(self.eval_tasks),
+            progress=progress,
+        )
 
     def lookup(self, spec: StageSpec, extra_record: dict | None = None):
         """The finished stage if its folder holds this spec's result for these inputs, else None."""
@@ -131,7 +145,7 @@ class StageContext:
                         continue
                     if node.job is None:
                         missing = [n for n in node.needs if n in skipped]
-                        node.job = (f"needs {', '.join(missing)}, which did not run" if missing else node.prepare(done))
+                        node.job = f"needs {', '.join(missing)}, which did not run" if missing else node.prepare(done)
                     if isinstance(node.job, str):
                         pending.remove(node)
                         skipped[node.name] = node.job
@@ -202,8 +216,9 @@ _IN_JOB = False
 
 def _worker_pool(jobs: int, threads: int):
     # spawn, not fork: the parent has torch (and its thread pools) initialised, which fork does not survive safely.
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(threads,))
+    return ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+    )
 
 
 def _worker_init(threads: int) -> None:

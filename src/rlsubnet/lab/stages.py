@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +44,9 @@ from rlsubnet.lab.progress import StageProgress
 from rlsubnet.lab.rewards import exact_match_reward
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.lab.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # transformers is imported where a trainer is built: it takes seconds
+    from transformers import Trainer, TrainingArguments
 
 # The train extra (transformers, trl, datasets, accelerate) is imported where it is used: `rlsubnet --help` and the
 # library's own commands never need it.
@@ -110,7 +114,11 @@ def default_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     return torch.optim.AdamW(
         groups,
         lr=args.learning_rate,
@@ -121,8 +129,17 @@ def default_optimizer(model, args):
     )
 
 
-def common_args(output_dir: str, *, learning_rate: float, steps: int, seed: int, max_grad_norm: float,
-                weight_decay: float, lr_scheduler_type: str = "constant", warmup_steps: int = 0) -> dict:
+def common_args(
+    output_dir: str,
+    *,
+    learning_rate: float,
+    steps: int,
+    seed: int,
+    max_grad_norm: float,
+    weight_decay: float,
+    lr_scheduler_type: str = "constant",
+    warmup_steps: int = 0,
+) -> dict:
     """TrainingArguments every stage sets explicitly: TRL's defaults (bf16 autocast, gradient checkpointing,
     lr 1e-6, fused AdamW, tqdm, reporting) would otherwise decide the result or the output."""
     return dict(
@@ -160,24 +177,48 @@ def remove_default_printers(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, base_dir: Path, output_dir: Path,
-                  callbacks: Sequence = (), optimizer_factory: Callable | None = None):
+def _loss_type(spec: StageSpec) -> str:
+    loss_type = spec.resolved_loss_type
+    if loss_type is None:
+        raise UsageError(f"stage {spec.name}: {spec.algorithm} has no loss type")
+    return loss_type
+
+
+def build_trainer(
+    spec: StageSpec,
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    base_dir: Path,
+    output_dir: Path,
+    callbacks: Sequence = (),
+    optimizer_factory: Callable | None = None,
+):
     """The TRL trainer of a stage, configured explicitly (no library default left to decide the result)."""
     from datasets import Dataset
 
     task = get_task(spec.task)
-    base = common_args(str(output_dir), learning_rate=spec.learning_rate, steps=spec.steps, seed=spec.seed,
-                       max_grad_norm=spec.max_grad_norm, weight_decay=spec.weight_decay)
+    base = common_args(
+        str(output_dir),
+        learning_rate=spec.learning_rate,
+        steps=spec.steps,
+        seed=spec.seed,
+        max_grad_norm=spec.max_grad_norm,
+        weight_decay=spec.weight_decay,
+    )
+    args: TrainingArguments
+    make: Callable[[torch.optim.Optimizer], Trainer]
     if spec.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(
+        grpo_args = GRPOConfig(
             **base,
             per_device_train_batch_size=spec.batch_size * spec.num_generations,  # counts completions
             num_generations=spec.num_generations,
             max_completion_length=task.max_answer_chars + 1,  # the answer and <eos>
-            beta=spec.beta,
-            loss_type=spec.resolved_loss_type,
+            beta=spec.resolved_beta,
+            loss_type=_loss_type(spec),
             scale_rewards="group",
             num_iterations=1,
             temperature=1.0,
@@ -189,28 +230,44 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
             log_completions=False,
         )
         dataset = Dataset.from_list(list(rows))
-        make = lambda opt: GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=args, train_dataset=dataset,
-                                       processing_class=tokenizer, callbacks=list(callbacks), optimizers=(opt, None))
+        args = grpo_args
+        make = lambda opt: GRPOTrainer(
+            model=model,
+            reward_funcs=[exact_match_reward],
+            args=grpo_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            optimizers=(opt, None),
+        )
     elif spec.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(
+        dpo_args = DPOConfig(
             **base,
             per_device_train_batch_size=spec.batch_size,
-            beta=spec.beta,
-            loss_type=[spec.resolved_loss_type],
+            beta=spec.resolved_beta,
+            loss_type=[_loss_type(spec)],
             max_length=64,
             precompute_ref_log_probs=False,
             disable_dropout=True,
         )
         dataset = Dataset.from_list(list(rows))
         ref = load_model(base_dir)
-        make = lambda opt: DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset,
-                                      processing_class=tokenizer, callbacks=list(callbacks), optimizers=(opt, None))
+        args = dpo_args
+        make = lambda opt: DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=dpo_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            optimizers=(opt, None),
+        )
     else:
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(
+        sft_args = SFTConfig(
             **base,
             per_device_train_batch_size=spec.batch_size,
             max_length=None,
@@ -219,8 +276,15 @@ def build_trainer(spec: StageSpec, model, tokenizer, rows: Sequence[dict], *, ba
             dataset_kwargs={"skip_prepare_dataset": True},
         )
         dataset = Dataset.from_dict(sft_features(rows, tokenizer))
-        make = lambda opt: SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                      callbacks=list(callbacks), optimizers=(opt, None))
+        args = sft_args
+        make = lambda opt: SFTTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            optimizers=(opt, None),
+        )
     optimizer = (optimizer_factory or default_optimizer)(model, args)
     trainer = make(optimizer)
     remove_default_printers(trainer)
@@ -234,15 +298,23 @@ def _bf16_state(model) -> dict:
     return unique_state(model, torch.bfloat16)
 
 
-def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_every: int, total_steps: int,
-                   progress=None, step_atols: Sequence[float] = STEP_ATOLS):
+def make_callbacks(
+    model,
+    base_state: dict,
+    *,
+    snapshot_dir: Path,
+    snapshot_every: int,
+    total_steps: int,
+    progress=None,
+    step_atols: Sequence[float] = STEP_ATOLS,
+):
     """(snapshots, per-step tracker, log collector) as TrainerCallbacks over ``model``'s parameters."""
     from transformers import TrainerCallback
 
     class Snapshots(TrainerCallback):
         """bf16 weights every ``snapshot_every`` steps and at the last step (the final model)."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.saved: list[tuple[int, str]] = []
 
         def on_step_end(self, args, state, control, **kw):
@@ -261,7 +333,7 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
         """After every optimizer step: the engine's changed-test against the previous step's bf16 weights, and the
         never / returned / final decomposition at one-step resolution (the last step is the final model)."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.prev = base_state
             self.decomposition = Decomposition(base_state, step_atols)
             self.records: list[dict] = []
@@ -279,15 +351,17 @@ def make_callbacks(model, base_state: dict, *, snapshot_dir: Path, snapshot_ever
                     changed[k] += int(m.sum())
             self.decomposition.add(cur)
             recs = [atol_record(a, numel, n) for a, n in zip(step_atols, changed)]
-            self.records.append({
-                "step": state.global_step,
-                "changed_vs_previous_step": {repr(g["atol"]): g["changed"] for g in recs},
-                "sparsity_vs_previous_step": {repr(g["atol"]): g["sparsity"] for g in recs},
-            })
+            self.records.append(
+                {
+                    "step": state.global_step,
+                    "changed_vs_previous_step": {repr(g["atol"]): g["changed"] for g in recs},
+                    "sparsity_vs_previous_step": {repr(g["atol"]): g["sparsity"] for g in recs},
+                }
+            )
             self.prev = cur
 
     class Logs(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.logs: list[dict] = []
             self._last: dict = {}
 
@@ -328,15 +402,17 @@ class StageResult:
     @property
     def snapshots(self) -> list[tuple[int, Path]]:
         where = f"{self.dir / 'stage.json'}: snapshot"
-        return [(s["step"], self.dir / "snapshots" / safe_member_name(s["file"], where, UsageError))
-                for s in self.record.get("snapshots", [])]
+        return [
+            (s["step"], self.dir / "snapshots" / safe_member_name(s["file"], where, UsageError))
+            for s in self.record.get("snapshots", [])
+        ]
 
     @property
     def fingerprint(self) -> str:
         return self.record["fingerprint"]
 
     @classmethod
-    def load(cls, stage_dir: str | Path) -> "StageResult":
+    def load(cls, stage_dir: str | Path) -> StageResult:
         stage_dir = Path(stage_dir)
         with open(stage_dir / "stage.json") as f:
             record = json.load(f)
@@ -379,7 +455,7 @@ def run_stage(
     samples = load_samples(samples_path) if spec.uses_own_samples and samples_path else None
     rows, data_record = stage_rows(spec, samples)
     base_digest = model_digest(base_dir)
-    samples_digest = file_digest(samples_path) if samples is not None else None
+    samples_digest = file_digest(samples_path) if samples is not None and samples_path is not None else None
     fp = stage_fingerprint(spec, base_digest, samples_digest, extra_record)
     eval_tasks = list(eval_tasks or [spec.task])
 
@@ -388,10 +464,24 @@ def run_stage(
     bar = StageProgress(spec.name, spec.steps, enabled=progress)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "snapshots").mkdir()
-        snaps, tracker, logs = make_callbacks(model, base_state, snapshot_dir=tmp / "snapshots",
-                                              snapshot_every=spec.snapshot_every, total_steps=spec.steps, progress=bar)
-        trainer = build_trainer(spec, model, tokenizer, rows, base_dir=base_dir, output_dir=tmp / "trainer",
-                                callbacks=[snaps, tracker, logs, *callbacks], optimizer_factory=optimizer_factory)
+        snaps, tracker, logs = make_callbacks(
+            model,
+            base_state,
+            snapshot_dir=tmp / "snapshots",
+            snapshot_every=spec.snapshot_every,
+            total_steps=spec.steps,
+            progress=bar,
+        )
+        trainer = build_trainer(
+            spec,
+            model,
+            tokenizer,
+            rows,
+            base_dir=base_dir,
+            output_dir=tmp / "trainer",
+            callbacks=[snaps, tracker, logs, *callbacks],
+            optimizer_factory=optimizer_factory,
+        )
         if configure_trainer is not None:
             configure_trainer(trainer)
         t_train = time.monotonic()
@@ -420,8 +510,11 @@ def run_stage(
                 "fp32_master": greedy_accuracy(model, tokenizer, task.split("heldout"), n_new),
                 "heldout_digest": task.split_digest("heldout"),
             }
-        steps_record = {"atols": list(STEP_ATOLS), "steps": tracker.records,
-                        "decomposition_every_step": [c.to_record() for c in tracker.decomposition.counts()]}
+        steps_record = {
+            "atols": list(STEP_ATOLS),
+            "steps": tracker.records,
+            "decomposition_every_step": [c.to_record() for c in tracker.decomposition.counts()],
+        }
         atomic_write_text(tmp / "steps.json", json.dumps(steps_record, indent=1) + "\n")
         atomic_write_text(tmp / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(tmp / "log.jsonl", "".join(json.dumps(r) + "\n" for r in logs.logs))
@@ -452,7 +545,7 @@ def run_stage(
 
 def _describe_optimizer(opt) -> dict:
     inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
-    d = {"class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
+    d: dict[str, Any] = {"class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
     if getattr(inner, "param_groups", None):
         g = inner.param_groups[0]
         d.update({k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused") if k in g})
@@ -463,9 +556,23 @@ def _describe_optimizer(opt) -> dict:
 def _train_summary(logs: Sequence[dict]) -> dict:
     """First and last logged values of the metrics that say whether training did anything."""
     out = {}
-    for key in ("reward", "loss", "grad_norm", "kl", "rewards/chosen", "rewards/margins", "rewards/accuracies", "mean_token_accuracy"):
+    for key in (
+        "reward",
+        "loss",
+        "grad_norm",
+        "kl",
+        "rewards/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "mean_token_accuracy",
+    ):
         vals = [r[key] for r in logs if isinstance(r.get(key), (int, float))]
         if vals:
             k = max(1, len(vals) // 10)
-            out[key] = {"first": vals[0], "last": vals[-1], "first_10pct_mean": sum(vals[:k]) / k, "last_10pct_mean": sum(vals[-k:]) / k}
+            out[key] = {
+                "first": vals[0],
+                "last": vals[-1],
+                "first_10pct_mean": sum(vals[:k]) / k,
+                "last_10pct_mean": sum(vals[-k:]) / k,
+            }
     return out

@@ -47,9 +47,15 @@ def extra_seed_specs(spec_by_name: Mapping[str, StageSpec]) -> list[StageSpec]:
         spec = spec_by_name[name]
         for i in range(1, k + 1):
             seed = spec.seed + i
-            out.append(dataclasses.replace(
-                spec, name=seed_name(name, seed), seed=seed, data_seed=None,
-                description=f"`{name}` with seed {seed} (its sampling and data order), a full run"))
+            out.append(
+                dataclasses.replace(
+                    spec,
+                    name=seed_name(name, seed),
+                    seed=seed,
+                    data_seed=None,
+                    description=f"`{name}` with seed {seed} (its sampling and data order), a full run",
+                )
+            )
     return out
 
 
@@ -58,8 +64,10 @@ def rerun_spec(spec: StageSpec, kind: str) -> StageSpec:
     if kind == "subnet":
         desc = f"`{spec.name}` re-run from θ0 training only `{spec.name}`'s subnetwork (same seed and data order)"
     elif kind == "random":
-        desc = (f"`{spec.name}` re-run from θ0 training only a random mask of the subnetwork's density "
-                f"({RANDOM_SCOPE.replace('_', '-')}; same seed and data order)")
+        desc = (
+            f"`{spec.name}` re-run from θ0 training only a random mask of the subnetwork's density "
+            f"({RANDOM_SCOPE.replace('_', '-')}; same seed and data order)"
+        )
     else:
         raise ValueError(kind)
     return dataclasses.replace(spec, name=f"{spec.name}-{kind}", description=desc)
@@ -68,8 +76,16 @@ def rerun_spec(spec: StageSpec, kind: str) -> StageSpec:
 def overlap_labels(stage_names: Sequence[str], extra_names: Sequence[str]) -> list[str]:
     """Stages whose masks enter the overlap matrix, in display order (those that exist)."""
     have = list(stage_names) + list(extra_names)
-    order = ["grpo", *sorted(n for n in have if n.startswith("grpo-seed")), *[n for n in have if n.startswith("grpo-task-")],
-             "dpo", *sorted(n for n in have if n.startswith("dpo-seed")), "sft", "sft-matched", "grpo-sftlr"]
+    order = [
+        "grpo",
+        *sorted(n for n in have if n.startswith("grpo-seed")),
+        *[n for n in have if n.startswith("grpo-task-")],
+        "dpo",
+        *sorted(n for n in have if n.startswith("dpo-seed")),
+        "sft",
+        "sft-matched",
+        "grpo-sftlr",
+    ]
     return [n for n in order if n in have]
 
 
@@ -108,9 +124,15 @@ def build_stage_mask(theta0: Path, stage: stages.StageResult) -> Mask:
 def mask_record(mask, path: Path | None = None, root: Path | None = None) -> dict:
     """What a table needs about a mask, and where its file is."""
     rec = {
-        "kind": mask.kind, "atol": mask.atol, "dtype": mask.dtype, "numel": mask.numel, "changed": mask.changed,
-        "density": mask.density, "bits_sha256": mask.bits_sha256(),
-        "layers": mask.layers(), "modules": mask.modules(),
+        "kind": mask.kind,
+        "atol": mask.atol,
+        "dtype": mask.dtype,
+        "numel": mask.numel,
+        "changed": mask.changed,
+        "density": mask.density,
+        "bits_sha256": mask.bits_sha256(),
+        "layers": mask.layers(),
+        "modules": mask.modules(),
     }
     rnd = (mask.meta.get("extra") or {}).get("random")
     if rnd:
@@ -122,8 +144,16 @@ def mask_record(mask, path: Path | None = None, root: Path | None = None) -> dic
 
 def mask_extra_record(mask, role: str, of: str) -> dict:
     """The fingerprinted description of a masked stage's mask (no file paths: the bits decide)."""
-    rec = {"role": role, "of": of, "kind": mask.kind, "atol": mask.atol, "dtype": mask.dtype,
-           "density": mask.density, "bits_sha256": mask.bits_sha256(), "options": dict(MASK_OPTIONS)}
+    rec = {
+        "role": role,
+        "of": of,
+        "kind": mask.kind,
+        "atol": mask.atol,
+        "dtype": mask.dtype,
+        "density": mask.density,
+        "bits_sha256": mask.bits_sha256(),
+        "options": dict(MASK_OPTIONS),
+    }
     rnd = (mask.meta.get("extra") or {}).get("random")
     if rnd:
         rec["random"] = {"scope": rnd.get("scope"), "seed": rnd.get("seed")}
@@ -180,6 +210,9 @@ class MaskStore:
         """A random per-tensor mask with exactly the counts of ``name``'s mask in every tensor (seed: the run's)."""
         key = random_mask_label(name)
         if key not in self.masks:
-            self._save(key, random_mask(self.changed(name, stage), scope=RANDOM_SCOPE, seed=self.seed),
-                       f"random-like-{name}.mask.safetensors")
+            self._save(
+                key,
+                random_mask(self.changed(name, stage), scope=RANDOM_SCOPE, seed=self.seed),
+                f"random-like-{name}.mask.safetensors",
+            )
         return self.masks[key]

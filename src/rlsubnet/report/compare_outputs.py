@@ -48,11 +48,17 @@ def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]
         atol = headline_atol(r.atols)
         layers, kinds, grid = r.layer_module_grid(atol)
         fig = plots.heatmap(
-            layers, kinds, grid, f"Sparsity per layer and module: {Path(r.tuned).name} vs {Path(r.base).name}",
+            layers,
+            kinds,
+            grid,
+            f"Sparsity per layer and module: {Path(r.tuned).name} vs {Path(r.base).name}",
             f"{settings_line(r)}; cells at atol {fmt_atol(atol)}",
         )
         files["heatmap.png" if len(results) == 1 else f"heatmap-{k}.png"] = plots.to_png(fig, r.provenance())
-    series = [(f"[{k}] {Path(r.tuned).name}", list(r.atols), [g["sparsity"] for g in r.global_stats]) for k, r in enumerate(results)]
+    series = [
+        (f"[{k}] {Path(r.tuned).name}", list(r.atols), [g["sparsity"] for g in r.global_stats])
+        for k, r in enumerate(results)
+    ]
     fig = plots.sparsity_vs_atol(series, "Global sparsity vs tolerance", settings_line(results[0]))
     files["sparsity_vs_atol.png"] = plots.to_png(fig, prov)
     return files

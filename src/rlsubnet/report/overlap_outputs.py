@@ -37,7 +37,14 @@ def format_pairs(result: OverlapResult) -> str:
     rows = []
     for p in result.pairs:
         f = p.figures
-        row = [short_label(p.a), short_label(p.b), fmt_pct(f["density_a"]), fmt_pct(f["density_b"]), fmt_pct(f["o1"]), fmt_pct(f["chance_o1"])]
+        row = [
+            short_label(p.a),
+            short_label(p.b),
+            fmt_pct(f["density_a"]),
+            fmt_pct(f["density_b"]),
+            fmt_pct(f["o1"]),
+            fmt_pct(f["chance_o1"]),
+        ]
         row += [fmt_pct(f["magnitude_chance_o1"])] if mm else []
         row += [fmt_pct(f["o2"]), fmt_pct(f["chance_o2"])] + ([fmt_pct(f["magnitude_chance_o2"])] if mm else [])
         row += [fmt_pct(f["jaccard"])]
@@ -52,8 +59,14 @@ def format_groups(result: OverlapResult, key: str) -> str:
     rows = []
     for r in getattr(p, "modules" if key == "module" else "layers"):
         g = r[key]
-        row = ["-" if g is None else str(g), f"{r['numel']:,}", fmt_pct(r["density_a"]), fmt_pct(r["density_b"]),
-               fmt_pct(r["o1"]), fmt_pct(r["chance_o1"])]
+        row = [
+            "-" if g is None else str(g),
+            f"{r['numel']:,}",
+            fmt_pct(r["density_a"]),
+            fmt_pct(r["density_b"]),
+            fmt_pct(r["o1"]),
+            fmt_pct(r["chance_o1"]),
+        ]
         row += [fmt_pct(r.get("magnitude_chance_o1"))] if mm else []
         row += [fmt_pct(r["o2"]), fmt_pct(r["chance_o2"])] + ([fmt_pct(r.get("magnitude_chance_o2"))] if mm else [])
         rows.append(row)
@@ -65,8 +78,10 @@ def format_groups(result: OverlapResult, key: str) -> str:
 def format_overlap(result: OverlapResult) -> str:
     parts = [format_pairs(result)]
     if len(result.pairs) == 1:
-        parts.append(f"\nper module ({short_label(result.pairs[0].a)} vs {short_label(result.pairs[0].b)}):\n"
-                     + format_groups(result, "module"))
+        parts.append(
+            f"\nper module ({short_label(result.pairs[0].a)} vs {short_label(result.pairs[0].b)}):\n"
+            + format_groups(result, "module")
+        )
     s = result.settings
     line = "o1 = |A∩B|/|A|, o2 = |A∩B|/|B|; chance o1 = density of B, chance o2 = density of A (independent masks)"
     if s.get("buckets"):
@@ -76,10 +91,29 @@ def format_overlap(result: OverlapResult) -> str:
 
 
 def pairs_csv(result: OverlapResult) -> str:
-    keys = ["a", "b", "numel", "count_a", "count_b", "intersection", "density_a", "density_b", "o1", "o2", "jaccard",
-            "chance_o1", "chance_o2", "chance_jaccard"]
+    keys = [
+        "a",
+        "b",
+        "numel",
+        "count_a",
+        "count_b",
+        "intersection",
+        "density_a",
+        "density_b",
+        "o1",
+        "o2",
+        "jaccard",
+        "chance_o1",
+        "chance_o2",
+        "chance_jaccard",
+    ]
     if result.matrix_magnitude_chance_o1 is not None:
-        keys += ["expected_intersection_magnitude", "magnitude_chance_o1", "magnitude_chance_o2", "magnitude_chance_jaccard"]
+        keys += [
+            "expected_intersection_magnitude",
+            "magnitude_chance_o1",
+            "magnitude_chance_o2",
+            "magnitude_chance_jaccard",
+        ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(keys)
@@ -98,12 +132,16 @@ def matrix_csv(labels: list[str], matrix: list[list[float | None]]) -> str:
     return buf.getvalue()
 
 
-def matrix_heatmap(labels: list[str], matrix, title: str, settings: str, *, cbar_label: str, percent: bool = True, vmax=None):
+def matrix_heatmap(
+    labels: list[str], matrix, title: str, settings: str, *, cbar_label: str, percent: bool = True, vmax=None
+):
     """Square A × B heatmap (rows A, columns B) with the values written in the cells."""
     import numpy as np
 
     plt = plots._pyplot()
-    data = np.array([[np.nan if v is None else (100 * v if percent else v) for v in row] for row in matrix], dtype=float)
+    data = np.array(
+        [[np.nan if v is None else (100 * v if percent else v) for v in row] for row in matrix], dtype=float
+    )
     n = len(labels)
     fig, ax = plt.subplots(figsize=(2.0 + 0.8 * n, 1.6 + 0.7 * n))
     finite = data[np.isfinite(data)]
@@ -112,9 +150,16 @@ def matrix_heatmap(labels: list[str], matrix, title: str, settings: str, *, cbar
     fig.colorbar(im, ax=ax, label=cbar_label)
     for (i, j), v in np.ndenumerate(data):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.1f}" if percent else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if v < 0.6 * (top or 1.0) else "black")
-    short = [short_label(l) for l in labels]
+            ax.text(
+                j,
+                i,
+                f"{v:.1f}" if percent else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if v < 0.6 * (top or 1.0) else "black",
+            )
+    short = [short_label(label) for label in labels]
     ax.set_xticks(range(n), short, rotation=45, ha="right")
     ax.set_yticks(range(n), short)
     ax.set_xlabel("B")
@@ -132,26 +177,44 @@ def _ratio_matrix(num, den):
 
 
 def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
-    prov = {"rlsubnet_version": __version__, "command": "overlap", "masks": result.labels, "base": (result.settings.get("base") or {}).get("source")}
+    prov = {
+        "rlsubnet_version": __version__,
+        "command": "overlap",
+        "masks": result.labels,
+        "base": (result.settings.get("base") or {}).get("source"),
+    }
     settings = f"rlsubnet {__version__}; cell = |A∩B| / |A| (o1), row A, column B"
     ratio_settings = f"rlsubnet {__version__}; cell = o1 / chance o1, row A, column B"
     files: dict[str, bytes] = {
         "overlap.json": (json.dumps({"rlsubnet_version": __version__, **result.to_json()}, indent=2) + "\n").encode(),
         "pairs.csv": pairs_csv(result).encode("utf-8", errors="backslashreplace"),
         "matrix_o1.csv": matrix_csv(result.labels, result.matrix_o1).encode("utf-8", errors="backslashreplace"),
-        "matrix_chance_o1.csv": matrix_csv(result.labels, result.matrix_chance_o1).encode("utf-8", errors="backslashreplace"),
+        "matrix_chance_o1.csv": matrix_csv(result.labels, result.matrix_chance_o1).encode(
+            "utf-8", errors="backslashreplace"
+        ),
     }
-    fig = matrix_heatmap(result.labels, result.matrix_o1, "Subnetwork overlap o1", settings, cbar_label="o1 (%)", vmax=100)
+    fig = matrix_heatmap(
+        result.labels, result.matrix_o1, "Subnetwork overlap o1", settings, cbar_label="o1 (%)", vmax=100
+    )
     files["heatmap_o1.png"] = plots.to_png(fig, prov)
     ratio = _ratio_matrix(result.matrix_o1, result.matrix_chance_o1)
-    fig = matrix_heatmap(result.labels, ratio, "o1 / density chance (1 = chance)", ratio_settings, cbar_label="× chance", percent=False)
+    fig = matrix_heatmap(
+        result.labels, ratio, "o1 / density chance (1 = chance)", ratio_settings, cbar_label="× chance", percent=False
+    )
     files["heatmap_o1_over_chance.png"] = plots.to_png(fig, prov)
     if result.matrix_magnitude_chance_o1 is not None:
         files["matrix_magnitude_chance_o1.csv"] = matrix_csv(result.labels, result.matrix_magnitude_chance_o1).encode(
-            "utf-8", errors="backslashreplace")
+            "utf-8", errors="backslashreplace"
+        )
         ratio = _ratio_matrix(result.matrix_o1, result.matrix_magnitude_chance_o1)
-        fig = matrix_heatmap(result.labels, ratio, "o1 / magnitude-matched chance (1 = explained by |w|)", ratio_settings,
-                             cbar_label="× magnitude-matched chance", percent=False)
+        fig = matrix_heatmap(
+            result.labels,
+            ratio,
+            "o1 / magnitude-matched chance (1 = explained by |w|)",
+            ratio_settings,
+            cbar_label="× magnitude-matched chance",
+            percent=False,
+        )
         files["heatmap_o1_over_magnitude_chance.png"] = plots.to_png(fig, prov)
     return files
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rlsubnet._version import __version__
+
+
+def _printable_labels(f: Callable[[float, int | None], str]) -> Callable[[float, int | None], str]:
+    from rlsubnet.fileio import printable
+
+    return lambda x, pos: printable(str(f(x, pos)))
 
 
 def _pyplot():
@@ -34,7 +40,7 @@ def to_png(fig, provenance: dict) -> bytes:
             if isinstance(fmt, FixedFormatter):
                 fmt.seq = [printable(str(s)) for s in fmt.seq]
             elif isinstance(fmt, FuncFormatter):  # what set_ticks(..., labels) installs
-                fmt.func = lambda x, pos, f=fmt.func: printable(str(f(x, pos)))
+                fmt.func = _printable_labels(fmt.func)
     buf = io.BytesIO()
     fig.savefig(
         buf,
@@ -63,20 +69,24 @@ def heatmap(
     data = np.array([[np.nan if v is None else 100 * v for v in row] for row in grid], dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * max(1, len(kinds)), 1.2 + 0.32 * max(1, len(layers))))
     if data.size:
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=np.nanmin(data) if np.isfinite(data).any() else 0, vmax=100)
+        im = ax.imshow(
+            data, aspect="auto", cmap="viridis", vmin=np.nanmin(data) if np.isfinite(data).any() else 0, vmax=100
+        )
         fig.colorbar(im, ax=ax, label=cbar_label)
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("module")
     ax.set_ylabel("layer")
     ax.set_title(f"{title}\n{settings}", fontsize=9)
     return fig
 
 
-def sparsity_vs_atol(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str, settings: str, reference=None):
+def sparsity_vs_atol(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str, settings: str, reference=None
+):
     """Sparsity (%) against atol, one line per series; atol 0 sits at the left of a symlog axis.
 
     ``reference`` is an optional list of (label, atols, sparsities) drawn dashed (e.g. the paper's Table 6).

@@ -62,15 +62,17 @@ def _group_table(results: Sequence[CompareResult], groups_of, key: str) -> str:
         for ri, ai in cols:
             g = per_result[ri].get(k)
             row.append(fmt_pct(g["by_atol"][ai]["sparsity"]) if g else "-")
-        for ri, g in enumerate(per_result):  # the unweighted mean over the group's matrices, at the headline atol
-            g = g.get(k)
+        for d in per_result:  # the unweighted mean over the group's matrices, at the headline atol
+            g = d.get(k)
             row.append(fmt_pct(g["by_atol"][h]["mean_matrix_sparsity"]) if g else "-")
         rows.append(row)
     label = "layer" if key == "layer" else "module"
     return render_table([label, "tensors", "params", *names, *means], rows)
 
 
-GROUP_LEGEND = "Group tables: sparsity% pools the group's parameters; matrix mean% is the unweighted mean over its matrices."
+GROUP_LEGEND = (
+    "Group tables: sparsity% pools the group's parameters; matrix mean% is the unweighted mean over its matrices."
+)
 
 
 def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -> str:
@@ -80,7 +82,11 @@ def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -
     for k, r in enumerate(results):
         out.append(f"[{k}] tuned: {r.tuned}    tensors: {len(r.tensors)}    params: {r.numel:,}")
     out.append("")
-    headers = ["tuned"] + [f"sparsity% @{fmt_atol(a)}" for a in r0.atols] + [f"changed @{fmt_atol(r0.atols[-1])}", f"hidden by {fmt_atol(r0.atols[-1])}"]
+    headers = (
+        ["tuned"]
+        + [f"sparsity% @{fmt_atol(a)}" for a in r0.atols]
+        + [f"changed @{fmt_atol(r0.atols[-1])}", f"hidden by {fmt_atol(r0.atols[-1])}"]
+    )
     if r0.rank:
         headers.append("mean rank%")
     rows = []
@@ -120,6 +126,11 @@ def layers_csv(results: Sequence[CompareResult], provenance: dict) -> str:
         for g in r.layers():
             row = [r.tuned, "" if g["layer"] is None else g["layer"], g["n_tensors"], g["numel"]]
             for rec in g["by_atol"]:
-                row += [rec["changed"], repr(rec["sparsity"]), repr(rec["density"]), "" if rec["mean_matrix_sparsity"] is None else repr(rec["mean_matrix_sparsity"])]
+                row += [
+                    rec["changed"],
+                    repr(rec["sparsity"]),
+                    repr(rec["density"]),
+                    "" if rec["mean_matrix_sparsity"] is None else repr(rec["mean_matrix_sparsity"]),
+                ]
             w.writerow(row)
     return buf.getvalue()

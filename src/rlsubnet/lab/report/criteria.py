@@ -101,23 +101,32 @@ def criteria_sentence(results: dict) -> str:
     (computed from the paper's figures in the measurement step: ``subnetwork.paper.table4``)."""
     paper_rows = ((results.get("subnetwork") or {}).get("paper") or {}).get("table4") or []
     paper_reach = [r["reach"] for r in paper_rows if r.get("reach") is not None]
-    return "Verdict criteria: " + "; ".join((
-        f"a knob has 'little effect' when sparsity moves by ≤ {CRITERIA['small_effect_points']:g} points",
-        f"two sparsities are 'similar' within {CRITERIA['gap_closed_points']:g} points",
-        f"'nearly full rank' is ≥ {CRITERIA['full_rank']:.0%}",
-        f"layers are 'about equally sparse' when their spread is ≤ {CRITERIA['uniform_layers_points']:g} points",
-        f"θ_sub 'reproduces' θ_full when identity at 1e-5 is ≥ {100 * CRITERIA['identity_1e-5']:.1f}% (the paper's lower "
-        f"figure), at 1e-4 within {CRITERIA['identity_1e-4_points']:g} points of 100%, and accuracy is not lower by more "
-        "than two standard errors",
-        f"it 'beats' a baseline by more than {CRITERIA['beats_baseline_points']:g} points of identity at 1e-5",
-        f"overlap is 'far above chance' when its reach is ≥ {CRITERIA['above_chance_reach']:.2f}"
-        + (f" (the paper's Table 4 rows: {min(paper_reach):.2f}–{max(paper_reach):.2f})" if paper_reach else ""),
-        f"RFT is 'also sparse' when it keeps ≥ {pct(CRITERIA['rft_sparse_at_least'])} unchanged",
-        f"sparsity 'decays monotonically' when no snapshot rises by more than {CRITERIA['monotone_tolerance_points']:g} "
-        "points",
-        f"the decomposition matches when each share is within {CRITERIA['decomposition_share_points']:g} points and a "
-        f"factor {CRITERIA['ever_outside_factor']:g} of the paper's and the ever-updated share outside the final subnetwork within a factor "
-        f"{CRITERIA['ever_outside_factor']:g} of {paper.EVER_UPDATED_OUTSIDE_FINAL:g}%",
-        f"a run is 'dense in fp32' when ≤ {pct(CRITERIA['fp32_dense_at_most'], 0)} of its masters are bitwise unchanged",
-        f"stages 'fall on one curve' of P(changed | |w|) when they differ by ≤ {CRITERIA['one_curve_points']:g} points in "
-        f"every bucket of ≥ {CRITERIA['one_curve_min_bucket']:,} weights")) + "."
+    return (
+        "Verdict criteria: "
+        + "; ".join(
+            (
+                f"a knob has 'little effect' when sparsity moves by ≤ {CRITERIA['small_effect_points']:g} points",
+                f"two sparsities are 'similar' within {CRITERIA['gap_closed_points']:g} points",
+                f"'nearly full rank' is ≥ {CRITERIA['full_rank']:.0%}",
+                f"layers are 'about equally sparse' when their spread is ≤ {CRITERIA['uniform_layers_points']:g} points",
+                f"θ_sub 'reproduces' θ_full when identity at 1e-5 is ≥ {100 * CRITERIA['identity_1e-5']:.1f}% (the paper's lower "
+                f"figure), at 1e-4 within {CRITERIA['identity_1e-4_points']:g} points of 100%, and accuracy is not lower by more "
+                "than two standard errors",
+                f"it 'beats' a baseline by more than {CRITERIA['beats_baseline_points']:g} points of identity at 1e-5",
+                f"overlap is 'far above chance' when its reach is ≥ {CRITERIA['above_chance_reach']:.2f}"
+                + (
+                    f" (the paper's Table 4 rows: {min(paper_reach):.2f}–{max(paper_reach):.2f})" if paper_reach else ""
+                ),
+                f"RFT is 'also sparse' when it keeps ≥ {pct(CRITERIA['rft_sparse_at_least'])} unchanged",
+                f"sparsity 'decays monotonically' when no snapshot rises by more than {CRITERIA['monotone_tolerance_points']:g} "
+                "points",
+                f"the decomposition matches when each share is within {CRITERIA['decomposition_share_points']:g} points and a "
+                f"factor {CRITERIA['ever_outside_factor']:g} of the paper's and the ever-updated share outside the final subnetwork within a factor "
+                f"{CRITERIA['ever_outside_factor']:g} of {paper.EVER_UPDATED_OUTSIDE_FINAL:g}%",
+                f"a run is 'dense in fp32' when ≤ {pct(CRITERIA['fp32_dense_at_most'], 0)} of its masters are bitwise unchanged",
+                f"stages 'fall on one curve' of P(changed | |w|) when they differ by ≤ {CRITERIA['one_curve_points']:g} points in "
+                f"every bucket of ≥ {CRITERIA['one_curve_min_bucket']:,} weights",
+            )
+        )
+        + "."
+    )

@@ -3,13 +3,18 @@ record (title, caption, where its numbers are in results.json) goes into results
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 from rlsubnet._version import __version__
 from rlsubnet.lab import paper_numbers as paper
 from rlsubnet.lab.report.records import RL_ALGOS, ident, pct, se, settings_of, sp, sub_settings, trained
 from rlsubnet.report import plots
 from rlsubnet.report.overlap_outputs import matrix_heatmap
+
+FigureFn = Callable[[dict], Any]  # the results dict -> a matplotlib Figure
 
 
 def pyplot():
@@ -28,12 +33,14 @@ def ratio_matrix(num, den):
         for i, (r1, r2) in enumerate(zip(num, den))
     ]
 
+
 def _fig_sparsity_vs_paper(results):
     plt = pyplot()
     st = results["stages"]
     names = list(st)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.35 * max(len(names), len(paper.TABLE1)) + 1.8),
-                                   gridspec_kw={"width_ratios": [1, 1]})
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(11, 0.35 * max(len(names), len(paper.TABLE1)) + 1.8), gridspec_kw={"width_ratios": [1, 1]}
+    )
     ours = [100 * sp(st[n]) for n in names]
     ours0 = [100 * sp(st[n], 0.0) for n in names]
     colors = ["tab:blue" if st[n]["spec"]["algorithm"] in RL_ALGOS else "tab:orange" for n in names]
@@ -59,8 +66,10 @@ def _fig_sparsity_vs_paper(results):
     ax2.set_xlim(0, 100)
     ax2.set_xlabel("sparsity (%), bf16, atol 1e-5")
     ax2.set_title("the paper's Table 1 (7B–671B models, their own runs)", fontsize=9)
-    fig.suptitle("Update sparsity per stage, beside the paper's Table 1\n" + settings_of(results, extra="bf16, atol 1e-5"),
-                 fontsize=9)
+    fig.suptitle(
+        "Update sparsity per stage, beside the paper's Table 1\n" + settings_of(results, extra="bf16, atol 1e-5"),
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -82,14 +91,26 @@ def _fig_sft_vs_rl(results):
         for n in group:
             rl = st[n]["spec"]["algorithm"] in RL_ALGOS
             own = st[n]["spec"]["data"].startswith("own")
-            ax.bar(x, 100 * sp(st[n]), color="tab:blue" if rl else "tab:orange", hatch="//" if own else None,
-                   edgecolor="black", linewidth=0.5)
+            ax.bar(
+                x,
+                100 * sp(st[n]),
+                color="tab:blue" if rl else "tab:orange",
+                hatch="//" if own else None,
+                edgecolor="black",
+                linewidth=0.5,
+            )
             ax.text(x, 100 * sp(st[n]) + 1, f"{100 * sp(st[n]):.1f}", ha="center", fontsize=8)
             ticks.append(x)
             labels.append(n)
             x += 1
-        ax.text((start + x - 1) / 2, 101, f"lr {lr:g}" + (" (RL lr)" if lr == c["rl_lr"] else " (SFT lr)" if lr == c["sft_lr"] else ""),
-                ha="center", fontsize=8, fontweight="bold")
+        ax.text(
+            (start + x - 1) / 2,
+            101,
+            f"lr {lr:g}" + (" (RL lr)" if lr == c["rl_lr"] else " (SFT lr)" if lr == c["sft_lr"] else ""),
+            ha="center",
+            fontsize=8,
+            fontweight="bold",
+        )
         x += 0.8
     ax.set_xticks(ticks, labels, rotation=25, ha="right", fontsize=8)
     ax.axhspan(*paper.RL_RANGE, color="tab:blue", alpha=0.08, label="paper: RL 68.5–96%")
@@ -98,13 +119,19 @@ def _fig_sft_vs_rl(results):
     from matplotlib.patches import Patch
 
     handles, _ = ax.get_legend_handles_labels()
-    handles += [Patch(facecolor="tab:blue", label="RL (GRPO, DPO)"), Patch(facecolor="tab:orange", label="SFT"),
-                Patch(facecolor="white", edgecolor="black", hatch="//", label="trained on θ0's own samples")]
+    handles += [
+        Patch(facecolor="tab:blue", label="RL (GRPO, DPO)"),
+        Patch(facecolor="tab:orange", label="SFT"),
+        Patch(facecolor="white", edgecolor="black", hatch="//", label="trained on θ0's own samples"),
+    ]
     ax.set_ylim(0, 108)
     ax.set_ylabel("sparsity (%), bf16, atol 1e-5")
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("SFT vs RL at the usual and at matched learning rates\n"
-                 + settings_of(results, main_task, "same steps, batch and data seed for every bar"), fontsize=9)
+    ax.set_title(
+        "SFT vs RL at the usual and at matched learning rates\n"
+        + settings_of(results, main_task, "same steps, batch and data seed for every bar"),
+        fontsize=9,
+    )
     return fig
 
 
@@ -114,15 +141,29 @@ def _fig_sparsity_vs_step(results):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     for n, s in st.items():
         curve = s["sparsity_vs_step"]
-        line, = ax1.plot([p["step"] for p in curve], [100 * p["sparsity"]["1e-05"] for p in curve], marker=".", label=n)
-        ax1.plot([p["step"] for p in curve], [100 * p["sparsity"]["0.0"] for p in curve], linestyle=":", color=line.get_color())
+        (line,) = ax1.plot(
+            [p["step"] for p in curve], [100 * p["sparsity"]["1e-05"] for p in curve], marker=".", label=n
+        )
+        ax1.plot(
+            [p["step"] for p in curve],
+            [100 * p["sparsity"]["0.0"] for p in curve],
+            linestyle=":",
+            color=line.get_color(),
+        )
         steps = s["step_to_step"]
         if steps:
-            ax2.plot([r["step"] for r in steps], [100 * r["sparsity_vs_previous_step"]["0.0"] for r in steps],
-                     color=line.get_color(), linewidth=0.9, label=n)
+            ax2.plot(
+                [r["step"] for r in steps],
+                [100 * r["sparsity_vs_previous_step"]["0.0"] for r in steps],
+                color=line.get_color(),
+                linewidth=0.9,
+                label=n,
+            )
     ax1.set_xlabel("optimizer step (snapshots)")
     ax1.set_ylabel("sparsity against θ0 (%)")
-    ax1.set_title(f"against θ0, every {results['config']['snapshot_every']} steps (solid: atol 1e-5, dotted: atol 0)", fontsize=9)
+    ax1.set_title(
+        f"against θ0, every {results['config']['snapshot_every']} steps (solid: atol 1e-5, dotted: atol 0)", fontsize=9
+    )
     ax1.grid(True, alpha=0.3)
     ax1.legend(fontsize=7)
     ax2.set_xlabel("optimizer step")
@@ -137,8 +178,13 @@ def _fig_sparsity_vs_step(results):
 def _fig_heatmap(results, name):
     s = results["stages"][name]
     g = s["grid"]
-    return plots.heatmap(g["layers"], g["modules"], g["sparsity_1e-05"], f"Sparsity per layer and module: {name}",
-                         s["settings"] + "; bf16, atol 1e-5")
+    return plots.heatmap(
+        g["layers"],
+        g["modules"],
+        g["sparsity_1e-05"],
+        f"Sparsity per layer and module: {name}",
+        s["settings"] + "; bf16, atol 1e-5",
+    )
 
 
 def _fig_sparsity_vs_atol(results):
@@ -151,8 +197,12 @@ def _fig_sparsity_vs_atol(results):
         atols = sorted(float(a) for a in st["grpo"]["sparsity"]["fp32"])
         series.append(("grpo compared in fp32", atols, [st["grpo"]["sparsity"]["fp32"][repr(a)] for a in atols]))
     ref = [(label, list(paper.TABLE6_ATOLS), [v / 100 for v in vals]) for label, vals in paper.TABLE6.items()]
-    fig = plots.sparsity_vs_atol(series, "Sparsity vs tolerance (cf. the paper's Table 6; dashed: the paper)",
-                                 settings_of(results, extra="bf16 unless noted"), reference=ref)
+    fig = plots.sparsity_vs_atol(
+        series,
+        "Sparsity vs tolerance (cf. the paper's Table 6; dashed: the paper)",
+        settings_of(results, extra="bf16 unless noted"),
+        reference=ref,
+    )
     ax = fig.axes[0]
     cmap = pyplot().get_cmap("tab20")
     k = 0
@@ -183,25 +233,33 @@ def _fig_magnitude(results):
     for n in shown:
         buckets = [b for b in st[n]["magnitude_bf16"]["buckets"] if b["lo"] > 0 and b["hi"]]
         x = [_bucket_mid(b) for b in buckets]
-        line, = ax.plot(x, [b["p_changed"]["0.0"] for b in buckets], marker="o", markersize=3, label=f"{n} (atol 0)")
+        (line,) = ax.plot(x, [b["p_changed"]["0.0"] for b in buckets], marker="o", markersize=3, label=f"{n} (atol 0)")
         ax.plot(x, [b["p_changed"]["1e-05"] for b in buckets], linestyle="--", color=line.get_color(), linewidth=0.8)
     if "grpo" in st:
         buckets = [b for b in st["grpo"]["magnitude_fp32"]["buckets"] if b["lo"] > 0 and b["hi"]]
-        ax.plot([_bucket_mid(b) for b in buckets], [b["p_changed"]["0.0"] for b in buckets], color="black",
-                linestyle=":", label="grpo fp32 masters (atol 0)")
+        ax.plot(
+            [_bucket_mid(b) for b in buckets],
+            [b["p_changed"]["0.0"] for b in buckets],
+            color="black",
+            linestyle=":",
+            label="grpo fp32 masters (atol 0)",
+        )
     T = results["config"]["steps"]
-    for lr, style in sorted({(st[n]["spec"]["learning_rate"], None) for n in shown}):
+    for lr in sorted({st[n]["spec"]["learning_rate"] for n in shown}):
         ax.axvline(512 * lr * T, color="grey", linewidth=0.8)
         ax.text(512 * lr * T, 1.02, f"512·lr·T\n(lr {lr:g})", fontsize=6, ha="center", va="bottom")
-    ax.axvline(2 ** -9, color="tab:red", linewidth=0.6, linestyle="-.")
-    ax.text(2 ** -9, 0.45, "2^-9 ", fontsize=6, color="tab:red", ha="right")
+    ax.axvline(2**-9, color="tab:red", linewidth=0.6, linestyle="-.")
+    ax.text(2**-9, 0.45, "2^-9 ", fontsize=6, color="tab:red", ha="right")
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.12)
     ax.set_xlabel("|w| in θ0 (bucket of one binade)")
     ax.set_ylabel("P(changed)")
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("P(weight changed | |w|): solid atol 0, dashed atol 1e-5 (below |w| = 2^-9 one bf16 step is < 1e-5)\n" + settings_of(results, shown, "bf16 unless noted"),
-                 fontsize=9)
+    ax.set_title(
+        "P(weight changed | |w|): solid atol 0, dashed atol 1e-5 (below |w| = 2^-9 one bf16 step is < 1e-5)\n"
+        + settings_of(results, shown, "bf16 unless noted"),
+        fontsize=9,
+    )
     return fig
 
 
@@ -210,10 +268,15 @@ def _fig_dynamics(results):
     st = results["stages"]
     rows = []
     for n, s in st.items():
-        for label, key in ((f"every {s['snapshot_every']} steps", "decomposition_snapshots"), ("every step", "decomposition_every_step")):
+        for label, key in (
+            (f"every {s['snapshot_every']} steps", "decomposition_snapshots"),
+            ("every step", "decomposition_every_step"),
+        ):
             d = next((d for d in s.get(key, []) if d["atol"] == 1e-5), None)
             if d:
-                rows.append((f"{n} ({label})", 100 * d["never_share"], 100 * d["returned_share"], 100 * d["final_share"]))
+                rows.append(
+                    (f"{n} ({label})", 100 * d["never_share"], 100 * d["returned_share"], 100 * d["final_share"])
+                )
     p = paper.DYNAMICS_PRIME
     rows.append(("paper: PRIME", p["never"], p["returned"], p["final"]))
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.6))
@@ -231,8 +294,11 @@ def _fig_dynamics(results):
     ax.set_xlim(0, 118)
     ax.set_xlabel("share of all parameters (%), bf16, atol 1e-5")
     ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3)
-    ax.set_title("Never changed / changed and returned / final subnetwork\n" + settings_of(results, extra="bf16, atol 1e-5"),
-                 fontsize=9, pad=22)
+    ax.set_title(
+        "Never changed / changed and returned / final subnetwork\n" + settings_of(results, extra="bf16, atol 1e-5"),
+        fontsize=9,
+        pad=22,
+    )
     return fig
 
 
@@ -242,16 +308,27 @@ def _fig_bf16_vs_fp32(results):
     names = list(st)
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(names)), 4.2))
     width = 0.2
-    series = (("bf16, atol 1e-5", "bf16", 1e-5), ("bf16, atol 0", "bf16", 0.0), ("fp32, atol 1e-5", "fp32", 1e-5),
-              ("fp32, atol 0", "fp32", 0.0))
+    series = (
+        ("bf16, atol 1e-5", "bf16", 1e-5),
+        ("bf16, atol 0", "bf16", 0.0),
+        ("fp32, atol 1e-5", "fp32", 1e-5),
+        ("fp32, atol 0", "fp32", 0.0),
+    )
     for j, (label, dt, a) in enumerate(series):
-        ax.bar([i + (j - 1.5) * width for i in range(len(names))], [100 * sp(st[n], a, dt) for n in names], width, label=label)
+        ax.bar(
+            [i + (j - 1.5) * width for i in range(len(names))],
+            [100 * sp(st[n], a, dt) for n in names],
+            width,
+            label=label,
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
-    ax.set_title("What bf16 hides: the same runs compared in bf16 and in fp32 (fp32 masters vs θ0)\n" + settings_of(results),
-                 fontsize=9)
+    ax.set_title(
+        "What bf16 hides: the same runs compared in bf16 and in fp32 (fp32 masters vs θ0)\n" + settings_of(results),
+        fontsize=9,
+    )
     return fig
 
 
@@ -260,17 +337,27 @@ def _fig_pretrain(results):
     th = results["theta0"]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     curve = th["curve"]
-    for t in (curve[0]["validation_accuracy"] if curve else {}):
-        ax.plot([p["step"] for p in curve], [100 * p["validation_accuracy"][t] for p in curve], marker=".", label=f"{t} (validation)")
+    for t in curve[0]["validation_accuracy"] if curve else {}:
+        ax.plot(
+            [p["step"] for p in curve],
+            [100 * p["validation_accuracy"][t] for p in curve],
+            marker=".",
+            label=f"{t} (validation)",
+        )
     ax.axhline(100 * th["spec"]["target_accuracy"], color="grey", linestyle="--", label="target")
     ax.set_xlabel("pretraining step")
     ax.set_ylabel("greedy accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     c = results["config"]
-    ax.set_title("Pretraining θ0 until validation accuracy reaches the target\n" + th["settings"]
-                 + f"; size {c['size']} ({th['parameters']:,} params); validation accuracy of the fp32 training weights, "
-                 "θ0 saved in bf16", fontsize=7, wrap=True)
+    ax.set_title(
+        "Pretraining θ0 until validation accuracy reaches the target\n"
+        + th["settings"]
+        + f"; size {c['size']} ({th['parameters']:,} params); validation accuracy of the fp32 training weights, "
+        "θ0 saved in bf16",
+        fontsize=7,
+        wrap=True,
+    )
     return fig
 
 
@@ -287,8 +374,14 @@ def _fig_accuracy(results):
             a = results["theta0"]["accuracy"][t]["bf16"] if n == "θ0" else st[n]["accuracy"].get(t, {}).get("bf16")
             vals.append(100 * a["accuracy"] if a else float("nan"))
             errs.append(200 * se(a["accuracy"], a["n"]) if a else 0)
-        ax.bar([i + (j - (len(tasks) - 1) / 2) * width for i in range(len(names))], vals, width, yerr=errs, capsize=2,
-               label=f"{t} (held out, n={results['theta0']['accuracy'][t]['bf16']['n']:,})")
+        ax.bar(
+            [i + (j - (len(tasks) - 1) / 2) * width for i in range(len(names))],
+            vals,
+            width,
+            yerr=errs,
+            capsize=2,
+            label=f"{t} (held out, n={results['theta0']['accuracy'][t]['bf16']['n']:,})",
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("greedy accuracy (%) ± 2 SE")
     ax.set_ylim(0, 100)
@@ -312,24 +405,45 @@ def _fig_identity(results):
         for j, (a, col) in enumerate(zip(atols, colors)):
             xs = [i + (j - 1) * width for i in range(len(rows))]
             ax.bar(xs, [100 * ident(r, a) for r in rows], width, color=col, label=f"atol {a:g}")
-            ax.scatter(xs, [100 * (ident(r, a, True) or 0) for r in rows], color="black", marker="_", s=90, zorder=3,
-                       label="inside the mask" if j == 0 else None)
+            ax.scatter(
+                xs,
+                [100 * (ident(r, a, True) or 0) for r in rows],
+                color="black",
+                marker="_",
+                s=90,
+                zorder=3,
+                label="inside the mask" if j == 0 else None,
+            )
             for x, r in zip(xs, rows):
                 ax.text(x, 100 * ident(r, a) + 0.6, f"{100 * ident(r, a):.1f}", ha="center", fontsize=6, rotation=90)
-        for label, vals, style in (("paper DPO", paper.TABLE3["DPO"], "--"), ("paper PRIME", paper.TABLE3["PRIME"], ":")):
-            ax.axhline(vals[1e-5], color="tab:blue", linestyle=style, linewidth=0.9, label=f"{label}, 1e-5: {vals[1e-5]}%")
+        for label, vals, style in (
+            ("paper DPO", paper.TABLE3["DPO"], "--"),
+            ("paper PRIME", paper.TABLE3["PRIME"], ":"),
+        ):
+            ax.axhline(
+                vals[1e-5], color="tab:blue", linestyle=style, linewidth=0.9, label=f"{label}, 1e-5: {vals[1e-5]}%"
+            )
         ax.axhline(100, color="tab:green", linestyle="--", linewidth=0.9, label="paper, 1e-4: 100%")
-        short = {"subnetwork re-run": "θ_sub", "random-mask re-run": "random mask", "full run, another seed": "another seed"}
+        short = {
+            "subnetwork re-run": "θ_sub",
+            "random-mask re-run": "random mask",
+            "full run, another seed": "another seed",
+        }
         ax.set_xticks(range(len(rows)), [f"{r['run']}\n({short.get(r['role'], r['role'])})" for r in rows], fontsize=7)
         vals = [ident(r, a, inside) for r in rows for a in atols for inside in (False, True)]
         lo = 100 * min(v for v in vals if v is not None)
         ax.set_ylim(max(0, lo - 10), 108)
         ax.set_ylabel(f"identical to θ_full = `{sec['full']}` (%)")
-        ax.set_title(f"{alg.upper()}: re-runs from θ0 vs the full run (mask density {pct(sec['mask']['density'])})", fontsize=9)
+        ax.set_title(
+            f"{alg.upper()}: re-runs from θ0 vs the full run (mask density {pct(sec['mask']['density'])})", fontsize=9
+        )
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     names = [n for sec in sub["reruns"].values() for n in [sec["full"]] + [r["run"] for r in sec["rows"]]]
-    fig.suptitle("Subnetwork re-runs vs θ_full (the paper's Table 3): share of parameters with |θ_full − θ| ≤ atol\n"
-                 + sub_settings(results, names), fontsize=9)
+    fig.suptitle(
+        "Subnetwork re-runs vs θ_full (the paper's Table 3): share of parameters with |θ_full − θ| ≤ atol\n"
+        + sub_settings(results, names),
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -340,12 +454,22 @@ def _fig_overlap(results, which: str):
     m = ov["matrix"]
     settings = sub_settings(results, labels)
     if which == "o1":
-        return matrix_heatmap(labels, m["o1"], "Subnetwork overlap o1 = |A∩B| / |A| (%), row A, column B", settings,
-                              cbar_label="o1 (%)", vmax=100)
+        return matrix_heatmap(
+            labels,
+            m["o1"],
+            "Subnetwork overlap o1 = |A∩B| / |A| (%), row A, column B",
+            settings,
+            cbar_label="o1 (%)",
+            vmax=100,
+        )
     ratio = ratio_matrix(m["o1"], m["magnitude_chance_o1"] if which == "magnitude" else m["chance_o1"])
-    title = ("o1 / magnitude-matched chance (1 = explained by |w| in θ0), row A, column B" if which == "magnitude"
-             else "o1 / density chance (the paper's baseline; 1 = chance), row A, column B")
+    title = (
+        "o1 / magnitude-matched chance (1 = explained by |w| in θ0), row A, column B"
+        if which == "magnitude"
+        else "o1 / density chance (the paper's baseline; 1 = chance), row A, column B"
+    )
     return matrix_heatmap(labels, ratio, title, settings, cbar_label="× chance", percent=False)
+
 
 FIGURE_DATA = {
     "sparsity_vs_paper": "stages.<name>.sparsity.bf16 ('1e-05', '0.0'); the paper's Table 1 (lab.paper_numbers)",
@@ -364,14 +488,17 @@ FIGURE_DATA = {
     "overlap_o1_over_magnitude_chance": "subnetwork.overlap.matrix.o1 / .magnitude_chance_o1",
 }
 
-SUBNETWORK_FIGURES = {
+SUBNETWORK_FIGURES: dict[str, tuple[str, FigureFn]] = {
     "subnetwork_identity": ("Subnetwork re-runs vs θ_full (Table 3)", _fig_identity),
     "overlap_o1": ("Subnetwork overlap o1 (Table 4)", lambda r: _fig_overlap(r, "o1")),
     "overlap_o1_over_chance": ("Overlap over the density chance", lambda r: _fig_overlap(r, "chance")),
-    "overlap_o1_over_magnitude_chance": ("Overlap over the magnitude-matched chance", lambda r: _fig_overlap(r, "magnitude")),
+    "overlap_o1_over_magnitude_chance": (
+        "Overlap over the magnitude-matched chance",
+        lambda r: _fig_overlap(r, "magnitude"),
+    ),
 }
 
-FIGURES = {
+FIGURES: dict[str, tuple[str, FigureFn]] = {
     "sparsity_vs_paper": ("Sparsity per stage beside the paper's Table 1", _fig_sparsity_vs_paper),
     "sft_vs_rl": ("SFT vs RL at usual and matched learning rates", _fig_sft_vs_rl),
     "sparsity_vs_step": ("Sparsity vs step (against θ0, and step to step)", _fig_sparsity_vs_step),
@@ -390,9 +517,12 @@ def render_figures(results: dict) -> dict[str, tuple[bytes, dict]]:
     """file name -> (PNG bytes, record for results.json)."""
     prov = {"rlsubnet_version": __version__, "config": results["config"]}
     out = {}
-    todo = [(k, title, fn) for k, (title, fn) in FIGURES.items()]
-    todo += [(f"heatmap_{n}", f"Layer × module sparsity: {n}", (lambda r, n=n: _fig_heatmap(r, n)))
-             for n in HEATMAP_STAGES if n in results["stages"]]
+    todo: list[tuple[str, str, FigureFn]] = [(k, title, fn) for k, (title, fn) in FIGURES.items()]
+    todo += [
+        (f"heatmap_{n}", f"Layer × module sparsity: {n}", functools.partial(_fig_heatmap, name=n))
+        for n in HEATMAP_STAGES
+        if n in results["stages"]
+    ]
     sub = results.get("subnetwork") or {}
     for key, (title, fn) in SUBNETWORK_FIGURES.items():
         if (key == "subnetwork_identity" and sub.get("reruns")) or (key.startswith("overlap") and sub.get("overlap")):
@@ -402,5 +532,8 @@ def render_figures(results: dict) -> dict[str, tuple[bytes, dict]]:
         # The settings are part of every figure's title; the record repeats them for readers of results.json.
         caption = fig._suptitle.get_text() if fig._suptitle is not None else fig.axes[0].get_title()
         data = FIGURE_DATA["heatmap" if key.startswith("heatmap_") else key]
-        out[f"{key}.png"] = (plots.to_png(fig, {**prov, "figure": key}), {"title": title, "caption": caption, "data": data})
+        out[f"{key}.png"] = (
+            plots.to_png(fig, {**prov, "figure": key}),
+            {"title": title, "caption": caption, "data": data},
+        )
     return out

@@ -52,6 +52,7 @@ def rl_stages(results: dict, lr: str = "rl") -> list[str]:
             out.append(n)
     return out
 
+
 COMPARABLE_KEYS = ("task", "learning_rate", "steps", "batch_size", "data_seed")
 
 
@@ -69,11 +70,17 @@ def settings_of(results: dict, names: Sequence[str] | None = None, extra: str = 
     c = results["config"]
     st = results["stages"]
     lrs = sorted({st[n]["spec"]["learning_rate"] for n in (names or st)})
-    return (f"size {c['size']} ({results['theta0']['parameters']:,} params), {c['steps']} steps, batch {c['batch_size']}, "
-            f"lr {', '.join(f'{x:g}' for x in lrs)}, seed {c['seed']}, fp32 masters" + (f"; {extra}" if extra else ""))
+    return (
+        f"size {c['size']} ({results['theta0']['parameters']:,} params), {c['steps']} steps, batch {c['batch_size']}, "
+        f"lr {', '.join(f'{x:g}' for x in lrs)}, seed {c['seed']}, fp32 masters" + (f"; {extra}" if extra else "")
+    )
 
-ROLE_LABEL = {"subnetwork re-run": "θ_sub: its own subnetwork", "random-mask re-run": "random mask, equal density",
-              "full run, another seed": "full run, another seed"}
+
+ROLE_LABEL = {
+    "subnetwork re-run": "θ_sub: its own subnetwork",
+    "random-mask re-run": "random mask, equal density",
+    "full run, another seed": "full run, another seed",
+}
 
 
 def ident(row: dict, atol: float, inside: bool = False, key: str = "identity") -> float | None:
@@ -82,6 +89,14 @@ def ident(row: dict, atol: float, inside: bool = False, key: str = "identity") -
     if rec is None:
         return None
     return rec["identity_in_mask"] if inside else rec["identity"]
+
+
+def ident_at(row: dict, atol: float, key: str = "identity") -> float:
+    """Identity of a Table 3 row overall at ``atol``, one of the atols the subnetwork measurement records."""
+    value = ident(row, atol, key=key)
+    if value is None:
+        raise KeyError(f"{row.get('run')}: no {key} record at atol {atol:g}")
+    return value
 
 
 def rows_of(section: dict, role: str) -> list[dict]:
@@ -139,9 +154,11 @@ def sub_settings(results: dict, names: Sequence[str] | None = None) -> str:
     def vals(key):
         return ", ".join(f"{v:g}" for v in sorted({x[key] for x in specs}))
 
-    return (f"size {c['size']} ({results['theta0']['parameters']:,} params), {vals('steps')} steps, batch "
-            f"{vals('batch_size')}, lr {vals('learning_rate')}, seed {vals('seed')};\nbf16 checkpoints, masks at atol 1e-5 "
-            "against θ0")
+    return (
+        f"size {c['size']} ({results['theta0']['parameters']:,} params), {vals('steps')} steps, batch "
+        f"{vals('batch_size')}, lr {vals('learning_rate')}, seed {vals('seed')};\nbf16 checkpoints, masks at atol 1e-5 "
+        "against θ0"
+    )
 
 
 def md_table(headers, rows) -> str:
