@@ -5,11 +5,12 @@ Definitions follow *Reinforcement Learning Finetunes Small Subnetworks in Large 
 ``torch.isclose(Δ, 0, atol=atol)`` on the bf16 Δ.
 """
 
+from rlsubnet._lazy import lazy_getattr
 from rlsubnet._version import __version__
 from rlsubnet.errors import CheckpointError, MismatchError, RlsubnetError, UsageError
 
 
-# name -> module it lives in; imported on first use so `import rlsubnet` and `rlsubnet --help` stay instant.
+# name -> module it lives in, imported on first use
 _LAZY = {
     "compare": "rlsubnet.engine",
     "compare_many": "rlsubnet.engine",
@@ -26,14 +27,6 @@ _LAZY = {
     "apply_patches": "rlsubnet.patch",
     "apply_patch_": "rlsubnet.patch",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'rlsubnet' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["CheckpointError", "MismatchError", "RlsubnetError", "UsageError", "__version__", *_LAZY]

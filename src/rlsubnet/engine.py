@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
-import torch
 
 from rlsubnet import limits
-from rlsubnet._threads import BufferRing, prefetch
+from rlsubnet._threads import single_threaded_torch
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
+from rlsubnet.checkpoint.align import align, require_parameters
+from rlsubnet.checkpoint.stream import BLOCK_BYTES, BlockStream, Item, block_numel
+from rlsubnet.diff.changed import legacy_mode
 from rlsubnet.diff.names import is_norm, layer_of, module_kind
-from rlsubnet.diff.pairs import align, require_parameters
-from rlsubnet.diff.stats import COMPARE_DTYPES, DeltaAccumulator, single_threaded_torch
+from rlsubnet.diff.stats import DeltaAccumulator
 from rlsubnet.diff.summary import CompareResult
 from rlsubnet.errors import UsageError
 
 DEFAULT_ATOLS = (0.0, 1e-5)
-DEFAULT_BLOCK_BYTES = 16 << 20
 
 
 def normalise_atols(atol: float | Sequence[float]) -> tuple[float, ...]:
@@ -38,31 +35,26 @@ def normalise_atols(atol: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
-@dataclass
-class _Job:
-    name: str
-    accumulators: list[tuple[int, DeltaAccumulator]]  # (index of tuned checkpoint, accumulator)
-
-
 def compare_many(
     base,
     tuned: Sequence,
     *,
     atol: float | Sequence[float] = DEFAULT_ATOLS,
-    dtype: str = "bf16",
+    mode: str = "bf16",
     rank: bool = False,
     allow_mismatch: bool = False,
     allow_pickle: bool = False,
     allow_download: bool = False,
     progress: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int = BLOCK_BYTES,
+    **legacy,
 ) -> list[CompareResult]:
     """Compare each of ``tuned`` against ``base``, reading every base tensor once.
 
     ``base`` and each entry of ``tuned`` may be a path, a hub id, a state dict, a module or a Checkpoint.
+    ``mode``: the comparison mode, one of :data:`rlsubnet.diff.changed.COMPARE_MODES`.
     """
-    if dtype not in COMPARE_DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r} (choose from {', '.join(COMPARE_DTYPES)})")
+    mode = legacy_mode(mode, legacy)
     atols = normalise_atols(atol)
     block_bytes = limits.block_bytes(block_bytes)
     if not tuned:
@@ -86,72 +78,36 @@ def compare_many(
             require_parameters(base_ck.infos, ck.infos, names, base_label=base_ck.location, tuned_label=ck.location)
             plans.append((set(names), skipped))
 
-        jobs: list[_Job] = []
+        # One item per base tensor, read from the base (side 0) and every tuned checkpoint holding it (side 1 + i);
+        # its tag: (index of the tuned checkpoint, accumulator) per tuned side.
+        items = []
         for name in base_ck.names():
             binfo = base_ck.infos[name]
-            accs = []
-            for i, ck in enumerate(tuned_cks):
-                if name in plans[i][0]:
-                    tinfo = ck.infos[name]
-                    acc = DeltaAccumulator(
-                        name, binfo.shape, binfo.dtype, tinfo.dtype, atols, dtype, rank=rank and not is_norm(name)
-                    )
-                    accs.append((i, acc))
+            accs = [
+                (i, DeltaAccumulator(name, binfo.shape, binfo.dtype, ck.infos[name].dtype, atols, mode,
+                                     rank=rank and not is_norm(name)))
+                for i, ck in enumerate(tuned_cks) if name in plans[i][0]
+            ]
             if accs:
-                jobs.append(_Job(name, accs))
+                sides = (0, *(1 + i for i, _ in accs))
+                itemsize = max(element_size(([base_ck] + tuned_cks)[s].infos[name].dtype) for s in sides)
+                items.append(Item(name, binfo.numel, block_numel(block_bytes, itemsize), read=sides, tag=accs))
 
         per_tuned_stats: list[list] = [[] for _ in tuned_cks]
-        total = sum(
-            base_ck.infos[j.name].numel * element_size(base_ck.infos[j.name].dtype) * (1 + len(j.accumulators))
-            for j in jobs
-        )
-
-        # One buffer per checkpoint per block in flight: one being reduced, one queued, one being read.
-        n_sides = 1 + len(tuned_cks)
-        ring = BufferRing(3, lambda: [np.empty(block_bytes, dtype=np.uint8) for _ in range(n_sides)])
-
-        def read_block(ck: Checkpoint, name: str, start: int, stop: int, buf: np.ndarray) -> torch.Tensor:
-            dtype = ck.infos[name].dtype
-            if stop - start == 0 or element_size(dtype) > block_bytes:
-                return ck.read_flat(name, start, stop)
-            return torch.from_numpy(np.asarray(ck.read_flat_into(name, start, stop, buf))).view(dtype)
-
-        def blocks():
-            for job in jobs:
-                info = base_ck.infos[job.name]
-                itemsize = max(element_size(info.dtype), *(element_size(tuned_cks[i].infos[job.name].dtype) for i, _ in job.accumulators))
-                block = max(1, block_bytes // itemsize)
-                for start in range(0, info.numel, block) if info.numel else [0]:
-                    stop = min(info.numel, start + block)
-                    bufs = ring.get()
-                    b = read_block(base_ck, job.name, start, stop, bufs[0])
-                    ts = [read_block(tuned_cks[i], job.name, start, stop, bufs[1 + k]) for k, (i, _) in enumerate(job.accumulators)]
-                    yield job, b, ts, stop == info.numel, bufs
-
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="compare", delay=1.0, leave=False)
-        try:
-            for job, b, ts, last, bufs in prefetch(blocks(), depth=1):
+        stream = BlockStream([base_ck, *tuned_cks], items, progress="compare" if progress else None)
+        with stream as blocks:
+            for block in blocks:
+                b, *ts = block.tensors()
                 with single_threaded_torch():
-                    for (_, acc), t in zip(job.accumulators, ts):
+                    for (_, acc), t in zip(block.item.tag, ts):
                         acc.update(b, t)
-                nbytes = b.numel() * b.element_size() + sum(t.numel() * t.element_size() for t in ts)
-                del b, ts  # views of bufs: drop them before the buffers go back to the reader
-                ring.put(bufs)
-                if last:  # outside single_threaded_torch: the rank's SVD wants every core
-                    for i, acc in job.accumulators:
+                del b, ts  # views of the block's buffers: drop them before the buffers go back to the reader
+                stream.release(block)
+                if block.last:  # outside single_threaded_torch: the rank's SVD wants every core
+                    for i, acc in block.item.tag:
                         stats = acc.finish()
-                        stats.layer, stats.module = layer_of(job.name), module_kind(job.name)
+                        stats.layer, stats.module = layer_of(block.item.name), module_kind(block.item.name)
                         per_tuned_stats[i].append(stats)
-                if bar is not None:
-                    bar.update(nbytes)
-        finally:
-            ring.close()
-            if bar is not None:
-                bar.close()
 
         options = {"allow_mismatch": allow_mismatch}
         return [
@@ -159,7 +115,7 @@ def compare_many(
                 base=base_ck.source,
                 tuned=ck.source,
                 atols=atols,
-                dtype=dtype,
+                mode=mode,
                 tensors=per_tuned_stats[i],
                 skipped=plans[i][1],
                 rank=rank,
@@ -173,10 +129,11 @@ def compare_many(
                 ck.close()
 
 
-def compare(base, tuned, *, atol: float | Sequence[float] = DEFAULT_ATOLS, dtype: str = "bf16", rank: bool = False, **kw) -> CompareResult:
+def compare(base, tuned, *, atol: float | Sequence[float] = DEFAULT_ATOLS, mode: str = "bf16", rank: bool = False,
+            **kw) -> CompareResult:
     """Measure how ``tuned`` differs from ``base``: sparsity at each atol, groupings and (optionally) update rank.
 
-    >>> r = rlsubnet.compare("base/", "grpo/", atol=(0, 1e-5))
+    >>> r = rlsubnet.compare("base/", "grpo/", atol=(0, 1e-5), mode="bf16")
     >>> r.sparsity(1e-5), r.to_json()["global"]
     """
-    return compare_many(base, [tuned], atol=atol, dtype=dtype, rank=rank, **kw)[0]
+    return compare_many(base, [tuned], atol=atol, mode=mode, rank=rank, **kw)[0]

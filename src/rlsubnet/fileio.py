@@ -86,21 +86,26 @@ def cannot_write(folder: Path, exc: OSError, what: str, error: type[RlsubnetErro
     return error(f"{folder}: cannot write {what} there ({exc.strerror or exc})")
 
 
-def temp_file_beside(path: Path, error: type[RlsubnetError] = RlsubnetError) -> tuple[int, str]:
-    """Create (with its folder) a temporary file next to ``path``, with a plain file's permissions; (fd, name).
-    An unwritable place is an ``error`` naming it, not an ``OSError`` from deep inside."""
+def temp_file_beside(path: Path, error: type[RlsubnetError] = RlsubnetError, *, private: bool = False
+                     ) -> tuple[int, str]:
+    """Create (with its folder) a temporary file next to ``path``, with a plain file's permissions (owner-only
+    with ``private``); (fd, name). An unwritable place is an ``error`` naming it, not an ``OSError`` from deep
+    inside."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise cannot_write(path.parent, exc, path.name, error) from None
-    fix_mode(tmp)
+    if not private:  # mkstemp's 0600 is kept for a private file: never open to others, not even while empty
+        fix_mode(tmp)
     return fd, tmp
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, *, private: bool = False,
+                       error: type[RlsubnetError] = RlsubnetError) -> None:
+    """Write ``data`` to ``path`` under a temporary name, then rename it into place (``private``: mode 0600)."""
     path = Path(path)
-    fd, tmp = temp_file_beside(path)
+    fd, tmp = temp_file_beside(path, error, private=private)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -405,102 +410,3 @@ def _remove_empty(folders: list[Path]) -> None:
             p.rmdir()
         except OSError:
             return
-
-
-class DirectFile:
-    """A file written sequentially with ``O_DIRECT``: the bytes go to the disk without filling the page cache.
-
-    For large outputs the writer will not read back (a rebuilt checkpoint): buffered writes copy every byte
-    into newly allocated page-cache pages and the final fsync waits for them anyway; measured here, 1 GiB
-    took 0.24-2.4 CPU s buffered (page allocation is slow on this VM) against 0.03 direct, in 0.44 s either
-    way when the machine was quiet. The cost: the file is not in the page cache afterwards.
-
-    Writes are staged in a page-aligned buffer of ``chunk`` bytes and written in whole chunks; :meth:`flush`
-    writes the staged rest (the part that is not a multiple of 4096 after turning ``O_DIRECT`` off, which
-    must then be the end of the file). Where ``O_DIRECT`` is not available (not Linux, or a file system such
-    as tmpfs that refuses it) the same calls write through the page cache. Takes ownership of ``fd``.
-    """
-
-    ALIGN = 4096
-
-    def __init__(self, fd: int, chunk: int = 8 << 20):
-        self._fd = fd
-        self._chunk = max(self.ALIGN, chunk - chunk % self.ALIGN)
-        self._direct = self._set_direct(True)
-        self._buf = None
-        self._view = None
-        self._fill = 0
-        self.closed = False
-
-    def _set_direct(self, on: bool) -> bool:
-        flag = getattr(os, "O_DIRECT", 0)
-        if not flag:
-            return False
-        try:
-            import fcntl
-
-            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, (flags | flag) if on else (flags & ~flag))
-        except OSError:
-            return False
-        return on
-
-    def _write_all(self, data: memoryview) -> None:
-        while len(data):
-            try:
-                n = os.write(self._fd, data)
-            except OSError as exc:
-                if self._direct and exc.errno == 22:  # EINVAL: the file system takes the flag but not the writes
-                    self._direct = self._set_direct(False)
-                    continue
-                raise
-            data = data[n:]
-
-    def write(self, data) -> int:
-        mv = memoryview(data).cast("B")
-        size = len(mv)
-        if not self._direct:
-            self._write_all(mv)
-            return size
-        if self._buf is None:
-            import mmap
-
-            self._buf = mmap.mmap(-1, self._chunk)  # page-aligned, as O_DIRECT needs
-            self._view = memoryview(self._buf)
-        while len(mv):
-            k = min(len(mv), self._chunk - self._fill)
-            self._view[self._fill : self._fill + k] = mv[:k]
-            self._fill += k
-            mv = mv[k:]
-            if self._fill == self._chunk:
-                self._write_all(self._view)
-                self._fill = 0
-                if not self._direct:  # fell back: write the rest as it comes
-                    self._write_all(mv)
-                    break
-        return size
-
-    def flush(self) -> None:
-        if not self._fill:
-            return
-        aligned = self._fill - self._fill % self.ALIGN
-        if aligned:
-            self._write_all(self._view[:aligned])
-        if aligned < self._fill:
-            self._direct = self._set_direct(False)
-            self._write_all(self._view[aligned : self._fill])
-        self._fill = 0
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            os.close(self._fd)
-        finally:
-            if self._view is not None:
-                self._view.release()
-                self._buf.close()

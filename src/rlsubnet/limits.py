@@ -1,4 +1,4 @@
-"""Ranges of numeric options, checked where a value enters (the CLI's parser and the public functions).
+"""Ranges and choices of options, checked where a value enters (the CLI's parser and the public functions).
 
 A value outside its range is a one-line :class:`~rlsubnet.errors.UsageError` naming the option, raised before
 any work: unchecked, a negative count is a traceback deep inside numpy, a huge block size or bucket count is an
@@ -21,6 +21,10 @@ MAX_JOBS = 256
 MAX_STEPS = 10**9
 MAX_BATCH = 1 << 16  # one batch is materialised at once
 MAX_GENERATIONS = 1 << 12
+# The comparison mode: the dtype Δ = tuned − base is computed in (see rlsubnet.diff.changed). Files written
+# before the mode had its own name store it under the key "dtype" (mask metadata, compare JSON, results.json),
+# and keep doing so: renaming the key would make existing files unreadable.
+COMPARE_MODES = ("bf16", "fp32", "native")
 
 
 def integer(value, name: str, lo: int, hi: float = math.inf) -> int:
@@ -67,3 +71,10 @@ def atol(value, name: str = "atol") -> float:
 
 def block_bytes(value, name: str = "block_bytes") -> int:
     return integer(value, name, 1, MAX_BLOCK_BYTES)
+
+
+def mode(value, name: str = "comparison mode") -> str:
+    """A comparison mode, one of :data:`COMPARE_MODES`."""
+    if value not in COMPARE_MODES:
+        raise UsageError(f"unknown {name} {value!r} (choose from {', '.join(COMPARE_MODES)})")
+    return value

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rlsubnet._bits import int_view
 from rlsubnet.checkpoint.writer import plan_shards, shard_file_names, write_checkpoint
 
 
@@ -58,8 +59,7 @@ def tuned_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], density:
     """The base tensor with the lowest mantissa bit flipped at :func:`changed_positions` (one ULP each)."""
     t = base_tensor(name, dtype, shape, seed).reshape(-1).clone()
     pos = changed_positions(name, t.numel(), density, seed)
-    int_view = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-    int_view[pos] ^= 1
+    int_view(t)[pos] ^= 1
     return t.reshape(shape)
 
 

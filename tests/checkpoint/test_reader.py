@@ -224,7 +224,7 @@ def test_direct_file_writes_any_sizes_exactly(tmp_path, direct):
     unaligned tail last; with direct=False (forced fallback) it writes through the page cache. Same bytes."""
     import numpy as np
 
-    from rlsubnet.fileio import DirectFile
+    from rlsubnet.staged import DirectFile
 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (13, 4096, 1, 10_000, 70_001, 0, 5)]

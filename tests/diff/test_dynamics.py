@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from rlsubnet.diff.changed import changed_mask
 from rlsubnet.diff.dynamics import (
     DynamicsCounts,
     bf16_half_ulp,
-    changed_mask,
     decompose,
     decompose_tensor,
     magnitude_edges,
@@ -35,10 +35,10 @@ def test_changed_mask_matches_the_engine_count_for_count():
     flat[idx[:300]] = ulp_up(flat[idx[:300]])  # one ULP: some fall under atol 1e-5, some not
     flat[idx[300:]] = flat[idx[300:]] + 0.01  # large changes
     for atol in (0.0, 1e-6, 1e-5, 1e-3):
-        for dtype in ("bf16", "fp32"):
-            mine = int(changed_mask(base, tuned, atol, dtype).sum())
-            r = compare({"w": base}, {"w": tuned}, atol=atol, dtype=dtype)
-            assert mine == r.changed(atol), (atol, dtype)
+        for mode in ("bf16", "fp32"):
+            mine = int(changed_mask(base, tuned, atol, mode).sum())
+            r = compare({"w": base}, {"w": tuned}, atol=atol, mode=mode)
+            assert mine == r.changed(atol), (atol, mode)
 
 
 def test_changed_mask_edge_cases():

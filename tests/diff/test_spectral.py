@@ -15,7 +15,8 @@ from rlsubnet.diff.spectral import (
     check_top_k,
     spectral_stats,
 )
-from rlsubnet.diff.stats import single_threaded_torch, update_rank
+from rlsubnet._threads import single_threaded_torch
+from rlsubnet.diff.stats import update_rank
 from rlsubnet.errors import MismatchError, UsageError
 
 M, N = 60, 40

@@ -91,8 +91,8 @@ def test_signed_zeros_are_equal():
 def test_bf16_ties_fp32_changes_rounded_away():
     base = torch.tensor([1.0, 0.5, 0.001, 3.0], dtype=torch.float32)
     tuned = base + torch.tensor([1e-4, 1e-5, 1e-7, 0.5])  # only the last survives bf16 rounding
-    bf = tensor_stats("w", base, tuned, atols=(0.0,), dtype="bf16")
-    native = tensor_stats("w", base, tuned, atols=(0.0,), dtype="native")
+    bf = tensor_stats("w", base, tuned, atols=(0.0,), mode="bf16")
+    native = tensor_stats("w", base, tuned, atols=(0.0,), mode="native")
     assert bf.changed == (1,) and bf.compare_dtype == "bfloat16"
     assert native.changed == (4,) and native.compare_dtype == "float32"
 
@@ -103,7 +103,7 @@ def test_bf16_cast_rounds_half_ulp_ties_to_even():
     half = 2.0**-8
     base = torch.tensor([1.0, 1.0 + 2 * half, 1.0, 1.0], dtype=torch.float32)
     tuned = torch.tensor([1.0 + half, 1.0 + 3 * half, 1.0 + half + 2.0**-20, 1.0 - half / 2], dtype=torch.float32)
-    s = tensor_stats("w", base, tuned, atols=(0.0,), dtype="bf16")
+    s = tensor_stats("w", base, tuned, atols=(0.0,), mode="bf16")
     assert s.changed == (2,)  # entries 1 (tie up to 1 + 2^-6) and 2 (just past the tie); 0 and 3 round back
     assert s.max_abs_delta == 2.0**-7
 
@@ -142,7 +142,7 @@ def test_tolerance_hides_one_ulp_changes_of_small_weights():
 def test_nan_and_inf_are_counted_not_fatal():
     base = torch.tensor([1.0, float("nan"), 2.0, float("inf"), 4.0])
     tuned = torch.tensor([1.0, float("nan"), 2.5, float("inf"), float("nan")])
-    s = tensor_stats("w", base, tuned, atols=(0.0, 1e-5), dtype="native")
+    s = tensor_stats("w", base, tuned, atols=(0.0, 1e-5), mode="native")
     # as torch.isclose: NaN deltas (nan-nan, inf-inf, x-nan) count as changed
     assert s.changed == (4, 4)
     assert s.nonfinite == {"base_nan": 1, "base_inf": 1, "tuned_nan": 2, "tuned_inf": 1, "delta_nonfinite": 3}

@@ -13,7 +13,8 @@ import rlsubnet
 from rlsubnet.checkpoint import open_checkpoint, save_state_dict
 from rlsubnet.checkpoint.hashing import hash_checkpoint
 from rlsubnet.errors import MismatchError
-from rlsubnet.masks import Mask, MaskError, MaskMismatchError, build_mask, changed_mask_tensor
+from rlsubnet.diff.changed import changed_mask
+from rlsubnet.masks import Mask, MaskError, MaskMismatchError, build_mask
 from rlsubnet.testing import changed_positions, llama_specs, write_synthetic_pair
 
 
@@ -72,25 +73,25 @@ def _hard_pair():
     return {"x.weight": a, "y.weight": f32a, "z": ia}, {"x.weight": b, "y.weight": f32b, "z": ib}
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32", "native"])
+@pytest.mark.parametrize("mode", ["bf16", "fp32", "native"])
 @pytest.mark.parametrize("atol", [0.0, 1e-5])
-def test_density_equals_compare_on_hard_values(dtype, atol):
+def test_density_equals_compare_on_hard_values(mode, atol):
     base, tuned = _hard_pair()
-    m = build_mask(base, tuned, atol=atol, dtype=dtype, block_bytes=64)  # tiny blocks: many block boundaries
-    r = rlsubnet.compare(base, tuned, atol=(atol,), dtype=dtype)
+    m = build_mask(base, tuned, atol=atol, mode=mode, block_bytes=64)  # tiny blocks: many block boundaries
+    r = rlsubnet.compare(base, tuned, atol=(atol,), mode=mode)
     assert m.counts == {s.name: s.changed[0] for s in r.tensors}
     assert m.density == r.density(atol)
 
 
 def test_bits_equal_torch_isclose_definition():
     base, tuned = _hard_pair()
-    for dtype, cmp in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        m = build_mask(base, tuned, atol=1e-5, dtype=dtype)
+    for mode, cmp in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        m = build_mask(base, tuned, atol=1e-5, mode=mode)
         for name in ("x.weight", "y.weight"):
             delta = tuned[name].to(cmp) - base[name].to(cmp)
             expected = ~torch.isclose(delta, torch.zeros_like(delta), atol=1e-5, rtol=0)
-            assert torch.equal(m.tensor(name), expected), (dtype, name)
-            assert torch.equal(changed_mask_tensor(base[name], tuned[name], 1e-5, dtype), expected)
+            assert torch.equal(m.tensor(name), expected), (mode, name)
+            assert torch.equal(changed_mask(base[name], tuned[name], 1e-5, mode), expected)
 
 
 def test_block_size_does_not_change_the_mask(sharded_pair):

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from rlsubnet.patch import PatchError, WrongBaseError, apply_patch_, model_tensors  # noqa: E402
-from rlsubnet.patch.apply import _cursor  # noqa: E402
+from rlsubnet.patch.chain import record_cursor  # noqa: E402
 from rlsubnet.patch.format import PatchFile  # noqa: E402
 from rlsubnet.patch.sync import SparseSyncCallback, sync_receive  # noqa: E402
 
@@ -97,7 +97,7 @@ def test_patches_accumulate_all_k_steps(run):
         for name, entry in p.entries().items():
             want = torch.nonzero((states[s][name] != states[prev][name]).reshape(-1)).reshape(-1)
             last_step_only = torch.nonzero((states[s][name] != states[s - 1][name]).reshape(-1)).reshape(-1)
-            got, _ = _cursor(p, name, 2).take(0, entry["numel"])
+            got, _ = record_cursor(p, name, 2).take(0, entry["numel"])
             assert torch.equal(torch.from_numpy(got), want), (s, name)
             distinguishes |= not torch.equal(want, last_step_only)
         assert p.manifest["totals"]["changed"] > 0

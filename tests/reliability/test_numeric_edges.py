@@ -11,18 +11,17 @@ import pytest
 import torch
 
 import rlsubnet
-from rlsubnet.diff import stats
-from rlsubnet.diff.dynamics import changed_masks
+from rlsubnet.diff import changed as changed_test
+from rlsubnet.diff.changed import changed_mask, changed_masks
 from rlsubnet.errors import UsageError
 from rlsubnet.masks import (
     Mask,
     build_mask,
-    changed_mask_tensor,
     overlap_many,
     random_mask,
 )
 
-DTYPES = ("bf16", "fp32", "native")
+MODES = ("bf16", "fp32", "native")
 
 
 def _numel(path) -> int:
@@ -30,18 +29,18 @@ def _numel(path) -> int:
         return ck.numel
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_negative_zero_atol_counts_what_changed_bitwise(sharded_pair, dtype):
+@pytest.mark.parametrize("mode", MODES)
+def test_negative_zero_atol_counts_what_changed_bitwise(sharded_pair, mode):
     """The pair's tuned side differs from the base by one bf16 ULP in exactly `changed` entries: at atol −0.0,
     as at 0, exactly those count as changed, in every comparison dtype (bf16 → fp32 is exact)."""
     base, tuned, changed, _ = sharded_pair
     n = _numel(base)
-    stats._threshold_bits.cache_clear()
-    neg = rlsubnet.compare(base, tuned, atol=-0.0, dtype=dtype)
+    changed_test._threshold_bits.cache_clear()
+    neg = rlsubnet.compare(base, tuned, atol=-0.0, mode=mode)
     assert neg.atols == (0.0,) and math.copysign(1.0, neg.atols[0]) == 1.0  # recorded as +0.0
     assert neg.global_stats[0]["changed"] == changed
     assert neg.density(0.0) == pytest.approx(changed / n)
-    mask = build_mask(base, tuned, atol=-0.0, dtype=dtype, hash_content=False)
+    mask = build_mask(base, tuned, atol=-0.0, mode=mode, hash_content=False)
     assert mask.changed == changed and math.copysign(1.0, mask.atol) == 1.0
 
 
@@ -50,15 +49,15 @@ def test_no_cached_threshold_crosses_signed_zeros(sharded_pair, first):
     """Whichever zero comes first in a process, the other gets the same, correct threshold (the cache used to
     key −0.0 and 0.0 together and hand −0.0's sign bit to every later atol-0 comparison)."""
     base, tuned, changed, _ = sharded_pair
-    stats._threshold_bits.cache_clear()
+    changed_test._threshold_bits.cache_clear()
     for atol in (first, -first):
         assert rlsubnet.compare(base, tuned, atol=atol).global_stats[0]["changed"] == changed
         assert build_mask(base, tuned, atol=atol, hash_content=False).changed == changed
     for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        assert stats.threshold_bits(-0.0, dt) == 0 == stats.threshold_bits(0.0, dt)
-        assert stats.atol_threshold(-0.0, dt) == 0.0 and math.copysign(1.0, stats.atol_threshold(-0.0, dt)) == 1.0
+        assert changed_test.threshold_bits(-0.0, dt) == 0 == changed_test.threshold_bits(0.0, dt)
+        assert changed_test.atol_threshold(-0.0, dt) == 0.0 and math.copysign(1.0, changed_test.atol_threshold(-0.0, dt)) == 1.0
     # a non-zero tolerance is still its own threshold: bf16 1e-5 rounds to 0x3728 (1.0014e-5)
-    assert stats.threshold_bits(1e-5, torch.bfloat16) == 0x3728
+    assert changed_test.threshold_bits(1e-5, torch.bfloat16) == 0x3728
 
 
 def test_negative_zero_in_the_in_memory_changed_tests():
@@ -66,7 +65,7 @@ def test_negative_zero_in_the_in_memory_changed_tests():
     t = torch.tensor([1.0, 2.015625, 0.0, 0.5], dtype=torch.bfloat16)  # one bf16 ULP up at 2; −0 → +0 is no change
     want = [False, True, False, False]
     assert changed_masks(b, t, [-0.0])[0].tolist() == want
-    assert changed_mask_tensor(b, t, atol=-0.0).tolist() == want
+    assert changed_mask(b, t, atol=-0.0).tolist() == want
 
 
 def test_cli_negative_zero(sharded_pair, tmp_path, cli):

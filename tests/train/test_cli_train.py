@@ -107,7 +107,7 @@ def test_stage_flags_come_from_the_stage_spec():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--compare-dtype", "fp16"], "unknown --compare-dtype 'fp16' (choose from bf16, fp32, native)"),
+    (["--compare-dtype", "fp16"], "unknown --compare-mode 'fp16' (choose from bf16, fp32, native)"),
     (["--task", "mul"], "unknown --task 'mul'"),
     (["--eval-task", "add", "--eval-task", "div"], "unknown --eval-task 'div'"),
     (["--data", "gold"], "--data 'gold' does not fit grpo"),

@@ -82,7 +82,7 @@ CASES = {
 
 
 def _sparse(model, mask, case, **kw):
-    return SparseMaskedOptimizer(model, mask, compare_dtype=None, **{**CASES[case], **kw})
+    return SparseMaskedOptimizer(model, mask, compare_mode=None, **{**CASES[case], **kw})
 
 
 def _train(model, opt, batches, scheduler=None):
@@ -478,7 +478,7 @@ def test_bad_input_is_refused_in_one_line():
     model = Net()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     with pytest.raises(MaskError) as e:
-        SparseMaskedOptimizer(model, Mask.full(shapes, False), compare_dtype=None)
+        SparseMaskedOptimizer(model, Mask.full(shapes, False), compare_mode=None)
     assert "density 0" in _one_line(e)
     good = {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
     good["fc1.weight"][0] = False
@@ -486,30 +486,30 @@ def test_bad_input_is_refused_in_one_line():
     bad["fc3.weight"] = torch.ones(2, dtype=torch.bool)
     bad["fc1.weight"] = torch.ones(HIDDEN, WIDE, dtype=torch.bool)
     with pytest.raises(MaskMismatchError) as e:
-        SparseMaskedOptimizer(model, bad, compare_dtype=None, allow_full=True)
+        SparseMaskedOptimizer(model, bad, compare_mode=None, allow_full=True)
     msg = _one_line(e)
     assert "the model does not have: fc3.weight" in msg and "does not cover: fc2.bias" in msg
     assert f"fc1.weight [{HIDDEN}, {WIDE}] in the mask vs [{WIDE}, {HIDDEN}]" in msg
     with pytest.raises(UsageError) as e:
-        SparseMaskedOptimizer(model, good, "rmsprop", compare_dtype=None)
+        SparseMaskedOptimizer(model, good, "rmsprop", compare_mode=None)
     assert "supported: adamw, adam, sgd" in _one_line(e)
     with pytest.raises(UsageError) as e:
-        SparseMaskedOptimizer(model, good, torch.optim.Adagrad, compare_dtype=None)
+        SparseMaskedOptimizer(model, good, torch.optim.Adagrad, compare_mode=None)
     assert "'Adagrad'" in _one_line(e)
     for kw, what in [({"lr": -1.0}, "lr"), ({"max_grad_norm": 0.0}, "max_grad_norm"), ({"betas": (0.9, 1.0)}, "betas"),
                      ({"accumulation_steps": 0}, "accumulation_steps"), ({"reduce_grads": "later"}, "reduce_grads")]:
         with pytest.raises(UsageError) as e:
-            SparseMaskedOptimizer(model, good, compare_dtype=None, **kw)
+            SparseMaskedOptimizer(model, good, compare_mode=None, **kw)
         assert what in _one_line(e)
     with pytest.raises(UsageError) as e:
-        SparseMaskedOptimizer(model, good, "sgd", nesterov=True, compare_dtype=None)
+        SparseMaskedOptimizer(model, good, "sgd", nesterov=True, compare_mode=None)
     assert "nesterov" in _one_line(e)
     model.fc1.weight.requires_grad_(False)
     with pytest.raises(MaskError) as e:
-        SparseMaskedOptimizer(model, good, compare_dtype=None)
+        SparseMaskedOptimizer(model, good, compare_mode=None)
     assert "fc1.weight" in _one_line(e) and "requires_grad" in _one_line(e)
     model.fc1.weight.requires_grad_(True)
-    opt = SparseMaskedOptimizer(model, good, compare_dtype=None)
+    opt = SparseMaskedOptimizer(model, good, compare_mode=None)
     with pytest.raises(UsageError) as e:
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     _one_line(e)
@@ -537,7 +537,7 @@ def test_tied_weights_and_a_ddp_style_step_reduction():
         t["head.weight"] = t["embed.weight"]
         mask = Mask.from_bool(t, {"atol": 1e-5, "dtype": "bf16"})
         opt = SparseMaskedOptimizer(model, mask, "adamw", lr=1e-2, max_grad_norm=0.5, reduce_grads=mode,
-                                    compare_dtype=None)
+                                    compare_mode=None)
         assert len(opt.param_groups[0]["params"]) == 7  # eight names, seven parameters
         _train(model, opt, _batches(4))
         runs.append(_weights(model))

@@ -200,6 +200,14 @@ class StateDictCheckpoint(Checkpoint):
         self.info(name)
         return self._tensors[name].reshape(-1)[start:stop].clone()
 
+    def read_flat_into(self, name: str, start: int, stop: int, out) -> memoryview:
+        self.info(name)
+        src = self._tensors[name].reshape(-1)[start:stop]  # one copy, straight into ``out``
+        dst = memoryview(out).cast("B")[: src.numel() * src.element_size()]
+        if len(dst):
+            dst[:] = memoryview(src.view(torch.uint8).numpy())
+        return dst
+
     def clone(self) -> "StateDictCheckpoint":
         return self  # reads only slice and copy tensors in memory: safe from any thread
 

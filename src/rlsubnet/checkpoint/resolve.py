@@ -19,6 +19,7 @@ from rlsubnet.checkpoint.reader import (
     StateDictCheckpoint,
     safetensors_files_in,
 )
+from rlsubnet.checkpoint.tensors import unique_tensors
 from rlsubnet.errors import CheckpointError
 from rlsubnet.fileio import safe_member_name
 
@@ -104,23 +105,6 @@ def _from_hub(spec: str, allow_download: bool) -> Path:
     return Path(path)
 
 
-def _untied_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with tied tensors kept once, under their first name.
-
-    Hugging Face checkpoints save a tied ``lm_head.weight`` only as ``model.embed_tokens.weight``, so a live model
-    compares against a saved one name for name (and a tied matrix is not counted twice).
-    """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple, torch.dtype]] = set()
-    for name, t in module.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
-
-
 def open_checkpoint(
     spec: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module | Checkpoint,
     *,
@@ -137,7 +121,8 @@ def open_checkpoint(
     if isinstance(spec, Checkpoint):
         return spec
     if isinstance(spec, torch.nn.Module):
-        return StateDictCheckpoint(_untied_state_dict(spec), label or f"<{type(spec).__name__}>")
+        # tied weights once: Hugging Face checkpoints save a tied lm_head only as the embedding
+        return StateDictCheckpoint(unique_tensors(spec), label or f"<{type(spec).__name__}>")
     if isinstance(spec, Mapping):
         return StateDictCheckpoint(spec, label or "<state dict>")
     source = str(spec)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 from rlsubnet.checkpoint.index import TORCH_TO_ST, element_size
 from rlsubnet.errors import UsageError
-from rlsubnet.fileio import DirectFile, atomic_write_text, temp_file_beside
+from rlsubnet.fileio import atomic_write_text
+from rlsubnet.staged import StagedFile
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -30,7 +30,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(StagedFile):
     """Stream tensors into one safetensors file, in the order of ``specs``.
 
     >>> with SafetensorsWriter(path, [("w", torch.bfloat16, (2, 2))]) as w:
@@ -45,7 +45,7 @@ class SafetensorsWriter:
         *,
         direct: bool = False,
     ):
-        """``direct``: write with O_DIRECT, bypassing the page cache (see :class:`rlsubnet.fileio.DirectFile`)."""
+        """``direct``: write with O_DIRECT, bypassing the page cache (see :class:`rlsubnet.staged.DirectFile`)."""
         self.path = Path(path)
         self.specs = [(n, d, tuple(int(s) for s in shape)) for n, d, shape in specs]
         header: dict[str, object] = {}
@@ -60,9 +60,7 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
-        fd, tmp = temp_file_beside(self.path)
-        self._tmp = Path(tmp)
-        self._f = DirectFile(fd) if direct else os.fdopen(fd, "wb")
+        super().__init__(self.path, direct=direct)
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
@@ -95,18 +93,7 @@ class SafetensorsWriter:
         if self._next != len(self.specs):
             self.abort()
             raise UsageError(f"{self.path}: only {self._next} of {len(self.specs)} tensors were written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self._tmp, self.path)
-
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
+        self._commit()
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
@@ -62,11 +64,49 @@ def add_atol_option(p: argparse.ArgumentParser, default=(0.0, 1e-5)) -> None:
     )
 
 
-def add_dtype_option(p: argparse.ArgumentParser) -> None:
+def add_mode_option(p: argparse.ArgumentParser) -> None:
+    from rlsubnet.limits import COMPARE_MODES
+
     p.add_argument(
-        "--dtype",
-        choices=["bf16", "fp32", "native"],
+        "--mode",
+        "--dtype",  # the flag's first name, still documented and in scripts
+        dest="mode",
+        choices=COMPARE_MODES,
         default="bf16",
-        help="comparison dtype: bf16 casts both sides to bfloat16 as the paper did (default); fp32 casts to "
-        "float32; native keeps the stored dtype",
+        help="comparison mode, the dtype Δ is computed in: bf16 casts both sides to bfloat16 as the paper did "
+        "(default); fp32 casts to float32; native keeps the stored dtype (--dtype is the same option)",
     )
+
+
+def add_output_options(p: argparse.ArgumentParser, json_help: str, out_help: str | None = None) -> None:
+    """--json (with ``json_help``), --out DIR (when the command writes a folder: ``out_help``) and --quiet."""
+    p.add_argument("--json", action="store_true", help=json_help)
+    if out_help:
+        p.add_argument("--out", metavar="DIR", help=out_help)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def holding_output(out: str | None, members, run, args: argparse.Namespace) -> int:
+    """``run(args)`` as the one writer of the output folder ``out`` (its ``members``) for the whole run."""
+    if not out:
+        return run(args)
+    from rlsubnet.fileio import output_lock
+
+    with output_lock(out, members=members):
+        return run(args)
+
+
+def print_result(args: argparse.Namespace, as_json, as_text, wrote: str) -> int:
+    """Print the result as JSON (``--json``) or as text, with what was written to ``--out`` (``wrote``)."""
+    if args.json:
+        print_json(as_json())
+    else:
+        print(as_text())
+        if args.out:
+            print(f"\nwrote {args.out}/{wrote}")
+    return 0

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from rlsubnet.cli.common import (
-    add_atol_option,
-    add_checkpoint_options,
-    add_dtype_option,
+    add_atol_option, add_checkpoint_options, add_mode_option, add_output_options, holding_output, print_result,
 )
 
 
@@ -23,24 +19,19 @@ def add_parser(sub) -> None:
     p.add_argument("base", help="base checkpoint: HF folder, .safetensors file, or hub id in the local cache")
     p.add_argument("tuned", nargs="+", help="tuned checkpoint(s), each compared against BASE")
     add_atol_option(p)
-    add_dtype_option(p)
+    add_mode_option(p)
     p.add_argument("--rank", action="store_true", help="also compute the rank of every 2-D non-norm update matrix")
     p.add_argument("--allow-mismatch", action="store_true", help="compare the tensors both hold; record the rest")
     add_checkpoint_options(p)
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of tables")
-    p.add_argument("--out", metavar="DIR", help="write summary.json, tensors.jsonl, layers.csv and PNG plots to DIR")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_output_options(p, "print the result as JSON on stdout instead of tables",
+                       "write summary.json, tensors.jsonl, layers.csv and PNG plots to DIR")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out:  # one writer per output folder, for the whole run
-        from rlsubnet.fileio import output_lock
-        from rlsubnet.report.compare_outputs import OUTPUT_FILES
+    from rlsubnet.report.compare_outputs import OUTPUT_FILES
 
-        with output_lock(args.out, members=OUTPUT_FILES):
-            return _run(args)
-    return _run(args)
+    return holding_output(args.out, OUTPUT_FILES, _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,23 +40,10 @@ def _run(args: argparse.Namespace) -> int:
     from rlsubnet.report.tables import format_summary
 
     results = compare_many(
-        args.base,
-        args.tuned,
-        atol=args.atol,
-        dtype=args.dtype,
-        rank=args.rank,
-        allow_mismatch=args.allow_mismatch,
-        allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download,
-        progress=not args.quiet,
+        args.base, args.tuned, atol=args.atol, mode=args.mode, rank=args.rank, allow_mismatch=args.allow_mismatch,
+        allow_pickle=args.allow_pickle, allow_download=args.allow_download, progress=not args.quiet,
     )
     if args.out:
         write_compare_outputs(results, args.out)
-    if args.json:
-        json.dump(results_json(results), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_summary(results))
-        if args.out:
-            print(f"\nwrote {args.out}/summary.json, tensors.jsonl, layers.csv, heatmap*.png, sparsity_vs_atol.png")
-    return 0
+    return print_result(args, lambda: results_json(results), lambda: format_summary(results),
+                        "summary.json, tensors.jsonl, layers.csv, heatmap*.png, sparsity_vs_atol.png")

@@ -9,10 +9,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from rlsubnet.cli.common import Number, Seed, add_checkpoint_options, add_dtype_option
+from rlsubnet.cli.common import Number, Seed, add_checkpoint_options, add_mode_option, add_output_options, print_json
 
 OPS = ("union", "intersection", "difference")
 
@@ -23,36 +21,35 @@ def add_parser(sub) -> None:
         help="build a bit-packed mask of the entries that changed (or inspect, combine, randomise masks)",
         description="Build the mask of entries that changed between BASE and TUNED (|Δ| > atol in the comparison "
         "dtype, the test `rlsubnet compare` uses), stored as ~1 bit per parameter in a safetensors file with its "
-        "settings and the identity of both checkpoints. Other modes inspect (--info), combine (--union, "
-        "--intersection, --difference) or draw a random mask of matched density (--random).",
+        "settings and a record (sizes, layout and content hashes) of both checkpoints. The other actions inspect "
+        "(--info), combine (--union, --intersection, --difference) or draw a random mask of matched density (--random).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("inputs", nargs="*", metavar="PATH", help="BASE TUNED (build), or mask files for the other modes")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--info", action="store_true", help="describe MASK: settings, density per layer and module")
-    mode.add_argument("--random", action="store_true", help="random mask matched to MASK's density (see --scope)")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="BASE TUNED (build), or mask files for the other actions")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--info", action="store_true", help="describe MASK: settings, density per layer and module")
+    action.add_argument("--random", action="store_true", help="random mask matched to MASK's density (see --scope)")
     for op in OPS:
-        mode.add_argument(f"--{op}", action="store_true", help=f"{op} of the given masks" + (" (A minus B)" if op == "difference" else ""))
+        action.add_argument(f"--{op}", action="store_true", help=f"{op} of the given masks" + (" (A minus B)" if op == "difference" else ""))
     p.add_argument("-o", "--output", metavar="FILE", help="mask file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--atol", type=Number("--atol", float), default=1e-5, help="|Δ| ≤ atol counts as unchanged; 0 = bitwise (default: %(default)s)")
-    add_dtype_option(p)
-    p.add_argument("--no-hash", action="store_true", help="skip the content hash of both checkpoints (faster; identity "
-                   "is then names, shapes and sizes only)")
+    add_mode_option(p)
+    p.add_argument("--no-hash", action="store_true", help="skip the content hash of both checkpoints (faster; the "
+                   "mask then records their names, shapes and sizes only)")
     p.add_argument("--allow-mismatch", action="store_true", help="mask the tensors both hold; record the rest")
     p.add_argument("--scope", choices=["per-tensor", "global"], default="per-tensor",
                    help="--random: match each tensor's count (per-tensor, default) or only the total (global)")
     p.add_argument("--seed", type=Seed(), default=0, help="--random: seed (default 0)")
     p.add_argument("--density", type=Number("--density", float, 0, 1), help="--random: this density instead of MASK's")
     add_checkpoint_options(p)
-    p.add_argument("--json", action="store_true", help="print the mask's summary as JSON")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_output_options(p, "print the mask's summary as JSON")
     p.set_defaults(run=run)
 
 
 def _summary_text(mask, output: str | None) -> str:
-    from rlsubnet.masks.build import describe_identity
+    from rlsubnet.masks.build import describe_checkpoint
     from rlsubnet.report.tables import fmt_pct, render_table
 
     atol = "-" if mask.atol is None else f"{mask.atol:g}"
@@ -61,12 +58,12 @@ def _summary_text(mask, output: str | None) -> str:
         lines.append(f"wrote {output}")
     lines.append(
         f"{mask.kind} mask: {mask.changed:,} of {mask.numel:,} entries (density {fmt_pct(mask.density)}%, "
-        f"sparsity {fmt_pct(mask.sparsity)}%) at atol {atol}, dtype {mask.dtype}; {len(mask)} tensors"
+        f"sparsity {fmt_pct(mask.sparsity)}%) at atol {atol}, dtype {mask.mode}; {len(mask)} tensors"
     )
     if mask.meta.get("base"):
-        lines.append(f"base:  {describe_identity(mask.meta['base'])}")
+        lines.append(f"base:  {describe_checkpoint(mask.meta['base'])}")
     if mask.meta.get("tuned"):
-        lines.append(f"tuned: {describe_identity(mask.meta['tuned'])}")
+        lines.append(f"tuned: {describe_checkpoint(mask.meta['tuned'])}")
     rnd = (mask.meta.get("extra") or {}).get("random")
     if rnd:
         lines.append(f"random: scope {rnd['scope']}, seed {rnd['seed']}, {rnd['matched']}")
@@ -101,7 +98,7 @@ def _make_and_save(args: argparse.Namespace, op: str | None):
             mask = getattr(mask, op)(other)
     else:
         mask = build_mask(
-            args.inputs[0], args.inputs[1], atol=args.atol, dtype=args.dtype, allow_mismatch=args.allow_mismatch,
+            args.inputs[0], args.inputs[1], atol=args.atol, mode=args.mode, allow_mismatch=args.allow_mismatch,
             allow_pickle=args.allow_pickle, allow_download=args.allow_download, hash_content=not args.no_hash,
             progress=not args.quiet,
         )
@@ -136,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
         summary = mask.summary()
         if not args.info:
             summary["path"] = args.output
-        json.dump(summary, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(summary)
     else:
         print(_summary_text(mask, None if args.info else args.output))
     return 0

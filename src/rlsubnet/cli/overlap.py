@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from rlsubnet.cli.common import Number, add_checkpoint_options
+from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, holding_output, print_result
 from rlsubnet.limits import MAX_BINS_PER_OCTAVE
 
 
@@ -26,33 +25,23 @@ def add_parser(sub) -> None:
                    help="|w| buckets per power of two for the magnitude-matched chance (default 1: one bf16 exponent "
                    "per bucket)")
     add_checkpoint_options(p)
-    p.add_argument("--json", action="store_true", help="print a JSON list with one object per pair")
-    p.add_argument("--out", metavar="DIR", help="write overlap.json, pairs.csv, matrix CSVs and heatmap PNGs to DIR")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_output_options(p, "print a JSON list with one object per pair",
+                       "write overlap.json, pairs.csv, matrix CSVs and heatmap PNGs to DIR")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rlsubnet.errors import UsageError
+    from rlsubnet.report.overlap_outputs import OUTPUT_FILES
 
     if len(args.masks) < 2:
         raise UsageError("overlap needs at least two masks")
-    if args.out:
-        from rlsubnet.fileio import output_lock
-        from rlsubnet.report.overlap_outputs import OUTPUT_FILES
-
-        with output_lock(args.out, members=OUTPUT_FILES):
-            return _run(args)
-    return _run(args)
+    return holding_output(args.out, OUTPUT_FILES, _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from rlsubnet.masks import Mask, overlap_many
-    from rlsubnet.report.overlap_outputs import (
-        format_overlap,
-        pairs_json,
-        write_overlap_outputs,
-    )
+    from rlsubnet.report.overlap_outputs import format_overlap, pairs_json, write_overlap_outputs
 
     masks = [Mask.load(m) for m in args.masks]
     result = overlap_many(
@@ -63,11 +52,5 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rlsubnet: warning: {w}", file=sys.stderr)
     if args.out:
         write_overlap_outputs(result, args.out)
-    if args.json:
-        json.dump(pairs_json(result), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_overlap(result))
-        if args.out:
-            print(f"\nwrote {args.out}/overlap.json, pairs.csv, matrix_*.csv, heatmap_*.png")
-    return 0
+    return print_result(args, lambda: pairs_json(result), lambda: format_overlap(result),
+                        "overlap.json, pairs.csv, matrix_*.csv, heatmap_*.png")

@@ -13,10 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from rlsubnet.cli.common import Number, add_checkpoint_options
+from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, print_json
 
 
 def add_parser(sub) -> None:
@@ -66,8 +65,7 @@ def add_parser(sub) -> None:
         "--sign", metavar="KEY", help="sign the patch with this Ed25519 private key (see `rlsubnet patch keygen`)"
     )
     add_checkpoint_options(c)
-    c.add_argument("--json", action="store_true", help="print the patch summary as JSON")
-    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_output_options(c, "print the patch summary as JSON")
     c.set_defaults(run=run_create)
 
     a = psub.add_parser(
@@ -98,8 +96,7 @@ def add_parser(sub) -> None:
     a.add_argument("--weights-only", action="store_true", help="write only the weights, not config/tokenizer files")
     a.add_argument(*TRUST_ARGS, **TRUST_OPTS)
     add_checkpoint_options(a)
-    a.add_argument("--json", action="store_true", help="print the result as JSON")
-    a.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_output_options(a, "print the result as JSON")
     a.set_defaults(run=run_apply)
 
     i = psub.add_parser("info", help="sizes, densities, hashes and a per-module breakdown of a patch")
@@ -177,8 +174,7 @@ def run_create(args: argparse.Namespace) -> int:
     )
     info = patch_info(summary.path)
     if args.json:
-        json.dump(info | {"seconds": summary.seconds}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(info | {"seconds": summary.seconds})
     else:
         print(format_info(info))
         print(f"\nwrote {summary.path} in {summary.seconds:.2f} s")
@@ -217,19 +213,14 @@ def run_apply(args: argparse.Namespace) -> int:
         trusted_keys=keys,
     )
     if args.json:
-        json.dump(
-            {
-                "out": str(summary.out),
-                "target_hash": summary.target_hash,
-                "tensors": summary.tensors,
-                "nbytes": summary.nbytes,
-                "files": summary.files,
-                "seconds": summary.seconds,
-            },
-            sys.stdout,
-            indent=2,
-        )
-        sys.stdout.write("\n")
+        print_json({
+            "out": str(summary.out),
+            "target_hash": summary.target_hash,
+            "tensors": summary.tensors,
+            "nbytes": summary.nbytes,
+            "files": summary.files,
+            "seconds": summary.seconds,
+        })
     else:
         files = f" and {len(summary.files)} other files" if summary.files else ""
         signed = f", {len(inputs)} patch signature(s) checked" if keys is not None else ""
@@ -245,8 +236,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     info = patch_info(args.patch, verify=args.verify, trusted_keys=args.trust)
     if args.json:
-        json.dump(info, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(info)
     else:
         print(format_info(info, tensors=args.tensors, layers=args.layers))
     return 0

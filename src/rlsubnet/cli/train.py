@@ -54,11 +54,12 @@ class TrainConfig:
     strict: bool = field(
         default=False, metadata={"help": "also restore frozen entries after every step", "group": "mask"}
     )
-    compare_dtype: str = field(
+    compare_mode: str = field(
         default="bf16",
         metadata={
-            "help": "dtype the result will be compared in; a mask built in another dtype is warned about",
+            "help": "comparison mode the result will be judged in; a mask built in another mode is warned about",
             "choices": ("bf16", "fp32", "native"),
+            "aliases": ("--compare-dtype",),
             "group": "mask",
         },
     )
@@ -136,7 +137,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
         options = {
             "strict": True if cfg.strict else None,
             "mask_before_clip": cfg.mask_before_clip,
-            "compare_dtype": cfg.compare_dtype,
+            "compare_mode": cfg.compare_mode,
             "allow_full": cfg.allow_full,
         }
         extra = {

@@ -1,9 +1,9 @@
 """Per-entry views the compare engine does not give: training dynamics across snapshots, and the probability
 that a weight changed as a function of its magnitude. Pure functions over tensors: no files here.
 
-"Changed" is the engine's test exactly (``rlsubnet.diff.stats``): Δ = tuned − base computed in the comparison
-dtype, unchanged when |Δ| ≤ atol rounded to that dtype, NaN counted as changed. Counts made here therefore agree
-with the engine's to the entry, which the demo checks.
+"Changed" is the engine's test exactly (:mod:`rlsubnet.diff.changed`): Δ = tuned − base computed in the
+comparison dtype, unchanged when |Δ| ≤ atol rounded to that dtype, NaN counted as changed. Counts made here
+therefore agree with the engine's to the entry, which the demo checks.
 
 Dynamics (the paper's decomposition). Given θ0 and snapshots θ1 … θK of one run (θK the final model), each
 entry falls in exactly one of
@@ -23,33 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlsubnet import limits
-from rlsubnet.diff.stats import comparison_dtype, threshold_bits
-
-
-_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_ABS_MASK = {2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}
-
-
-def changed_mask(base: torch.Tensor, tuned: torch.Tensor, atol: float = 1e-5, dtype: str = "bf16") -> torch.Tensor:
-    """Boolean tensor: True where ``tuned`` differs from ``base`` by more than ``atol`` (the engine's test)."""
-    return changed_masks(base, tuned, (atol,), dtype)[0]
-
-
-def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float], dtype: str = "bf16") -> list[torch.Tensor]:
-    """:func:`changed_mask` at several tolerances, computing Δ once."""
-    if base.shape != tuned.shape:
-        raise ValueError(f"shapes differ: {list(base.shape)} vs {list(tuned.shape)}")
-    atols = [limits.atol(a) for a in atols]
-    cmp = comparison_dtype(dtype, base.dtype, tuned.dtype)
-    if not cmp.is_floating_point:
-        return [base.to(cmp) != tuned.to(cmp) for _ in atols]
-    d = tuned.to(cmp) - base.to(cmp)
-    # The engine's test on the bit patterns: |d| <= t  <=>  bits(|d|) <= bits(t) for non-NaN d, and NaN patterns
-    # sort above every threshold (a NaN counts as changed, as in isclose). Integer compares are also much faster
-    # than bf16 arithmetic on a CPU.
-    size = cmp.itemsize
-    bits = d.contiguous().view(_INT_OF[size]) & _ABS_MASK[size]
-    return [bits > threshold_bits(a, cmp) for a in atols]
+from rlsubnet.diff.changed import changed_mask, changed_masks, legacy_mode
 
 
 @dataclass
@@ -88,62 +62,75 @@ class DynamicsCounts:
         }
 
 
-class Decomposition:
-    """The decomposition built one snapshot at a time (the last one added is the final model), so that a run can be
-    decomposed after every optimizer step without keeping its snapshots: per tensor it keeps only which entries
-    have differed from the base so far, and which differ in the latest snapshot."""
+class DecompositionTracker:
+    """The never / returned / final decomposition of one run, fed its states one at a time in training order.
 
-    def __init__(self, base: Mapping[str, torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), dtype: str = "bf16"):
+    >>> tracker = DecompositionTracker(theta0, atols=(0.0, 1e-5))
+    >>> for state in states: tracker.update(state)      # snapshots, or the weights after every step
+    >>> [c.to_record() for c in tracker.counts()]        # the last state is the final model
+
+    ``base`` and every state map tensor names to tensors; every tensor of ``base`` must be in each state. Memory:
+    one bool per entry and atol (which entries have differed from ``base`` so far).
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), mode: str = "bf16",
+                 **legacy):
+        self.mode = legacy_mode(mode, legacy)
         self.base = base
-        self.atols = tuple(limits.atol(a) for a in atols)
-        self.dtype = dtype
-        self.snapshots = 0
-        self._ever = {n: [torch.zeros(b.shape, dtype=torch.bool) for _ in self.atols] for n, b in base.items()}
-        self._last: dict[str, list[torch.Tensor]] = {}
+        self.atols = [limits.atol(a) for a in atols]
+        self.ever = {name: [torch.zeros(b.shape, dtype=torch.bool) for _ in self.atols] for name, b in base.items()}
+        self.last: Mapping[str, torch.Tensor] | None = None
 
-    def add(self, snapshot: Mapping[str, torch.Tensor]) -> None:
-        for name, b in self.base.items():
-            if name not in snapshot:
-                raise KeyError(f"tensor {name!r} is missing from a snapshot")
-            masks = changed_masks(b, snapshot[name], self.atols, self.dtype)
-            for e, m in zip(self._ever[name], masks):
-                e |= m
-            self._last[name] = masks
-        self.snapshots += 1
+    def _changed(self, name: str, state: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if name not in state:
+            raise KeyError(f"tensor {name!r} is missing from a snapshot")
+        return changed_masks(self.base[name], state[name], self.atols, self.mode)
 
-    def counts(self) -> list[DynamicsCounts]:
-        """Pooled counts per atol, the latest snapshot taken as the final model."""
-        if not self.snapshots:
+    def update(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name in self.base:
+            for ever, m in zip(self.ever[name], self._changed(name, state)):
+                ever |= m
+        self.last = state
+
+    def counts(self, final: Mapping[str, torch.Tensor] | None = None) -> list[DynamicsCounts]:
+        """Pooled counts per atol; ``final``: the final model (default: the last state given to :meth:`update`)."""
+        final = self.last if final is None else final
+        if final is None:
             raise ValueError("at least one snapshot (the final model) is needed")
         totals = [DynamicsCounts(atol=a) for a in self.atols]
         for name, b in self.base.items():
             n = b.numel()
-            for total, a, e, f in zip(totals, self.atols, self._ever[name], self._last[name]):
-                n_ever, n_final = int(e.sum()), int(f.sum())
+            for total, ever, fin in zip(totals, self.ever[name], self._changed(name, final)):
                 # Every final change is also an "ever" change, so ever = returned + final exactly.
-                total.add(DynamicsCounts(atol=a, numel=n, never=n - n_ever, returned=n_ever - n_final, final=n_final))
+                n_ever, n_final = int((ever | fin).sum()), int(fin.sum())
+                total.add(DynamicsCounts(atol=total.atol, numel=n, never=n - n_ever, returned=n_ever - n_final,
+                                         final=n_final))
         return totals
+
+
+def decompose_tensor(
+    base: torch.Tensor, snapshots: Iterable[torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), mode: str = "bf16",
+    **legacy,
+) -> list[DynamicsCounts]:
+    """Decompose one tensor's entries given its snapshots in training order (the last is the final model)."""
+    tracker = DecompositionTracker({"": base}, atols, legacy_mode(mode, legacy))
+    for snap in snapshots:
+        tracker.update({"": snap})
+    return tracker.counts()
 
 
 def decompose(
     base: Mapping[str, torch.Tensor],
-    snapshots: Iterable[Mapping[str, torch.Tensor]],
+    snapshots: Sequence[Mapping[str, torch.Tensor]],
     atols: Sequence[float] = (0.0, 1e-5),
-    dtype: str = "bf16",
+    mode: str = "bf16",
+    **legacy,
 ) -> list[DynamicsCounts]:
-    """Pooled decomposition over every tensor of ``base``, given its snapshots in training order (the last is the
-    final model); each snapshot must hold the same tensors."""
-    d = Decomposition(base, atols, dtype)
+    """Pooled decomposition over every tensor of ``base``; each snapshot must hold the same tensors."""
+    tracker = DecompositionTracker(base, atols, legacy_mode(mode, legacy))
     for snap in snapshots:
-        d.add(snap)
-    return d.counts()
-
-
-def decompose_tensor(
-    base: torch.Tensor, snapshots: Iterable[torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), dtype: str = "bf16"
-) -> list[DynamicsCounts]:
-    """:func:`decompose` for one tensor."""
-    return decompose({"tensor": base}, ({"tensor": s} for s in snapshots), atols, dtype)
+        tracker.update(snap)
+    return tracker.counts()
 
 
 # -- P(changed | |w|): the precision mechanism
@@ -169,7 +156,7 @@ class MagnitudeCounts:
         if not self.changed:
             self.changed = [[0] * nb for _ in self.atols]
 
-    def update(self, base: torch.Tensor, tuned: torch.Tensor, dtype: str = "bf16") -> None:
+    def update(self, base: torch.Tensor, tuned: torch.Tensor, mode: str = "bf16") -> None:
         mag = base.detach().float().abs().reshape(-1)
         bounds = torch.tensor(self.edges[1:-1], dtype=torch.float32)
         # bucket i holds edges[i] <= |w| < edges[i+1]
@@ -179,7 +166,7 @@ class MagnitudeCounts:
         for i in range(nb):
             self.numel[i] += int(counts[i])
         for j, a in enumerate(self.atols):
-            m = changed_mask(base, tuned, a, dtype).reshape(-1)
+            m = changed_mask(base, tuned, a, mode).reshape(-1)
             ch = torch.bincount(idx[m], minlength=nb)
             for i in range(nb):
                 self.changed[j][i] += int(ch[i])
@@ -205,15 +192,17 @@ def magnitude_profile(
     base: Mapping[str, torch.Tensor],
     tuned: Mapping[str, torch.Tensor],
     atols: Sequence[float] = (0.0, 1e-5),
-    dtype: str = "bf16",
+    mode: str = "bf16",
     edges: Sequence[float] | None = None,
+    **legacy,
 ) -> MagnitudeCounts:
     """P(changed | |w_base| bucket), pooled over every tensor of ``base``."""
+    mode = legacy_mode(mode, legacy)
     counts = MagnitudeCounts(edges=list(edges or magnitude_edges()), atols=tuple(limits.atol(a) for a in atols))
     for name, b in base.items():
         if name not in tuned:
             raise KeyError(f"tensor {name!r} is missing from the tuned side")
-        counts.update(b, tuned[name], dtype)
+        counts.update(b, tuned[name], mode)
     return counts
 
 

@@ -7,7 +7,11 @@ Anything unrecognised is kind ``other``: it is still counted everywhere, just no
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable, Iterable
 from functools import lru_cache
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # The order the tables print in.
 MODULE_KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp other", "embed", "lm_head", "norm", "other")
@@ -58,3 +62,20 @@ def module_kind(name: str) -> str:
 
 def is_norm(name: str) -> bool:
     return module_kind(name) == "norm"
+
+
+def table_order(keys: Iterable[Hashable], by: str) -> list:
+    """Group keys in the order tables print them: layers ascending with None (outside the blocks) last;
+    module kinds in :data:`MODULE_KINDS` order, anything else after them."""
+    keys = list(keys)
+    if by == "layer":
+        return sorted(keys, key=lambda k: (k is None, k if k is not None else 0))
+    return [k for k in MODULE_KINDS if k in keys] + [k for k in keys if k not in MODULE_KINDS]
+
+
+def grouped(items: Iterable[T], key: Callable[[T], Hashable], by: str) -> list[tuple[Hashable, list[T]]]:
+    """``items`` pooled by ``key`` (a layer, ``by="layer"``, or a module kind, ``by="module"``), in table order."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return [(k, groups[k]) for k in table_order(groups, by)]

@@ -1,85 +1,26 @@
 """Per-tensor update statistics, accumulated block by block. Pure functions over tensors: no files here.
 
 Definitions (the paper's): Δ = tuned − base computed in the comparison dtype; an entry is *unchanged*
-at ``atol`` when ``torch.isclose(Δ, 0, atol=atol)``, i.e. |Δ| ≤ atol where torch rounds atol to Δ's dtype
-first (in bf16, atol 1e-5 is 1.0014e-5). ``density`` = changed / numel, ``sparsity`` = 1 − density.
+at ``atol`` when |Δ| ≤ atol rounded to Δ's dtype (the changed-test of :mod:`rlsubnet.diff.changed`).
+``density`` = changed / numel, ``sparsity`` = 1 − density.
 
-Speed: the tolerance test runs on the bit patterns. For a float of any width, |x| ≤ t ⇔ (bits(x) with the sign
-cleared) ≤ bits(t) whenever x is not NaN, and NaN patterns sort above every threshold (so NaN counts as changed,
-as in ``isclose``). One integer compare per atol replaces isclose's five float ops, and sub-blocks sized for the
-CPU cache keep every pass in cache. Integer passes run in numpy, whose comparisons and counts are several
-times faster than torch's on the CPU.
+Speed: the test runs on bit patterns, and sub-blocks sized for the CPU cache keep every pass in cache. Integer
+passes run in numpy, whose comparisons and counts are several times faster than torch's on the CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from rlsubnet import limits
-from rlsubnet.errors import UsageError
+from rlsubnet._threads import map_pieces
+from rlsubnet.diff.changed import ChangedTest, legacy_mode
 
-COMPARE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "native": None}
-INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # float width -> int dtype to view its bits as
-ABS_MASK = {2: 0x7FFF, 4: 0x7FFFFFFF, 8: 0x7FFFFFFFFFFFFFFF}  # clears the sign bit
 SUB_BLOCK = 1 << 18  # elements per pass: a sub-block's operands and temporaries stay in the CPU cache
-
-
-def comparison_dtype(mode: str, base_dtype: torch.dtype, tuned_dtype: torch.dtype) -> torch.dtype:
-    """The dtype Δ is computed in.
-
-    ``bf16`` (the paper's choice) casts floats to bfloat16; ``fp32`` casts to float32; ``native`` keeps the
-    stored dtype (the promoted one if the two sides differ). Non-float tensors always compare in their own
-    dtype, bitwise. float8 has no arithmetic in torch, so it is compared in bfloat16, which holds it exactly.
-    """
-    if mode not in COMPARE_DTYPES:
-        raise UsageError(f"unknown comparison dtype {mode!r} (choose from {', '.join(COMPARE_DTYPES)})")
-    if not (base_dtype.is_floating_point and tuned_dtype.is_floating_point):
-        return torch.promote_types(base_dtype, tuned_dtype)
-    wanted = COMPARE_DTYPES[mode]
-    if wanted is not None:
-        return wanted
-    dtype = torch.promote_types(base_dtype, tuned_dtype)
-    if dtype.itemsize == 1:
-        return torch.bfloat16
-    return dtype
-
-
-def threshold_bits(atol: float, dtype: torch.dtype) -> int:
-    """Bit pattern of the effective tolerance in a float ``dtype``: |x| ≤ atol ⇔ (bits(x) & ABS_MASK) ≤ this."""
-    atol = limits.atol(atol)
-    # The cache is keyed on the float's bit pattern, not its value: -0.0 == 0.0 to a dict, and a threshold
-    # computed for one must never be handed out for the other.
-    return _threshold_bits(struct.unpack("<Q", struct.pack("<d", atol))[0], dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _threshold_bits(atol_bits: int, dtype: torch.dtype) -> int:
-    atol = struct.unpack("<d", struct.pack("<Q", atol_bits))[0]
-    return int(torch.tensor(atol_threshold(atol, dtype), dtype=dtype).view(INT_VIEW[dtype.itemsize]))
-
-
-def atol_threshold(atol: float, dtype: torch.dtype) -> float:
-    """The tolerance torch.isclose effectively applies to a Δ of ``dtype``: atol rounded to that dtype.
-
-    −0.0 is 0: its sign bit set, its bit pattern read as a threshold would call every entry changed."""
-    atol = limits.atol(atol)
-    if not dtype.is_floating_point:
-        return atol
-    rounded = float(torch.tensor(atol, dtype=dtype).item())
-    if math.isinf(rounded):
-        # An infinite threshold would call an infinite Δ unchanged, which torch.isclose never does.
-        raise UsageError(f"atol {atol:g} is beyond the largest {str(dtype).removeprefix('torch.')} value")
-    return rounded
 
 
 @dataclass
@@ -147,7 +88,6 @@ def atol_record(atol: float, numel: int, changed: int) -> dict:
     return {"atol": atol, "numel": numel, "changed": changed, "sparsity": 1.0 - density, "density": density}
 
 
-_NP_INT = {2: np.int16, 4: np.int32, 8: np.int64}
 _scratch = threading.local()
 
 
@@ -190,7 +130,7 @@ class DeltaAccumulator:
     >>> stats = acc.finish()
 
     Sub-blocks of a large block are reduced on a small thread pool (numpy and torch release the GIL); call
-    inside :func:`single_threaded_torch` so torch's own intra-op threads do not fight the pool.
+    inside :func:`rlsubnet._threads.single_threaded_torch` so torch's own intra-op threads do not fight the pool.
     """
 
     def __init__(
@@ -200,25 +140,17 @@ class DeltaAccumulator:
         base_dtype: torch.dtype,
         tuned_dtype: torch.dtype,
         atols: tuple[float, ...] = (0.0, 1e-5),
-        dtype: str = "bf16",
+        mode: str = "bf16",
         rank: bool = False,
     ):
-        if not atols:
-            raise UsageError("at least one atol is needed")
         self.name = name
         self.shape = tuple(shape)
         self.numel = math.prod(self.shape)
         self.base_dtype, self.tuned_dtype = base_dtype, tuned_dtype
-        self.cmp = comparison_dtype(dtype, base_dtype, tuned_dtype)
-        self.atols = tuple(limits.atol(a) for a in atols)
-        self.is_float = self.cmp.is_floating_point
-        if self.is_float:
-            size = self.cmp.itemsize
-            self._int = INT_VIEW[size]
-            self._np_int = _NP_INT[size]
-            self._abs_mask = ABS_MASK[size]
-            self._thr_bits = [threshold_bits(a, self.cmp) for a in self.atols]
-            self._nan_floor = int(torch.tensor(float("inf"), dtype=self.cmp).view(self._int))  # bits above: NaN
+        self.test = ChangedTest(base_dtype, tuned_dtype, atols, mode)
+        self.cmp_dtype = self.test.cmp_dtype
+        self.atols = self.test.atols
+        self.is_float = self.test.is_float
         self.unchanged = [0] * len(self.atols)
         self.nonzero = 0
         self.max_bits = 0
@@ -237,7 +169,6 @@ class DeltaAccumulator:
             raise ValueError(f"{self.name}: block sizes differ ({n} vs {tuned.numel()})")
         if self.seen + n > self.numel:
             raise ValueError(f"{self.name}: more elements than the tensor's {self.numel}")
-        starts = range(0, n, SUB_BLOCK)
 
         def work(start: int) -> _Partial:
             stop = min(n, start + SUB_BLOCK)
@@ -245,8 +176,7 @@ class DeltaAccumulator:
 
         if self.want_rank and self._full_delta is None:
             self._full_delta = torch.empty(self.numel, dtype=torch.float32)
-        partials = list(worker_pool().map(work, starts)) if len(starts) > 1 else [work(0)] if n else []
-        for p in partials:
+        for p in map_pieces(work, n, SUB_BLOCK):
             self._add(p)
         self.seen += n
 
@@ -263,23 +193,23 @@ class DeltaAccumulator:
 
     def _reduce(self, base: torch.Tensor, tuned: torch.Tensor, offset: int) -> _Partial:
         n = base.numel()
-        b = base.to(self.cmp)
-        t = tuned.to(self.cmp)
+        b = base.to(self.cmp_dtype)
+        t = tuned.to(self.cmp_dtype)
         if not self.is_float:
             same = n - int(torch.count_nonzero(b != t))
             return _Partial([same] * len(self.atols), n - same, 0, 0.0, 0.0, 0.0)
-        d = torch.from_numpy(_buffer("delta", n, self._np_int)).view(self.cmp)
+        test = self.test
+        d = torch.from_numpy(_buffer("delta", n, test.np_int)).view(self.cmp_dtype)
         torch.sub(t, b, out=d)
         if self._full_delta is not None:
             self._full_delta[offset : offset + n] = d
-        bits = np.bitwise_and(d.view(self._int).numpy(), self._abs_mask, out=_buffer("bits", n, self._np_int))
+        bits = test.abs_bits(d, out=_buffer("bits", n, test.np_int))
         nonzero = int(np.count_nonzero(bits))
-        mask = _buffer("mask", n, np.bool_)
-        unchanged = [n - nonzero if thr == 0 else int(np.count_nonzero(np.less_equal(bits, thr, out=mask))) for thr in self._thr_bits]
+        unchanged = test.count_unchanged(bits, nonzero, out=_buffer("mask", n, np.bool_))
         max_bits = int(bits.max())
-        if max_bits >= self._nan_floor:
+        if max_bits >= test.nan_floor:
             return self._reduce_nonfinite(b, t, d, unchanged, nonzero)
-        absd = _as_float(torch.from_numpy(bits).view(self.cmp))  # |Δ|: the sign-cleared bits
+        absd = _as_float(torch.from_numpy(bits).view(self.cmp_dtype))  # |Δ|: the sign-cleared bits
         abs_sum = float(absd.sum())
         sq_sum = float(torch.dot(absd, absd))
         bf = _as_float(b)
@@ -300,7 +230,7 @@ class DeltaAccumulator:
         }
         finite = torch.isfinite(d) & torch.isfinite(b)
         df, bf = d[finite].double(), b[finite].double()
-        bits = d[finite].view(self._int) & self._abs_mask
+        bits = d[finite].view(self.test.int_dtype) & self.test.abs_mask
         max_bits = int(bits.max()) if bits.numel() else 0
         return _Partial(
             unchanged, nonzero, max_bits, df.abs().sum().item(), df.square().sum().item(), bf.square().sum().item(), nonfinite
@@ -316,7 +246,7 @@ class DeltaAccumulator:
             numel=self.numel,
             base_dtype=str(self.base_dtype).removeprefix("torch."),
             tuned_dtype=str(self.tuned_dtype).removeprefix("torch."),
-            compare_dtype=str(self.cmp).removeprefix("torch."),
+            compare_dtype=str(self.cmp_dtype).removeprefix("torch."),
             atols=self.atols,
             changed=changed,
             hidden=self.nonzero - changed[self.atols.index(max(self.atols))],
@@ -328,7 +258,7 @@ class DeltaAccumulator:
         )
         if self.is_float:
             finite_n = self.numel - self.nonfinite["delta_nonfinite"]
-            stats.max_abs_delta = float(torch.tensor(self.max_bits, dtype=self._int).view(self.cmp).float())
+            stats.max_abs_delta = float(torch.tensor(self.max_bits, dtype=self.test.int_dtype).view(self.cmp_dtype).float())
             stats.mean_abs_delta = self.abs_sum / finite_n if finite_n else None
             stats.delta_norm = math.sqrt(self.sq_sum)
             stats.base_norm = math.sqrt(self.base_sq)
@@ -336,29 +266,6 @@ class DeltaAccumulator:
             stats.rank, stats.rank_ratio = update_rank(self._full_delta.reshape(self.shape))
             self._full_delta = None
         return stats
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def worker_pool() -> ThreadPoolExecutor:
-    """The shared pool that reduces sub-blocks in parallel (numpy and torch release the GIL)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="rlsubnet-diff")
-    return _POOL
-
-
-@contextlib.contextmanager
-def single_threaded_torch():
-    """Run torch ops single-threaded inside the block (restored after): our pool provides the parallelism, and
-    torch's intra-op threads spin badly when they compete with it or with another busy process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def update_rank(delta: torch.Tensor) -> tuple[int, float]:
@@ -378,12 +285,14 @@ def tensor_stats(
     base: torch.Tensor,
     tuned: torch.Tensor,
     atols: tuple[float, ...] = (0.0, 1e-5),
-    dtype: str = "bf16",
+    mode: str = "bf16",
     rank: bool = False,
+    **legacy,
 ) -> TensorStats:
     """Statistics of one in-memory tensor pair (convenience over :class:`DeltaAccumulator`)."""
+    mode = legacy_mode(mode, legacy)
     if base.shape != tuned.shape:
         raise ValueError(f"{name}: shapes differ ({list(base.shape)} vs {list(tuned.shape)})")
-    acc = DeltaAccumulator(name, tuple(base.shape), base.dtype, tuned.dtype, atols, dtype, rank)
+    acc = DeltaAccumulator(name, tuple(base.shape), base.dtype, tuned.dtype, atols, mode, rank)
     acc.update(base, tuned)
     return acc.finish()

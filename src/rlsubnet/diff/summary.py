@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rlsubnet._version import __version__
-from rlsubnet.diff.names import MODULE_KINDS
-from rlsubnet.diff.pairs import Skipped
+from rlsubnet.checkpoint.align import Skipped
+from rlsubnet.diff.names import MODULE_KINDS, grouped
 from rlsubnet.diff.stats import TensorStats, atol_record
 
 
@@ -28,14 +28,11 @@ def _pool(stats: list[TensorStats], atols: tuple[float, ...]) -> list[dict]:
     return out
 
 
-def _group(stats: list[TensorStats], atols: tuple[float, ...], key: Callable[[TensorStats], object]) -> dict:
-    groups: dict[object, list[TensorStats]] = defaultdict(list)
-    for s in stats:
-        groups[key(s)].append(s)
-    return {
-        k: {"n_tensors": len(v), "numel": sum(s.numel for s in v), "by_atol": _pool(v, atols)}
-        for k, v in groups.items()
-    }
+def _group(stats: list[TensorStats], atols: tuple[float, ...], by: str) -> list[dict]:
+    return [
+        {by: k, "n_tensors": len(v), "numel": sum(s.numel for s in v), "by_atol": _pool(v, atols)}
+        for k, v in grouped(stats, lambda s: getattr(s, by), by)
+    ]
 
 
 @dataclass
@@ -45,7 +42,7 @@ class CompareResult:
     base: str
     tuned: str
     atols: tuple[float, ...]
-    dtype: str
+    mode: str  # the comparison mode (written under the key "dtype" in outputs, as files always had it)
     tensors: list[TensorStats]
     skipped: list[Skipped] = field(default_factory=list)
     rank: bool = False
@@ -98,13 +95,10 @@ class CompareResult:
     # -- groupings
     def layers(self) -> list[dict]:
         """Per transformer block (layer None = outside the blocks), in layer order."""
-        groups = _group(self.tensors, self.atols, lambda s: s.layer)
-        order = sorted(groups, key=lambda k: (k is None, k if k is not None else 0))
-        return [{"layer": k, **groups[k]} for k in order]
+        return _group(self.tensors, self.atols, "layer")
 
     def modules(self) -> list[dict]:
-        groups = _group(self.tensors, self.atols, lambda s: s.module)
-        return [{"module": k, **groups[k]} for k in MODULE_KINDS if k in groups]
+        return _group(self.tensors, self.atols, "module")
 
     def layer_module_grid(self, atol: float = 1e-5) -> tuple[list[int], list[str], list[list[float | None]]]:
         """Sparsity per (layer, module kind), numel-weighted: rows are layers, columns module kinds."""
@@ -136,7 +130,7 @@ class CompareResult:
             "rlsubnet_version": __version__,
             "base": self.base,
             "tuned": self.tuned,
-            "options": {"atol": list(self.atols), "dtype": self.dtype, "rank": self.rank, **self.options},
+            "options": {"atol": list(self.atols), "dtype": self.mode, "rank": self.rank, **self.options},
         }
 
     def to_json(self) -> dict:

@@ -20,7 +20,7 @@ from rlsubnet.lab.stages import StageResult
 from rlsubnet.lab.subnet import (
     IDENTITY_ATOLS,
     MASK_ATOL,
-    MASK_DTYPE,
+    MASK_MODE,
     MASK_OPTIONS,
     RANDOM_SCOPE,
     RERUN_OF,
@@ -53,18 +53,18 @@ def _read_all(path: Path) -> dict:
 def measure_stage(theta0_dir: Path, stage: StageResult, *, atols: Sequence[float] = TABLE6_ATOLS) -> dict:
     """Everything the report shows about one stage (JSON-ready)."""
     theta0 = str(theta0_dir / "model.safetensors")
-    bf16 = compare(theta0, str(stage.model_dir / "model.safetensors"), atol=atols, dtype="bf16", rank=True)
-    fp32 = compare(theta0, str(stage.master_path), atol=atols, dtype="fp32")
+    bf16 = compare(theta0, str(stage.model_dir / "model.safetensors"), atol=atols, mode="bf16", rank=True)
+    fp32 = compare(theta0, str(stage.master_path), atol=atols, mode="fp32")
     layers, kinds, grid = bf16.layer_module_grid(1e-5)
     _, _, grid0 = bf16.layer_module_grid(0.0)
 
     snaps = stage.snapshots
     snap_paths = [str(p) for _, p in snaps]
-    vs_theta0 = compare_many(theta0, snap_paths, atol=DYNAMICS_ATOLS, dtype="bf16") if snaps else []
+    vs_theta0 = compare_many(theta0, snap_paths, atol=DYNAMICS_ATOLS, mode="bf16") if snaps else []
     consecutive = []
     prev = theta0
     for step, p in snaps:
-        r = compare(prev, str(p), atol=DYNAMICS_ATOLS, dtype="bf16")
+        r = compare(prev, str(p), atol=DYNAMICS_ATOLS, mode="bf16")
         consecutive.append({"step": step, "sparsity": {repr(a): r.sparsity(a) for a in DYNAMICS_ATOLS}})
         prev = str(p)
     sparsity_vs_step = [{"step": 0, "sparsity": {repr(a): 1.0 for a in DYNAMICS_ATOLS}}] + [
@@ -87,8 +87,8 @@ def measure_stage(theta0_dir: Path, stage: StageResult, *, atols: Sequence[float
                     f"stage {stage.name}: snapshot decomposition counts {rec['final']} changed entries at atol "
                     f"{rec['atol']} but the compare engine counts {engine_changed}: the last snapshot is not the final model"
                 )
-    magnitude = magnitude_profile(base, final, DYNAMICS_ATOLS, dtype="bf16").to_record()
-    magnitude_fp32 = magnitude_profile(base, masters, (0.0, 1e-5), dtype="fp32").to_record()
+    magnitude = magnitude_profile(base, final, DYNAMICS_ATOLS, mode="bf16").to_record()
+    magnitude_fp32 = magnitude_profile(base, masters, (0.0, 1e-5), mode="fp32").to_record()
 
     steps_file = stage.dir / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else None
@@ -134,9 +134,9 @@ def measure_stage(theta0_dir: Path, stage: StageResult, *, atols: Sequence[float
 # -- the subnetwork re-runs and their overlap
 
 
-def _identity(full: Path, other: Path, inside: Mask | None, *, dtype: str = MASK_DTYPE) -> list[dict]:
+def _identity(full: Path, other: Path, inside: Mask | None, *, mode: str = MASK_MODE) -> list[dict]:
     """Share of entries with |θ_full − θ_other| ≤ atol per identity atol, overall and inside ``inside``."""
-    return identity(full, other, atols=IDENTITY_ATOLS, inside=inside, dtype=dtype)
+    return identity(full, other, atols=IDENTITY_ATOLS, inside=inside, mode=mode)
 
 
 def first_differing_step(full_dir: Path, other_dir: Path, key: str) -> int | None:
@@ -164,9 +164,9 @@ def _stage_sparsity(theta0: Path, stage: StageResult) -> dict:
         str(theta0 / "model.safetensors"),
         str(stage.model_dir / "model.safetensors"),
         atol=(0.0, MASK_ATOL),
-        dtype="bf16",
+        mode="bf16",
     )
-    fp32 = compare(str(theta0 / "model.safetensors"), str(stage.master_path), atol=0.0, dtype="fp32")
+    fp32 = compare(str(theta0 / "model.safetensors"), str(stage.master_path), atol=0.0, mode="fp32")
     return {
         "bf16": {"0.0": bf16.sparsity(0.0), repr(MASK_ATOL): bf16.sparsity(MASK_ATOL)},
         "fp32": {"0.0": fp32.sparsity(0.0)},
@@ -321,7 +321,7 @@ def rerun_section(theta0: Path, full: StageResult, mask: Mask, rows: Sequence[tu
             "run": name,
             "role": role,
             "identity": _identity(full.model_dir, stage.model_dir, mask),
-            "identity_fp32_masters": _identity(full.master_path, stage.master_path, mask, dtype="fp32"),
+            "identity_fp32_masters": _identity(full.master_path, stage.master_path, mask, mode="fp32"),
             "accuracy": stage.record["accuracy"],
             "first_step_loss_differs": first_differing_step(full.dir, stage.dir, "loss"),
             "first_step_reward_differs": first_differing_step(full.dir, stage.dir, "reward"),
@@ -419,7 +419,7 @@ def measure_subnetwork(
         "settings": {
             "mask": f"entries of the bf16 checkpoint with |θ − θ0| > {MASK_ATOL:g} (compare engine's test), per stage",
             "mask_atol": MASK_ATOL,
-            "mask_dtype": MASK_DTYPE,
+            "mask_dtype": MASK_MODE,
             "identity": "share of entries with |θ_full − θ_other| ≤ atol, on the bf16 checkpoints (and between the fp32 "
             "masters, identity_fp32_masters); 'inside the mask' = among the full run's subnetwork entries",
             "identity_atols": list(IDENTITY_ATOLS),

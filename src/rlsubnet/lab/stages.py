@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlsubnet._version import __version__
-from rlsubnet.diff.dynamics import Decomposition, changed_masks
+from rlsubnet.diff.changed import changed_masks
+from rlsubnet.diff.dynamics import DecompositionTracker
 from rlsubnet.diff.stats import atol_record
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text, locks_output, safe_member_name
@@ -335,7 +336,7 @@ def make_callbacks(
 
         def __init__(self) -> None:
             self.prev = base_state
-            self.decomposition = Decomposition(base_state, step_atols)
+            self.decomposition = DecompositionTracker(base_state, step_atols)
             self.records: list[dict] = []
 
         def on_step_end(self, args, state, control, **kw):
@@ -349,7 +350,7 @@ def make_callbacks(
                 numel += c.numel()
                 for k, m in enumerate(changed_masks(self.prev[name], c, step_atols)):
                     changed[k] += int(m.sum())
-            self.decomposition.add(cur)
+            self.decomposition.update(cur)
             recs = [atol_record(a, numel, n) for a, n in zip(step_atols, changed)]
             self.records.append(
                 {

@@ -22,12 +22,12 @@ from rlsubnet.lab.config import StageSpec
 from rlsubnet.masks import Mask, build_mask, random_mask
 
 MASK_ATOL = 1e-5
-MASK_DTYPE = "bf16"
+MASK_MODE = "bf16"
 IDENTITY_ATOLS = (0.0, 1e-5, 1e-4)
 RANDOM_SCOPE = "per_tensor"
 RERUN_OF = ("grpo", "dpo")  # full runs re-run on their own subnetwork (and on a random mask of equal density)
 EXTRA_SEEDS = {"grpo": 2, "dpo": 1}  # extra full runs with seeds seed + 1, seed + 2, ...
-MASK_OPTIONS = {"strict": None, "mask_before_clip": False, "compare_dtype": MASK_DTYPE}
+MASK_OPTIONS = {"strict": None, "mask_before_clip": False, "compare_dtype": MASK_MODE}
 
 
 def seed_name(name: str, seed: int) -> str:
@@ -118,7 +118,7 @@ def named_pairs(seed: int, second_task: str | None) -> list[tuple[str, str, str,
 
 def build_stage_mask(theta0: Path, stage: stages.StageResult) -> Mask:
     """The subnetwork of a finished stage: bf16 entries that changed against θ0 at atol 1e-5."""
-    return build_mask(theta0, stage.model_dir, atol=MASK_ATOL, dtype=MASK_DTYPE)
+    return build_mask(theta0, stage.model_dir, atol=MASK_ATOL, mode=MASK_MODE)
 
 
 def mask_record(mask, path: Path | None = None, root: Path | None = None) -> dict:
@@ -174,7 +174,10 @@ def run_masked_stage(spec, *, mask_path: str | Path, mask_sha256: str, allow_ful
     holder = []
 
     def configure(trainer):
-        holder.append(attach_mask(trainer, mask, allow_full=allow_full, **MASK_OPTIONS))
+        # MASK_OPTIONS is recorded (and fingerprinted) under the option's older name, compare_dtype, so that
+        # stage fingerprints and results.json stay comparable across versions; the optimizer takes compare_mode.
+        options = {("compare_mode" if k == "compare_dtype" else k): v for k, v in MASK_OPTIONS.items()}
+        holder.append(attach_mask(trainer, mask, allow_full=allow_full, **options))
 
     def after(trainer):
         return {"mask": holder[0].last_report if holder else None}

@@ -7,7 +7,7 @@ and overlap against chance. See docs/masks-and-training.md.
 >>> overlap(m, Mask.load("dpo.mask.safetensors"), base="base/").o1
 """
 
-from rlsubnet.masks.build import build_mask, build_masks, changed_mask_tensor, checkpoint_identity, identity
+from rlsubnet.masks.build import build_mask, build_masks, checkpoint_record, identity
 from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, as_mask, load_mask
 from rlsubnet.masks.overlap import OverlapResult, PairOverlap, overlap, overlap_many
 from rlsubnet.masks.random import random_mask
@@ -21,8 +21,7 @@ __all__ = [
     "as_mask",
     "build_mask",
     "build_masks",
-    "changed_mask_tensor",
-    "checkpoint_identity",
+    "checkpoint_record",
     "identity",
     "load_mask",
     "overlap",

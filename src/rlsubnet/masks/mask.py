@@ -5,29 +5,7 @@ A mask m marks the entries that changed between two checkpoints (m_i = 1 where
 array packed 8 entries per byte with ``numpy.packbits(..., bitorder="big")`` (entry 0 is the most significant
 bit of byte 0; the unused bits of the last byte are zero), so a mask costs ~1 bit per parameter.
 
-File format (``format = "rlsubnet.mask"``, ``format_version = 1``): a safetensors file holding one 1-D uint8
-tensor per checkpoint tensor, under the checkpoint tensor's own name, plus these ``__metadata__`` strings:
-
-===================  =================================================================================
-``format``           ``rlsubnet.mask``
-``format_version``   ``1``
-``rlsubnet_version`` version that wrote the file
-``kind``             ``changed`` (built from a pair), ``random`` (a baseline) or ``union`` /
-                     ``intersection`` / ``difference`` (combined)
-``atol``             JSON number (null for a combination of masks at different tolerances)
-``dtype``            comparison mode the changed-test ran in: ``bf16`` / ``fp32`` / ``native`` (JSON)
-``density``          changed / numel over all tensors (repr of a float)
-``numel``            parameters covered; ``changed``: entries set
-``bitorder``         ``big``
-``tensors``          JSON object, in file order: name -> {"shape": [...], "changed": n}
-``base``, ``tuned``  JSON identity of each checkpoint (see :func:`rlsubnet.masks.build.checkpoint_identity`)
-``extra``            JSON: everything else (random-mask settings, operands of a combination, skipped tensors)
-``bits_sha256``      SHA-256 over (name, shape, packed bytes) of every tensor: any flipped bit is detected
-===================  =================================================================================
-
-Loading checks everything: format, dtype and length of every packed tensor, zero padding bits, the recorded
-per-tensor counts and the checksum, so a corrupt or truncated mask file is an error, never a silently
-different mask.
+The file format and its checks: :mod:`rlsubnet.masks.io`.
 """
 
 from __future__ import annotations
@@ -35,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -43,74 +20,36 @@ import numpy as np
 import torch
 
 from rlsubnet._version import __version__
-from rlsubnet.diff.names import MODULE_KINDS, layer_of, module_kind
-from rlsubnet.errors import MismatchError, RlsubnetError
-from rlsubnet.errors import listing as _listing
+from rlsubnet.checkpoint.align import layout_diff
+from rlsubnet.diff.names import grouped, layer_of, module_kind
 from rlsubnet.fileio import locks_output
-
-FORMAT = "rlsubnet.mask"
-FORMAT_VERSION = 1
-BITORDER = "big"
-# Bits set in each byte value: popcount without unpacking.
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-class MaskError(RlsubnetError):
-    """A mask file cannot be read or trusted, or a mask cannot be used as asked."""
-
-
-class MaskMismatchError(MaskError, MismatchError):
-    """Two masks, or a mask and a model, cover different tensors or shapes."""
+from rlsubnet.masks.errors import MaskError, MaskMismatchError
+from rlsubnet.masks.io import (
+    FORMAT,
+    FORMAT_VERSION,
+    pack_bool,
+    packed_size,
+    pad_bits_clear,
+    popcount,
+    read_mask_file,
+    unpack_bool,
+    write_mask_file,
+)
 
 
-def packed_size(numel: int) -> int:
-    return (numel + 7) // 8
-
-
-def popcount(packed: np.ndarray) -> int:
-    """Number of set bits in a packed uint8 array (chunked: no full-size temporary)."""
-    total = 0
-    step = 1 << 24
-    for i in range(0, packed.size, step):
-        total += int(_POPCOUNT[packed[i : i + step]].sum(dtype=np.int64))
-    return total
-
-
-def pack_bool(flags: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Pack a boolean array (any shape, flattened in C order) into bytes, big bit order."""
-    if isinstance(flags, torch.Tensor):
-        flags = flags.detach().cpu().reshape(-1).to(torch.bool).numpy()
-    return np.packbits(np.asarray(flags, dtype=bool).reshape(-1), bitorder=BITORDER)
-
-
-def unpack_bool(packed: np.ndarray, numel: int) -> np.ndarray:
-    return np.unpackbits(packed, count=numel, bitorder=BITORDER).view(bool)
-
-
-def _pad_bits_clear(packed: np.ndarray, numel: int) -> bool:
-    rem = numel % 8
-    if rem == 0 or packed.size == 0:
-        return True
-    return int(packed[-1]) & ((1 << (8 - rem)) - 1) == 0
+RECORD_KEYS = ("kind", "path", "atol", "dtype", "density", "changed", "bits_sha256", "base", "tuned")
+OPERAND = ("kind", "path", "atol", "dtype", "density", "changed", "bits_sha256")  # inside a combination's metadata
 
 
 def group_density(records: Iterable[dict], key: str) -> list[dict]:
-    """Pool per-tensor records ({name, layer, module, numel, changed}) by ``key``; numel-weighted density."""
-    groups: dict[object, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for r in records:
-        g = groups[r[key]]
-        g[0] += 1
-        g[1] += r["numel"]
-        g[2] += r["changed"]
-    if key == "layer":
-        order = sorted(groups, key=lambda k: (k is None, k if k is not None else 0))
-    else:
-        order = [k for k in MODULE_KINDS if k in groups] + [k for k in groups if k not in MODULE_KINDS]
-    return [
-        {key: k, "n_tensors": groups[k][0], "numel": groups[k][1], "changed": groups[k][2],
-         "density": groups[k][2] / groups[k][1] if groups[k][1] else 0.0}
-        for k in order
-    ]
+    """Pool per-tensor records ({name, layer, module, numel, changed}) by ``key`` ("layer" or "module");
+    numel-weighted density."""
+    rows = []
+    for k, group in grouped(records, lambda r: r[key], key):
+        numel, changed = sum(r["numel"] for r in group), sum(r["changed"] for r in group)
+        rows.append({key: k, "n_tensors": len(group), "numel": numel, "changed": changed,
+                     "density": changed / numel if numel else 0.0})
+    return rows
 
 
 class Mask:
@@ -120,7 +59,8 @@ class Mask:
     >>> m.density, m.tensor("model.layers.0.mlp.up_proj.weight").shape
     >>> (m & other).save("both.safetensors"); Mask.load("both.safetensors")
 
-    ``meta`` holds ``kind``, ``atol``, ``dtype``, ``base``, ``tuned`` and ``extra`` (see the module docstring).
+    ``meta`` holds ``kind``, ``atol``, ``dtype`` (the comparison mode, :attr:`mode`), ``base``, ``tuned`` and
+    ``extra`` (see the module docstring).
     """
 
     def __init__(self, shapes: Mapping[str, Iterable[int]], packed: Mapping[str, np.ndarray], meta: Mapping | None = None):
@@ -137,7 +77,7 @@ class Mask:
                     f"mask tensor {name!r}: expected {packed_size(numel)} packed bytes (uint8, 1-D) for shape "
                     f"{list(shape)}, got {bits.dtype} {list(bits.shape)}"
                 )
-            if not _pad_bits_clear(bits, numel):
+            if not pad_bits_clear(bits, numel):
                 raise MaskError(f"mask tensor {name!r}: padding bits past entry {numel} are set")
             self._packed[name] = bits
             self._counts[name] = popcount(bits)
@@ -236,8 +176,14 @@ class Mask:
         return self.meta.get("atol")
 
     @property
-    def dtype(self) -> str | None:
+    def mode(self) -> str | None:
+        """The comparison mode the mask was built in (``bf16``, ``fp32``, ``native``; None when not built)."""
         return self.meta.get("dtype")
+
+    @property
+    def dtype(self) -> str | None:
+        """Deprecated name of :attr:`mode`, for callers written before the mode had its own name."""
+        return self.mode
 
     @property
     def kind(self) -> str:
@@ -290,7 +236,7 @@ class Mask:
             "rlsubnet_version": self.meta.get("rlsubnet_version", __version__),
             "kind": self.kind,
             "atol": self.atol,
-            "dtype": self.dtype,
+            "dtype": self.mode,
             "numel": self.numel,
             "changed": self.changed,
             "density": self.density,
@@ -307,19 +253,11 @@ class Mask:
     # -- comparisons and combinations
     def check_same_layout(self, other: "Mask", what: str = "combine") -> None:
         """Raise :class:`MaskMismatchError` unless both masks cover the same tensor names and shapes."""
-        mine, theirs = self._shapes, other._shapes
-        missing = [n for n in mine if n not in theirs]
-        extra = [n for n in theirs if n not in mine]
-        reshaped = [f"{n} {list(mine[n])} vs {list(theirs[n])}" for n in mine if n in theirs and mine[n] != theirs[n]]
-        if missing or extra or reshaped:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} only in the first: {_listing(missing)}")
-            if extra:
-                parts.append(f"{len(extra)} only in the second: {_listing(extra)}")
-            if reshaped:
-                parts.append(f"{len(reshaped)} with different shapes: {_listing(reshaped)}")
-            raise MaskMismatchError(f"cannot {what} masks over different tensors ({'; '.join(parts)})")
+        diff = layout_diff(self._shapes, other._shapes, detail=lambda n, a, b: f"{n} {list(a)} vs {list(b)}")
+        if diff:
+            raise MaskMismatchError(
+                f"cannot {what} masks over different tensors ({diff.describe('only in the first', 'only in the second')})"
+            )
 
     def _combine(self, other: "Mask", op: str) -> "Mask":
         if not isinstance(other, Mask):
@@ -335,7 +273,7 @@ class Mask:
             "dtype": same("dtype"),
             "base": same("base"),
             "tuned": None,
-            "extra": {"operands": [operand_summary(self), operand_summary(other)]},
+            "extra": {"operands": [self.describe(OPERAND), other.describe(OPERAND)]},
         }
         return Mask(self._shapes, packed, meta)
 
@@ -362,7 +300,7 @@ class Mask:
             if rem and bits.size:
                 bits[-1] &= (0xFF << (8 - rem)) & 0xFF
             packed[n] = bits
-        meta = {**self.meta, "kind": "complement", "tuned": None, "extra": {"operands": [operand_summary(self)]}}
+        meta = {**self.meta, "kind": "complement", "tuned": None, "extra": {"operands": [self.describe(OPERAND)]}}
         return Mask(self._shapes, packed, meta)
 
     def intersection_count(self, other: "Mask", name: str | None = None) -> int:
@@ -376,6 +314,22 @@ class Mask:
             return False
         return all(np.array_equal(self._packed[n], other._packed[n]) for n in self._shapes)
 
+    def describe(self, keys: Iterable[str] = RECORD_KEYS) -> dict:
+        """How this mask is cited in other records: ``keys`` of :data:`RECORD_KEYS`, in that order ("base" and
+        "tuned" are the checkpoints' sources; "dtype" is the comparison mode, under the key files use)."""
+        values = {
+            "kind": lambda: self.kind,
+            "path": lambda: self.meta.get("path"),
+            "atol": lambda: self.atol,
+            "dtype": lambda: self.mode,
+            "density": lambda: self.density,
+            "changed": lambda: self.changed,
+            "bits_sha256": self.bits_sha256,
+            "base": lambda: (self.meta.get("base") or {}).get("source"),
+            "tuned": lambda: (self.meta.get("tuned") or {}).get("source"),
+        }
+        return {k: values[k]() for k in keys}
+
     def bits_sha256(self) -> str:
         h = hashlib.sha256()
         for name, shape in self._shapes.items():
@@ -384,111 +338,16 @@ class Mask:
         return h.hexdigest()
 
     # -- files
-    def file_metadata(self) -> dict[str, str]:
-        """The safetensors ``__metadata__`` strings this mask is saved with (deterministic: no timestamps)."""
-        dump = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"))  # noqa: E731
-        return {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "rlsubnet_version": __version__,
-            "kind": str(self.kind),
-            "atol": dump(self.atol),
-            "dtype": dump(self.dtype),
-            "density": repr(self.density),
-            "numel": str(self.numel),
-            "changed": str(self.changed),
-            "bitorder": BITORDER,
-            "tensors": json.dumps(
-                {n: {"shape": list(s), "changed": self._counts[n]} for n, s in self._shapes.items()},
-                separators=(",", ":"),
-            ),
-            "base": dump(self.meta.get("base")),
-            "tuned": dump(self.meta.get("tuned")),
-            "extra": dump(self.meta.get("extra", {})),
-            "bits_sha256": self.bits_sha256(),
-        }
-
     @locks_output("path")
     def save(self, path: str | Path) -> Path:
-        """Write the mask atomically as a safetensors file (see the module docstring for the format)."""
-        from rlsubnet.checkpoint.writer import SafetensorsWriter
-
-        path = Path(path)
-        specs = [(n, torch.uint8, (packed_size(math.prod(s)),)) for n, s in self._shapes.items()]
-        with SafetensorsWriter(path, specs, self.file_metadata()) as w:
-            for n in self._shapes:
-                w.write(n, torch.from_numpy(self._packed[n]))
-        return path
+        """Write the mask atomically as a safetensors file (format: :mod:`rlsubnet.masks.io`)."""
+        return write_mask_file(self, Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "Mask":
         """Read and verify a mask file; any inconsistency raises :class:`MaskError` naming the file."""
-        from rlsubnet.checkpoint.index import read_safetensors_header
-        from rlsubnet.checkpoint.reader import SafetensorsCheckpoint
-        from rlsubnet.errors import CheckpointError
-
         path = Path(path)
-        if path.is_dir():
-            raise MaskError(f"{path}: is a folder, not a mask file (masks are single .safetensors files)")
-        if not path.is_file():
-            raise MaskError(f"{path}: no such mask file")
-        try:
-            infos, md = read_safetensors_header(path)
-        except CheckpointError as exc:
-            raise MaskError(f"not a readable mask file: {exc}") from None
-        if md.get("format") != FORMAT:
-            raise MaskError(
-                f"{path}: not an rlsubnet mask (metadata format is {md.get('format')!r}, expected {FORMAT!r}); "
-                "build one with `rlsubnet mask BASE TUNED -o FILE`"
-            )
-        try:
-            version = int(md.get("format_version", ""))
-        except ValueError:
-            raise MaskError(f"{path}: corrupt mask metadata (format_version {md.get('format_version')!r})") from None
-        if version > FORMAT_VERSION:
-            raise MaskError(f"{path}: mask format version {version} is newer than this rlsubnet reads ({FORMAT_VERSION})")
-        if md.get("bitorder", BITORDER) != BITORDER:
-            raise MaskError(f"{path}: unsupported bit order {md.get('bitorder')!r}")
-        try:
-            tensors = json.loads(md["tensors"])
-            meta = {
-                "kind": md.get("kind", "changed"),
-                "atol": json.loads(md.get("atol", "null")),
-                "dtype": json.loads(md.get("dtype", "null")),
-                "base": json.loads(md.get("base", "null")),
-                "tuned": json.loads(md.get("tuned", "null")),
-                "extra": json.loads(md.get("extra", "{}")),
-                "rlsubnet_version": md.get("rlsubnet_version"),
-            }
-            shapes = {str(n): tuple(_dim(s) for s in rec["shape"]) for n, rec in tensors.items()}
-            counts = {str(n): _dim(rec["changed"]) for n, rec in tensors.items()}
-            _check_meta_types(meta)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MaskError(f"{path}: corrupt mask metadata ({type(exc).__name__}: {exc})") from None
-        if set(infos) != set(shapes):
-            missing = sorted(set(shapes) - set(infos))
-            extra = sorted(set(infos) - set(shapes))
-            raise MaskError(
-                f"{path}: corrupt mask: metadata and stored tensors differ (not stored: {_listing(missing) or '-'}; "
-                f"not described: {_listing(extra) or '-'})"
-            )
-        packed = {}
-        ck = SafetensorsCheckpoint(str(path), str(path), [path])
-        try:
-            for name, shape in shapes.items():
-                info = infos[name]
-                want = packed_size(math.prod(shape))
-                if info.dtype != torch.uint8 or info.shape != (want,):
-                    raise MaskError(
-                        f"{path}: corrupt mask tensor {name!r}: stored as {info.dtype} {list(info.shape)}, "
-                        f"expected uint8 [{want}] for shape {list(shape)}"
-                    )
-                try:
-                    packed[name] = ck.read_flat(name, 0, want).numpy()
-                except CheckpointError as exc:
-                    raise MaskError(f"corrupt mask: {exc}") from None
-        finally:
-            ck.close()
+        shapes, packed, meta, counts, checksum = read_mask_file(path)
         try:
             mask = cls(shapes, packed, meta)
         except MaskError as exc:
@@ -500,9 +359,9 @@ class Mask:
                 f"{path}: corrupt mask: tensor {n!r} has {mask._counts[n]} bits set but the metadata records "
                 f"{counts[n]}" + (f" ({len(bad) - 1} more tensors disagree)" if len(bad) > 1 else "")
             )
-        if "bits_sha256" not in md:
+        if checksum is None:
             raise MaskError(f"{path}: corrupt mask metadata (no bits_sha256 checksum)")
-        if md["bits_sha256"] != mask.bits_sha256():
+        if checksum != mask.bits_sha256():
             raise MaskError(f"{path}: corrupt mask: checksum of the packed bits does not match bits_sha256")
         mask.meta["path"] = str(path)
         return mask
@@ -510,48 +369,12 @@ class Mask:
     def __repr__(self) -> str:
         atol = "-" if self.atol is None else f"{self.atol:g}"
         return (f"Mask({self.kind}, {len(self)} tensors, {self.changed:,}/{self.numel:,} entries, "
-                f"density {self.density:.4f}, atol {atol}, dtype {self.dtype})")
+                f"density {self.density:.4f}, atol {atol}, mode {self.mode})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mask) and self.same_bits(other)
 
     __hash__ = None  # mutable metadata; masks are compared by bits
-
-
-def _dim(v: object) -> int:
-    # A dimension or a count: a non-negative JSON integer (not 1.5, not true, not -5).
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"expected a non-negative integer, got {v!r}")
-    return v
-
-
-def _check_meta_types(meta: dict) -> None:
-    # The checksum covers the bits only: a metadata field of the wrong type must fail here, not deep in a report.
-    atol = meta["atol"]
-    if atol is not None and (not isinstance(atol, (int, float)) or isinstance(atol, bool) or not 0 <= atol < math.inf):
-        raise ValueError(f"atol is {atol!r}")
-    if meta["dtype"] is not None and not isinstance(meta["dtype"], str):
-        raise ValueError(f"dtype is {meta['dtype']!r}")
-    if not isinstance(meta["kind"], str):
-        raise ValueError(f"kind is {meta['kind']!r}")
-    for key in ("base", "tuned"):
-        if meta[key] is not None and not isinstance(meta[key], dict):
-            raise ValueError(f"{key} is {type(meta[key]).__name__}, expected an object")
-    if not isinstance(meta["extra"], dict):
-        raise ValueError(f"extra is {type(meta['extra']).__name__}, expected an object")
-
-
-def operand_summary(mask: Mask) -> dict:
-    """How a mask is cited inside another mask's metadata (combinations, random baselines)."""
-    return {
-        "kind": mask.kind,
-        "path": mask.meta.get("path"),
-        "atol": mask.atol,
-        "dtype": mask.dtype,
-        "density": mask.density,
-        "changed": mask.changed,
-        "bits_sha256": mask.bits_sha256(),
-    }
 
 
 def load_mask(path: str | Path) -> Mask:

@@ -21,18 +21,28 @@ baseline), so a group row answers "is the overlap inside this group explained by
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from functools import lru_cache
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from rlsubnet import limits
-from rlsubnet.diff.names import MODULE_KINDS, layer_of, module_kind
+from rlsubnet.checkpoint import open_checkpoint
+from rlsubnet.checkpoint.align import layout_diff
+from rlsubnet.checkpoint.hashing import HASH_SCHEME
+from rlsubnet.checkpoint.stream import BLOCK_BYTES, BlockStream, Item, block_numel
+from rlsubnet.diff.names import grouped, layer_of, module_kind
 from rlsubnet.errors import MismatchError, UsageError
-from rlsubnet.masks.mask import Mask, popcount
+from rlsubnet.masks.build import checkpoint_record
+from rlsubnet.masks.errors import MaskMismatchError
+from rlsubnet.masks.io import popcount
+from rlsubnet.masks.mask import Mask
+
+# Entries per block of the base: bucket_index widens each to float32 bits and int64 bucket codes, so a block is
+# as many entries as a float32 block holds (a multiple of 8: mask bits are unpacked from whole bytes).
+BUCKET_BLOCK_NUMEL = block_numel(BLOCK_BYTES, 4, 8)
 
 ZERO_BUCKET, NONFINITE_BUCKET, SUBNORMAL_BUCKET, FIRST_BUCKET = 0, 1, 2, 3
 N_EXPONENTS = 254  # float32 biased exponents 1..254 (normal numbers)
@@ -198,13 +208,9 @@ def _expected_mm(n_b: np.ndarray, a_b: np.ndarray, b_b: np.ndarray) -> float:
     return float(np.sum(a_b[nz].astype(np.float64) * b_b[nz].astype(np.float64) / n_b[nz]))
 
 
-def _group_rows(tcs: list[_TensorCounts], i: int, j: int, key, with_mm: bool, label: str, order) -> list[dict]:
-    groups: dict[object, list[_TensorCounts]] = defaultdict(list)
-    for tc in tcs:
-        groups[key(tc.name)].append(tc)
+def _group_rows(tcs: list[_TensorCounts], i: int, j: int, key, with_mm: bool, label: str) -> list[dict]:
     rows = []
-    for g in order(groups):
-        members = groups[g]
+    for g, members in grouped(tcs, lambda tc: key(tc.name), label):
         n = sum(t.numel for t in members)
         ca = sum(t.counts[i] for t in members)
         cb = sum(t.counts[j] for t in members)
@@ -217,14 +223,6 @@ def _group_rows(tcs: list[_TensorCounts], i: int, j: int, key, with_mm: bool, la
             mm = _expected_mm(n_b, a_b, b_b)
         rows.append({label: g, "n_tensors": len(members), **pair_figures(n, ca, cb, inter, mm)})
     return rows
-
-
-def _layer_order(groups):
-    return sorted(groups, key=lambda k: (k is None, k if k is not None else 0))
-
-
-def _module_order(groups):
-    return [k for k in MODULE_KINDS if k in groups] + [k for k in groups if k not in MODULE_KINDS]
 
 
 def overlap_many(
@@ -310,8 +308,8 @@ def overlap_many(
         figures = pair_figures(n_total, sum(t.counts[i] for t in tcs), sum(t.counts[j] for t in tcs), inter, mm)
         pairs.append(PairOverlap(
             labels[i], labels[j], figures,
-            _group_rows(tcs, i, j, lambda n: layer_of(n), with_mm, "layer", _layer_order),
-            _group_rows(tcs, i, j, lambda n: module_kind(n), with_mm, "module", _module_order),
+            _group_rows(tcs, i, j, layer_of, with_mm, "layer"),
+            _group_rows(tcs, i, j, module_kind, with_mm, "module"),
             bucket_rows,
         ))
 
@@ -331,7 +329,8 @@ def overlap_many(
         if mm_mat is not None:
             mm_mat[i][j], mm_mat[j][i] = f["magnitude_chance_o1"], f["magnitude_chance_o2"]
     settings = {
-        "masks": [{"label": lab, **_mask_settings(mk)} for lab, mk in zip(labels, masks)],
+        "masks": [{"label": lab, **mk.describe(("kind", "atol", "dtype", "density", "base", "tuned"))}
+                  for lab, mk in zip(labels, masks)],
         "base": base_info,
         "buckets": (f"log2 of |w| in the base (float32), {bins_per_octave} per octave"
                     + (" (= one bf16 exponent, one bf16 ULP, per bucket)" if bins_per_octave == 1 else "")
@@ -347,59 +346,24 @@ def overlap(a: Mask, b: Mask, *, base=None, bins_per_octave: int = 1, labels: Se
     return overlap_many([a, b], list(labels), base=base, bins_per_octave=bins_per_octave, **kw).pairs[0]
 
 
-def _mask_settings(m: Mask) -> dict:
-    return {"kind": m.kind, "atol": m.atol, "dtype": m.dtype, "density": m.density,
-            "base": (m.meta.get("base") or {}).get("source"), "tuned": (m.meta.get("tuned") or {}).get("source")}
-
-
 def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *, allow_pickle, allow_download, progress) -> dict:
     """Stream the base once: per tensor, n per bucket, |M ∩ bucket| per mask and |Mi ∩ Mj ∩ bucket| per pair."""
-    from rlsubnet.checkpoint import open_checkpoint
-    from rlsubnet.checkpoint.hashing import TensorHasher
-    from rlsubnet._threads import prefetch
-    from rlsubnet.masks.build import checkpoint_identity
-
     ck = open_checkpoint(base, allow_pickle=allow_pickle, allow_download=allow_download, label="base")
     try:
-        missing = [t.name for t in tcs if t.name not in ck.infos]
-        reshaped = [f"{t.name} {list(ck.infos[t.name].shape)} vs {list(masks[0].shape(t.name))}"
-                    for t in tcs if t.name in ck.infos and ck.infos[t.name].shape != masks[0].shape(t.name)]
-        if missing or reshaped:
-            from rlsubnet.errors import listing as _listing
-            from rlsubnet.masks.mask import MaskMismatchError
-
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} mask tensors missing from the base: {_listing(missing)}")
-            if reshaped:
-                parts.append(f"{len(reshaped)} with different shapes: {_listing(reshaped)}")
-            raise MaskMismatchError(f"{ck.location} does not match the masks ({'; '.join(parts)})")
-        from rlsubnet.checkpoint.hashing import HASH_SCHEME
-
+        diff = layout_diff({t.name: masks[0].shape(t.name) for t in tcs}, {n: i.shape for n, i in ck.infos.items()},
+                           detail=lambda n, a, b: f"{n} {list(b)} vs {list(a)}")
+        diff.extra = []  # base tensors no mask covers are fine: a mask may leave tensors out
+        if diff:
+            raise MaskMismatchError(
+                f"{ck.location} does not match the masks ({diff.describe('mask tensors missing from the base', '')})"
+            )
         # only hashes of this scheme compare (masks written before the switch to XXH3 hold SHA-256 ones)
         recorded = {(m.meta.get("base") or {}).get("content_hash") for m in masks
                     if (m.meta.get("base") or {}).get("content_hash_scheme") == HASH_SCHEME} - {None}
         want_hash = bool(recorded)
         hashes: dict[str, str] = {}
-        block = 1 << 22
+        items = [Item(t.name, t.numel, BUCKET_BLOCK_NUMEL, hash=(0,) if want_hash else (), tag=t) for t in tcs]
 
-        def blocks():
-            for t in tcs:
-                info = ck.infos[t.name]
-                h = TensorHasher(t.name, info.dtype, info.shape) if want_hash else None
-                for start in range(0, t.numel, block):
-                    w = ck.read_flat(t.name, start, min(t.numel, start + block))
-                    if h is not None:
-                        h.update(w)
-                    yield t, start, w
-                if h is not None:
-                    hashes[t.name] = h.hexdigest()
-
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(t.numel for t in tcs), unit="param", unit_scale=True, desc="base", delay=1.0, leave=False)
         for t in tcs:
             t.buckets = np.zeros(nb, dtype=np.int64)
             t.bucket_counts = np.zeros((len(masks), nb), dtype=np.int64)
@@ -412,10 +376,19 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
             patterns = np.arange(1 << m)
             sel = [np.nonzero((patterns >> i) & 1)[0] for i in range(m)]
             sel_pair = {(i, j): np.nonzero(((patterns >> i) & 1) & ((patterns >> j) & 1))[0] for i, j in pairs_idx}
-        try:
-            for t, start, w in prefetch(blocks(), depth=1):
-                stop = start + w.numel()
-                idx = bucket_index(w, bins_per_octave)
+        stream = BlockStream([ck], items, progress="base" if progress else None)
+        with stream as blocks:
+            for block in blocks:
+                t, start, stop = block.item.tag, block.start, block.stop
+                if block.last and want_hash:
+                    hashes[t.name] = block.digests[0]
+                if stop == start:  # an empty tensor: nothing to count
+                    stream.release(block)
+                    continue
+                (w,) = block.tensors()
+                idx = bucket_index(w, bins_per_octave)  # a new array: the block's buffer can go back
+                del w
+                stream.release(block)
                 flags = [mk.flat_block(t.name, start, stop) for mk in masks]
                 if by_pattern:
                     pattern = flags[0].view(np.uint8).copy()
@@ -434,12 +407,7 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
                         t.bucket_counts[mi] += np.bincount(idx[f], minlength=nb)
                     for i, j in pairs_idx:
                         t.bucket_inter[(i, j)] += np.bincount(idx[flags[i] & flags[j]], minlength=nb)
-                if bar is not None:
-                    bar.update(w.numel())
-        finally:
-            if bar is not None:
-                bar.close()
-        ident = checkpoint_identity(ck, hashes if want_hash else None)
+        ident = checkpoint_record(ck, hashes if want_hash else None)
         for m in masks:
             rec = m.meta.get("base") or {}
             if rec.get("layout_sha256") and rec["layout_sha256"] != ident["layout_sha256"]:

@@ -27,7 +27,8 @@ import numpy as np
 
 from rlsubnet import limits
 from rlsubnet.errors import UsageError
-from rlsubnet.masks.mask import Mask, operand_summary, pack_bool, packed_size
+from rlsubnet.masks.io import pack_bool, packed_size
+from rlsubnet.masks.mask import OPERAND, Mask
 
 SCOPES = ("per_tensor", "global")
 CHUNK = 1 << 22  # entries per sampling chunk (a multiple of 8)
@@ -133,7 +134,7 @@ def random_mask(
     meta = {
         "kind": "random",
         "atol": ref.atol if ref else None,
-        "dtype": ref.dtype if ref else None,
+        "dtype": ref.mode if ref else None,
         "base": ref.meta.get("base") if ref else None,
         "tuned": None,
         "extra": {
@@ -144,7 +145,7 @@ def random_mask(
                 "matched": "counts of the reference mask" if density is None else "round(density * numel)",
                 "generator": f"numpy.random.default_rng (PCG64), numpy {np.__version__}",
             },
-            "operands": [operand_summary(ref)] if ref else [],
+            "operands": [ref.describe(OPERAND)] if ref else [],
         },
     }
     return Mask(shapes, packed, meta)

@@ -9,15 +9,17 @@
 File format: :mod:`rlsubnet.patch.format`; bit-level coding: :mod:`rlsubnet.patch.codec`.
 """
 
+from rlsubnet._lazy import lazy_getattr
 from rlsubnet.patch.errors import PatchError, PatchVersionError, WrongBaseError
 
+# name -> module it lives in: torch, numpy and transformers load on first use
 _LAZY = {
     "create_patch": "rlsubnet.patch.encode",
     "write_patch": "rlsubnet.patch.encode",
     "PatchSummary": "rlsubnet.patch.encode",
     "apply_patches": "rlsubnet.patch.apply",
-    "apply_patch_": "rlsubnet.patch.apply",
-    "model_tensors": "rlsubnet.patch.apply",
+    "apply_patch_": "rlsubnet.patch.live",
+    "model_tensors": "rlsubnet.patch.live",
     "ApplySummary": "rlsubnet.patch.apply",
     "PatchFile": "rlsubnet.patch.format",
     "patch_info": "rlsubnet.patch.info",
@@ -28,15 +30,6 @@ _LAZY = {
     "load_private_key": "rlsubnet.patch.signing",
     "load_public_key": "rlsubnet.patch.signing",
 }
-
-
-def __getattr__(name):
-    # torch, numpy and transformers load on first use.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'rlsubnet.patch' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["PatchError", "PatchVersionError", "WrongBaseError", *_LAZY]

@@ -34,6 +34,7 @@ from collections import deque
 import numpy as np
 import zstandard
 
+from rlsubnet._bits import NUMPY_UINT
 from rlsubnet.patch.errors import PatchError
 
 BLOCK_NUMEL = 1 << 20
@@ -44,7 +45,6 @@ GAP_WIDTHS = (1, 2, 4)
 # Bitmap when count * BITMAP_RATIO > block length, i.e. above 1/7 density (the measured crossover is 12-15%).
 BITMAP_RATIO = 7
 
-UINT_OF = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def varint(n: int) -> bytes:
@@ -87,7 +87,7 @@ def join_planes(raw: bytes | memoryview | np.ndarray, esize: int) -> np.ndarray:
     if len(a) % esize:
         raise ValueError(f"{len(a)} bytes are not a whole number of {esize}-byte words")
     n = len(a) // esize
-    kind = UINT_OF[esize]
+    kind = NUMPY_UINT[esize]
     out = a[:n].astype(kind)
     for i in range(1, esize):
         out |= a[i * n : (i + 1) * n].astype(kind) << kind(8 * i)
@@ -113,7 +113,7 @@ def _gaps(rel: np.ndarray) -> bytes:
     gaps = np.diff(rel, prepend=-1) - 1
     top = int(gaps.max())
     width = 1 if top < 1 << 8 else 2 if top < 1 << 16 else 4
-    return bytes([width]) + split_planes(gaps.astype(UINT_OF[width]))
+    return bytes([width]) + split_planes(gaps.astype(NUMPY_UINT[width]))
 
 
 class TensorEncoder:
@@ -313,7 +313,7 @@ class RecordCursor:
         # values _vals; entries before _i (or, when all changed, elements before _lo + _i) are handed out
         self._lo = self._hi = 0
         self._rel: np.ndarray | None = np.empty(0, dtype=np.int64)
-        self._vals = np.empty(0, dtype=UINT_OF[esize])
+        self._vals = np.empty(0, dtype=NUMPY_UINT[esize])
         self._i = 0
         self._taken = 0
         self.changed = 0
@@ -325,7 +325,7 @@ class RecordCursor:
         rel = None if self.full else decode_positions(self._pos, n)
         k = n if rel is None else len(rel)
         self.changed += k
-        self._vals = join_planes(self._val.read(k * self.esize), self.esize) if k else np.empty(0, dtype=UINT_OF[self.esize])
+        self._vals = join_planes(self._val.read(k * self.esize), self.esize) if k else np.empty(0, dtype=NUMPY_UINT[self.esize])
         self._lo, self._hi, self._rel, self._i = lo, lo + n, rel, 0
 
     def _advance(self, start: int, stop: int) -> None:
@@ -396,7 +396,7 @@ class RecordCursor:
         if len(pos_parts) == 1:
             return pos_parts[0], val_parts[0]
         if not pos_parts:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=UINT_OF[self.esize])
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=NUMPY_UINT[self.esize])
         return np.concatenate(pos_parts), np.concatenate(val_parts)
 
     def finish(self) -> None:

@@ -1,7 +1,8 @@
 """Make a patch: the entries whose bits differ between a base and a target checkpoint, and their new values.
 
 Tensors are visited in the base's storage order and read in blocks of about ``read_bytes`` per side by a
-background thread, into recycled buffers, which also hashes them (XXH3, memory speed); the main thread finds
+background thread (:mod:`rlsubnet.checkpoint.stream`), into recycled buffers, which also hashes them (XXH3,
+memory speed); the main thread finds
 the differing bits (an integer XOR in the stored dtype, so -0 vs +0 and NaN payloads count) and codes them
 (codec.py), and a third thread runs zstd on the coded block while the main thread codes the next. One
 tensor's compressed record is held in memory, then appended to the patch file. Memory: a few read blocks
@@ -23,18 +24,18 @@ import zstandard
 from rlsubnet import limits
 from rlsubnet._version import __version__
 from rlsubnet.checkpoint import Checkpoint, element_size, open_checkpoint
-from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes, hash_checkpoint_tensor
+from rlsubnet.checkpoint.align import layout_diff
+from rlsubnet.checkpoint.hashing import HASH_SCHEME, combine_hashes, hash_checkpoint_tensor
 from rlsubnet.checkpoint.index import TORCH_TO_ST, TensorInfo
 from rlsubnet.checkpoint.layout import aux_files
+from rlsubnet.checkpoint.stream import BLOCK_BYTES, BlockStream, Item, block_numel
 from rlsubnet.errors import CheckpointError, MismatchError, UsageError, listing
 from rlsubnet.fileio import locks_output
-from rlsubnet._threads import prefetch
-from rlsubnet.patch._buffers import Recycler
-from rlsubnet.patch.codec import BLOCK_NUMEL, MAX_BLOCK_NUMEL, UINT_OF, VALUE_CODINGS, TensorEncoder
+from rlsubnet.patch.codec import BLOCK_NUMEL, MAX_BLOCK_NUMEL, VALUE_CODINGS, TensorEncoder
 from rlsubnet.patch.format import FORMAT_NAME, FORMAT_VERSION, PatchWriter
+from rlsubnet.patch.live import model_tensors
 
 DEFAULT_LEVEL = 1  # measured: smaller AND faster than 3-19 on position and XOR-value streams (docs/patches.md)
-DEFAULT_READ_BYTES = 16 << 20
 THREADS_FROM_BYTES = 64 << 20  # below this many bytes read, create runs in one thread
 MAX_AUX_FILE_BYTES = 64 << 20
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -94,23 +95,14 @@ def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bo
     if base is None:
         return [_Plan(n, "full", None, i) for n, i in target.infos.items()]
     b, t = base.infos, target.infos
-    missing = [n for n in b if n not in t]
-    extra = [n for n in t if n not in b]
-    relaid = [n for n in b if n in t and (b[n].shape != t[n].shape or b[n].dtype != t[n].dtype)]
-    if (missing or extra or relaid) and not allow_mismatch:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing from the target: {listing(missing)}")
-        if extra:
-            parts.append(f"{len(extra)} only in the target: {listing(extra)}")
-        if relaid:
-            parts.append(
-                f"{len(relaid)} with another dtype or shape: "
-                + listing([f"{n} {_spec(b[n])} vs {_spec(t[n])}" for n in relaid])
-            )
+    diff = layout_diff(b, t, same=lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype),
+                       detail=lambda n, x, y: f"{n} {_spec(x)} vs {_spec(y)}")
+    extra, relaid = diff.extra, set(diff.differ)
+    if diff and not allow_mismatch:
         raise MismatchError(
-            f"{base.location} and {target.location} hold different tensors ({'; '.join(parts)}); pass "
-            "--allow-mismatch to record removed tensors and store new or re-shaped ones whole"
+            f"{base.location} and {target.location} hold different tensors "
+            f"({diff.describe('missing from the target', 'only in the target', 'with another dtype or shape')}); "
+            "pass --allow-mismatch to record removed tensors and store new or re-shaped ones whole"
         )
     plans = []
     for n, bi in b.items():
@@ -124,52 +116,20 @@ def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bo
     return plans
 
 
-def _read_numel(esize: int, block_numel: int, read_bytes: int) -> int:
-    return block_numel * max(1, (read_bytes // esize) // block_numel)
-
-
-def _producer(plans, base, target, block_numel, read_bytes, hash_base: bool, hash_target: bool, pool: Recycler):
-    """Background thread: read blocks into recycled buffers and hash them.
-
-    Yields ("block", plan, start, base words or None, target words, buffers) per block, the words as unsigned
-    integers viewing the buffers (hand those back to ``pool`` when done), then ("end", plan, base digest,
-    target digest, None, None) per tensor. Reading and hashing here, finding and coding the changes in the
-    consumer, keeps two cores busy; hashing (XXH3) costs little next to either.
-    """
+def _items(plans: list[_Plan], coding_block: int, read_bytes: int, hash_base: bool, hash_target: bool) -> list[Item]:
+    """What to stream for each plan, from checkpoints 0 (the base) and 1 (the target): the blocks the patch is
+    made from, and the hashes of both sides (a base copy stored whole, or removed, is read only to hash it)."""
+    items = []
     for plan in plans:
-        bh = TensorHasher(plan.name, plan.base.dtype, plan.base.shape) if hash_base and plan.base else None
-        th = TensorHasher(plan.name, plan.target.dtype, plan.target.shape) if hash_target and plan.target else None
-        if bh and plan.op != "delta":  # removed, or stored whole: the base copy is read only to hash it
-            info = plan.base
-            esize = element_size(info.dtype)
-            step = _read_numel(esize, block_numel, read_bytes)
-            for start in range(0, info.numel, step):
-                stop = min(info.numel, start + step)
-                buf = pool.get((stop - start) * esize)
-                bh.update(base.read_flat_into(plan.name, start, stop, buf))
-                pool.give(buf)
-        if plan.target is not None:
-            info = plan.target
-            esize = element_size(info.dtype)
-            kind = UINT_OF[esize]
-            step = _read_numel(esize, block_numel, read_bytes)
-            for start in range(0, info.numel, step):
-                stop = min(info.numel, start + step)
-                nbytes = (stop - start) * esize
-                tb = pool.get(nbytes)
-                target.read_flat_into(plan.name, start, stop, tb)
-                t = tb[:nbytes].view(kind)
-                if th:
-                    th.update(t)
-                bb = b = None
-                if plan.op == "delta":
-                    bb = pool.get(nbytes)
-                    base.read_flat_into(plan.name, start, stop, bb)
-                    b = bb[:nbytes].view(kind)
-                    if bh:
-                        bh.update(b)
-                yield "block", plan, start, b, t, (bb, tb)
-        yield "end", plan, bh.hexdigest() if bh else None, th.hexdigest() if th else None, None, None
+        hashed = (0,) * (hash_base and plan.base is not None) + (1,) * (hash_target and plan.target is not None)
+        if plan.target is None:  # removed: nothing to code, one (empty) block to end the tensor on
+            items.append(Item(plan.name, 0, 1, read=(), hash=hashed, tag=plan))
+            continue
+        read = (0, 1) if plan.op == "delta" else (1,)
+        # whole coding blocks per read, so the encoder never splits one
+        step = block_numel(read_bytes, element_size(plan.target.dtype), coding_block)
+        items.append(Item(plan.name, plan.target.numel, step, read=read, hash=hashed, tag=plan))
+    return items
 
 
 def encode_checkpoints(
@@ -181,7 +141,7 @@ def encode_checkpoints(
     level: int = DEFAULT_LEVEL,
     allow_mismatch: bool = False,
     block_numel: int = BLOCK_NUMEL,
-    read_bytes: int = DEFAULT_READ_BYTES,
+    read_bytes: int = BLOCK_BYTES,
     base_hashes: dict[str, str] | None = None,
     hash_target_lazily: bool = False,
     progress: bool = False,
@@ -210,89 +170,85 @@ def encode_checkpoints(
     b_hashes: dict[str, str] = {}
     t_hashes: dict[str, str] = {}
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def end_tensor(plan: _Plan, digests: dict[int, str], encoder: TensorEncoder | None) -> dict:
+        """The manifest entry of a tensor whose blocks are all coded, its record appended to ``writer``;
+        ``digests``: the hashes streamed (0: the base's, 1: the target's)."""
+        info = plan.target or plan.base
+        base_digest = base_hashes[plan.name] if plan.base is not None and base_hashes is not None else digests.get(0)
+        entry = {
+            "name": plan.name,
+            "op": plan.op,
+            "dtype": TORCH_TO_ST[info.dtype],
+            "shape": list(info.shape),
+            "numel": info.numel,
+            "changed": 0,
+            "base_hash": base_digest,
+            "target_hash": None,
+            "record": None,
+        }
+        if plan.op == "full" and plan.base is not None:
+            entry["base_dtype"] = TORCH_TO_ST[plan.base.dtype]
+            entry["base_shape"] = list(plan.base.shape)
+        if plan.target is not None:
+            if encoder is None:  # an empty tensor: no blocks were coded
+                encoder = TensorEncoder(info.numel, element_size(info.dtype), cctx, block_numel,
+                                        full=plan.op == "full", pool=zpool)
+            pos, val = encoder.finish()
+            entry["changed"] = encoder.changed
+            if plan.op == "delta" and encoder.changed == 0:
+                entry["op"] = "same"
+            elif plan.op == "full" or encoder.changed:
+                entry["record"] = writer.add_record(pos, val)
+            target_digest = digests.get(1)
+            if lazy:
+                target_digest = base_digest if entry["op"] == "same" else hash_checkpoint_tensor(target, plan.name)
+            entry["target_hash"] = t_hashes[plan.name] = target_digest
+        if plan.base is not None:
+            b_hashes[plan.name] = base_digest
+        return entry
 
-        total = sum((p.base.nbytes if p.base else 0) + (p.target.nbytes if p.target else 0) for p in plans)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="patch create", delay=1.0, leave=False)
-    sizes = {element_size(i.dtype) for p in plans for i in (p.base, p.target) if i is not None}
-    pool = Recycler(max([_read_numel(e, block_numel, read_bytes) * e for e in sizes], default=read_bytes))
-    xor_buf = np.empty(pool.nbytes, dtype=np.uint8)  # the consumer's scratch, reused for every block
-    mask_buf = np.empty(pool.nbytes, dtype=bool)
     encoder: TensorEncoder | None = None
     # Threads pay off on large checkpoints; on small ones (the demo's 2 MB models) handing tiny blocks between
     # threads costs more than the work: then everything runs here, in order.
     threaded = sum((p.base.nbytes if p.base else 0) + (p.target.nbytes if p.target else 0) for p in plans) > (
         THREADS_FROM_BYTES
     )
+    stream = BlockStream([base, target], _items(plans, block_numel, read_bytes, hash_base, not lazy),
+                         depth=2 if threaded else 0, block_bytes=read_bytes, progress="patch create" if progress else None)
+    xor_buf = np.empty(stream.pool.nbytes, dtype=np.uint8)  # the consumer's scratch, reused for every block
+    mask_buf = np.empty(stream.pool.nbytes, dtype=bool)
     zpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsubnet-zstd") if threaded else None
-    blocks = _producer(plans, base, target, block_numel, read_bytes, hash_base, not lazy, pool)
     try:
-        for kind, plan, a, b, t, bufs in prefetch(blocks) if threaded else blocks:
-            info = plan.target or plan.base
-            esize = element_size(info.dtype)
-            if kind == "block":
-                if encoder is None:
-                    encoder = TensorEncoder(info.numel, esize, cctx, block_numel, full=plan.op == "full", pool=zpool)
-                if plan.op == "delta":
-                    if t.nbytes <= len(xor_buf):
-                        x = np.bitwise_xor(b, t, out=xor_buf[: t.nbytes].view(t.dtype))
-                        changed = np.not_equal(x, 0, out=mask_buf[: len(x)])
-                    else:  # a coding block larger than the read size
-                        x = b ^ t
-                        changed = None
-                    encoder.add_delta(a, x, t if values == "absolute" else None, changed)
-                else:
-                    encoder.add_full(a, t)
-                pool.give(*bufs)
-                if bar is not None:
-                    bar.update(t.nbytes * (2 if b is not None else 1))
-                continue
-            # end of a tensor: a and b are the base and target digests (None when not hashed here)
-            base_digest = (base_hashes[plan.name] if plan.base is not None and base_hashes is not None else a)
-            entry = {
-                "name": plan.name,
-                "op": plan.op,
-                "dtype": TORCH_TO_ST[info.dtype],
-                "shape": list(info.shape),
-                "numel": info.numel,
-                "changed": 0,
-                "base_hash": base_digest,
-                "target_hash": None,
-                "record": None,
-            }
-            if plan.op == "full" and plan.base is not None:
-                entry["base_dtype"] = TORCH_TO_ST[plan.base.dtype]
-                entry["base_shape"] = list(plan.base.shape)
-            if plan.target is not None:
-                if encoder is None:  # an empty tensor: no blocks were read
-                    encoder = TensorEncoder(info.numel, esize, cctx, block_numel, full=plan.op == "full", pool=zpool)
-                pos, val = encoder.finish()
-                entry["changed"] = encoder.changed
-                if plan.op == "delta" and encoder.changed == 0:
-                    entry["op"] = "same"
-                elif plan.op == "full" or encoder.changed:
-                    entry["record"] = writer.add_record(pos, val)
-                target_digest = b
-                if lazy:
-                    if entry["op"] == "same":
-                        target_digest = base_digest
+        with stream as blocks:
+            for block in blocks:
+                plan: _Plan = block.item.tag
+                info = plan.target or plan.base
+                esize = element_size(info.dtype)
+                if block.stop > block.start:
+                    if encoder is None:
+                        encoder = TensorEncoder(info.numel, esize, cctx, block_numel, full=plan.op == "full", pool=zpool)
+                    words = block.words()  # (base, target) for a delta, (target,) for a tensor stored whole
+                    t = words[-1]
+                    if plan.op == "delta":
+                        b = words[0]
+                        if t.nbytes <= len(xor_buf):
+                            x = np.bitwise_xor(b, t, out=xor_buf[: t.nbytes].view(t.dtype))
+                            changed = np.not_equal(x, 0, out=mask_buf[: len(x)])
+                        else:  # a coding block larger than the read size
+                            x = b ^ t
+                            changed = None
+                        encoder.add_delta(block.start, x, t if values == "absolute" else None, changed)
                     else:
-                        target_digest = hash_checkpoint_tensor(target, plan.name)
-                entry["target_hash"] = target_digest
-                t_hashes[plan.name] = target_digest
-            elif bar is not None:
-                bar.update(plan.base.nbytes)
-            if plan.base is not None:
-                b_hashes[plan.name] = base_digest
-            entries.append(entry)
-            encoder = None
+                        encoder.add_full(block.start, t)
+                    del words, t
+                stream.release(block)
+                if not block.last:
+                    continue
+                entries.append(end_tensor(plan, block.digests, encoder))
+                encoder = None
     finally:
         if zpool is not None:
             zpool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.close()
     return entries, b_hashes, t_hashes
 
 
@@ -368,7 +324,7 @@ def write_patch(
     metadata: dict | None = None,
     overwrite: bool = False,
     block_numel: int = BLOCK_NUMEL,
-    read_bytes: int = DEFAULT_READ_BYTES,
+    read_bytes: int = BLOCK_BYTES,
     base_hashes: dict[str, str] | None = None,
     hash_target_lazily: bool = False,
     progress: bool = False,
@@ -388,17 +344,8 @@ def write_patch(
         raise CheckpointError(f"{target.location}: holds {what}: nothing to patch")
     with PatchWriter(out, overwrite=overwrite, sign_key=sign_key) as writer:
         entries, b_hashes, t_hashes = encode_checkpoints(
-            writer,
-            base,
-            target,
-            values=values,
-            level=level,
-            allow_mismatch=allow_mismatch,
-            block_numel=block_numel,
-            read_bytes=read_bytes,
-            base_hashes=base_hashes,
-            hash_target_lazily=hash_target_lazily,
-            progress=progress,
+            writer, base, target, values=values, level=level, allow_mismatch=allow_mismatch, block_numel=block_numel,
+            read_bytes=read_bytes, base_hashes=base_hashes, hash_target_lazily=hash_target_lazily, progress=progress,
         )
         files, skipped = _files_section(writer, base, target, level) if include_files else (None, [])
         manifest = {
@@ -425,36 +372,23 @@ def write_patch(
 
 
 @locks_output("out")
-def create_patch(
-    base,
-    tuned,
-    out: str | Path,
-    *,
-    values: str = "xor",
-    level: int = DEFAULT_LEVEL,
-    allow_mismatch: bool = False,
-    include_files: bool = True,
-    metadata: dict | None = None,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    allow_download: bool = False,
-    progress: bool = False,
-    sign_key=None,
-) -> PatchSummary:
+def create_patch(base, tuned, out: str | Path, *, allow_pickle: bool = False, allow_download: bool = False,
+                 **options) -> PatchSummary:
     """Write a lossless patch that turns ``base`` into ``tuned``; ``base=None`` writes a full anchor.
 
     ``base``/``tuned``: a model folder, a .safetensors file, a hub id in the local cache, a state dict or a
-    module. ``values="xor"`` stores each changed entry as new bits XOR old bits (smallest when changes are
-    small, as in RL); ``"absolute"`` stores the new bits themselves. Both rebuild the target bit for bit.
-    ``sign_key``: an Ed25519 private key (file path, key object or 32 raw bytes) to sign the patch with.
+    module. ``options`` are :func:`write_patch`'s: ``values="xor"`` (default) stores each changed entry as new
+    bits XOR old bits (smallest when changes are small, as in RL), ``"absolute"`` the new bits themselves (both
+    rebuild the target bit for bit); ``level`` (zstd), ``allow_mismatch``, ``include_files``, ``metadata``,
+    ``overwrite``, ``progress``; ``sign_key``: an Ed25519 private key (file path, key object or 32 raw bytes)
+    to sign the patch with.
 
     >>> rlsubnet.patch.create_patch("base/", "grpo/", "grpo.rlpatch").nbytes
     """
     opts = {"allow_pickle": allow_pickle, "allow_download": allow_download}
-    level = limits.integer(level, "level", 1, 22)
+    limits.integer(options.get("level", DEFAULT_LEVEL), "level", 1, 22)  # before any checkpoint is opened
     if isinstance(base, torch.nn.Module) or isinstance(tuned, torch.nn.Module):
-        from rlsubnet.patch.apply import model_tensors  # tied weights once, as apply_patch_ expects
-
+        # tied weights once, and no entries that are not tensors: what apply_patch_ will see
         base = model_tensors(base) if isinstance(base, torch.nn.Module) else base
         tuned = model_tensors(tuned) if isinstance(tuned, torch.nn.Module) else tuned
     opened = []
@@ -465,19 +399,7 @@ def create_patch(
             opened.append(base_ck)
         tuned_ck = open_checkpoint(tuned, **opts, label="tuned")
         opened.append(tuned_ck)
-        return write_patch(
-            base_ck,
-            tuned_ck,
-            out,
-            values=values,
-            level=level,
-            allow_mismatch=allow_mismatch,
-            include_files=include_files,
-            metadata=metadata,
-            overwrite=overwrite,
-            progress=progress,
-            sign_key=sign_key,
-        )
+        return write_patch(base_ck, tuned_ck, out, **options)
     finally:
         for ck in opened:
             if ck is not base and ck is not tuned:

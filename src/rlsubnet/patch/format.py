@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,8 @@ from rlsubnet._version import __version__
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, combine_hashes
 from rlsubnet.checkpoint.index import ST_DTYPES
 from rlsubnet.checkpoint.layout import is_weight_file
-from rlsubnet.fileio import member_name_problem, temp_file_beside
+from rlsubnet.fileio import member_name_problem
+from rlsubnet.staged import StagedFile
 from rlsubnet.patch.errors import PatchError, PatchVersionError
 from rlsubnet.patch.signing import fingerprint, load_private_key, sign_digest, verify_digest
 from rlsubnet.patch.signing import trusted_keys as as_trusted
@@ -83,7 +83,7 @@ def _sha256(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-class PatchWriter:
+class PatchWriter(StagedFile):
     """Write a patch file: records first, streamed to a temporary file, then the manifest and trailer.
 
     The file appears under its final name only when :meth:`finish` succeeds (fsync, then rename).
@@ -102,10 +102,8 @@ class PatchWriter:
             raise PatchError(f"{self.path}: is a folder; give a file name for the patch")
         if self.path.exists() and not overwrite:
             raise PatchError(f"{self.path}: exists (choose another output or pass --overwrite)")
-        fd, tmp = temp_file_beside(self.path, PatchError)
+        super().__init__(self.path, PatchError)
         self._overwrite = overwrite
-        self._tmp = Path(tmp)
-        self._f = os.fdopen(fd, "wb")
         self._write(HEAD.pack(MAGIC, FORMAT_VERSION, 0))
         self._offset = HEAD.size
 
@@ -136,22 +134,13 @@ class PatchWriter:
             frame += sig
         self._f.write(TRAILER.pack(self._offset, len(frame), hashlib.sha256(frame).digest(), END_MAGIC))
         size = self._offset + len(frame) + TRAILER.size
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        if self.path.exists() and not self._overwrite:  # a writer that took no lock finished first
-            self._tmp.unlink(missing_ok=True)
-            raise PatchError(f"{self.path}: was created by another run meanwhile; not replaced (pass --overwrite)")
-        os.replace(self._tmp, self.path)
+
+        def refuse_if_created() -> None:  # a writer that took no lock finished first
+            if self.path.exists() and not self._overwrite:
+                raise PatchError(f"{self.path}: was created by another run meanwhile; not replaced (pass --overwrite)")
+
+        self._commit(refuse_if_created)
         return size
-
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, exc_type, exc, tb):
         if not self._f.closed:  # an exception, or finish() never called: leave nothing behind

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from rlsubnet.errors import RlsubnetError, UsageError
-from rlsubnet.fileio import cannot_write, fix_mode
+from rlsubnet.fileio import atomic_write_bytes
 
 # Signed: this context, then the sha256 of every byte of the file before the signature. The context keeps a
 # patch signature from being valid as a signature of anything else made with the same key.
@@ -70,30 +69,9 @@ def generate_key(path: str | Path, *, overwrite: bool = False) -> tuple[Path, Pa
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_atomic(pub_path, public_pem, private=False)
-    _write_atomic(path, private_pem, private=True)
+    atomic_write_bytes(pub_path, public_pem, error=UsageError)
+    atomic_write_bytes(path, private_pem, private=True, error=UsageError)
     return path, pub_path, fingerprint(key.public_key())
-
-
-def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp creates the file 0600: a private key's file is never open to others, not even empty (an fd
-        # opened then would read the key later)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise cannot_write(path.parent, exc, path.name, UsageError) from None
-    try:
-        if not private:
-            fix_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_private_key(key) -> Ed25519PrivateKey:

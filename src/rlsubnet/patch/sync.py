@@ -14,7 +14,7 @@ same state, so a worker that fell behind or joined late resynchronises from the 
       step-00000020.rlpatch            ... every K steps
       step-00000020.anchor.rlpatch     every M patches: the full weights at that step
 
-Workers call :func:`sync_receive` (or :func:`~rlsubnet.patch.apply.apply_patch_` per file): each patch is
+Workers call :func:`sync_receive` (or :func:`~rlsubnet.patch.live.apply_patch_` per file): each patch is
 applied only to a model whose content hash is the patch's base, and the model ends bit-identical to the
 trainer's bf16 weights at that step.
 
@@ -40,7 +40,7 @@ from rlsubnet.checkpoint.index import TensorInfo
 from rlsubnet.checkpoint.reader import StateDictCheckpoint
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_write_text, safe_member_name
-from rlsubnet.patch.apply import apply_patch_, model_tensors
+from rlsubnet.patch.live import apply_patch_, model_tensors
 from rlsubnet.patch.encode import DEFAULT_LEVEL, write_patch
 from rlsubnet.patch.errors import WrongBaseError
 from rlsubnet.patch.format import PatchFile

@@ -28,7 +28,7 @@ def provenance(results: Sequence[CompareResult]) -> dict:
 
 
 def settings_line(r: CompareResult) -> str:
-    return f"dtype {r.dtype}, atol {', '.join(fmt_atol(a) for a in r.atols)}, rlsubnet {__version__}"
+    return f"dtype {r.mode}, atol {', '.join(fmt_atol(a) for a in r.atols)}, rlsubnet {__version__}"
 
 
 def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]:

@@ -78,7 +78,7 @@ GROUP_LEGEND = (
 def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -> str:
     """The terminal report of ``rlsubnet compare``."""
     r0 = results[0]
-    out = [f"base: {r0.base}    dtype: {r0.dtype}    atol: {', '.join(fmt_atol(a) for a in r0.atols)}"]
+    out = [f"base: {r0.base}    dtype: {r0.mode}    atol: {', '.join(fmt_atol(a) for a in r0.atols)}"]
     for k, r in enumerate(results):
         out.append(f"[{k}] tuned: {r.tuned}    tensors: {len(r.tensors)}    params: {r.numel:,}")
     out.append("")

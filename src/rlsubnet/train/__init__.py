@@ -7,6 +7,7 @@ extra) and are imported on first use.
 from rlsubnet.train.masking import (
     FullMaskWarning,
     MaskDtypeWarning,
+    MaskModeWarning,
     MaskedOptimizer,
     frozen_changes,
     frozen_snapshot,
@@ -36,6 +37,7 @@ __all__ = [
     "check_frozen_masters",
     "FullMaskWarning",
     "MaskDtypeWarning",
+    "MaskModeWarning",
     "MaskedOptimizer",
     "MaskedTrainerMixin",
     "SparseMaskedOptimizer",

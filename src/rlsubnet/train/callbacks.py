@@ -12,6 +12,7 @@ Use :func:`rlsubnet.train.attach_mask` rather than this class directly: it also 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from transformers import TrainerCallback
@@ -19,33 +20,24 @@ from transformers import TrainerCallback
 from rlsubnet.masks.mask import MaskError, as_mask
 from rlsubnet.train.masking import MaskedOptimizer, unwrap_optimizer
 
+# MaskedOptimizer's options (and the old name of one), checked when the callback is made, not at the first step
+OPTIONS = {n for n, p in inspect.signature(MaskedOptimizer).parameters.items() if p.kind == p.KEYWORD_ONLY}
+OPTIONS |= {"compare_dtype"}
+
 logger = logging.getLogger(__name__)
 
 
 class SubnetworkCallback(TrainerCallback):
-    """Mask the trainer's optimizer from the first step on (options as for :class:`MaskedOptimizer`)."""
+    """Mask the trainer's optimizer from the first step on; ``options`` as for :class:`MaskedOptimizer`
+    (``strict``, ``mask_before_clip``, ``compare_mode``, ``allow_full``, ``allow_empty``, ``verify_steps``)."""
 
-    def __init__(
-        self,
-        mask,
-        *,
-        strict: bool | None = None,
-        mask_before_clip: bool = False,
-        compare_dtype: str | None = "bf16",
-        allow_full: bool = False,
-        allow_empty: bool = False,
-        verify_steps: int = 1,
-    ):
+    def __init__(self, mask, **options):
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (options: {', '.join(sorted(OPTIONS))})")
         self.mask = as_mask(mask)  # load (and verify) now: a bad mask fails before any training
-        self.mask_before_clip = mask_before_clip
-        self.options = {
-            "strict": strict,
-            "mask_before_clip": mask_before_clip,
-            "compare_dtype": compare_dtype,
-            "allow_full": allow_full,
-            "allow_empty": allow_empty,
-            "verify_steps": verify_steps,
-        }
+        self.mask_before_clip = bool(options.get("mask_before_clip", False))
+        self.options = options
         self.masked: MaskedOptimizer | None = None
         self.clip_wired = False
         self.last_report: dict | None = None

@@ -27,7 +27,7 @@ tried to move is counted in :meth:`report`. Strict mode guarantees the parameter
 fp32 masters when the model trains in fp32 under bf16 autocast), not the optimizer's internal state.
 
 Fail loudly: names or shapes that differ between the mask and the model, a mask that selects nothing (error) or
-everything (warning), a mask built in another comparison dtype than the one the run will be judged in (warning),
+everything (warning), a mask built in another comparison mode than the one the run will be judged in (warning),
 an optimizer parameter the model does not name (error). The first ``verify_steps`` steps are checked bit for bit
 even in exact mode, and a frozen entry that moved is an error.
 """
@@ -41,6 +41,10 @@ from pathlib import Path
 
 import torch
 
+from rlsubnet import limits
+from rlsubnet._bits import int_view
+from rlsubnet.checkpoint.align import layout_diff
+from rlsubnet.checkpoint.tensors import tied_groups
 from rlsubnet.errors import listing as _listing
 from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, as_mask
 from rlsubnet.train.sharding import local as _local
@@ -51,11 +55,13 @@ EXACT_STATE_KEYS: dict[type, tuple[str, ...]] = {
     torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
 }
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class MaskDtypeWarning(UserWarning):
-    """The mask was built comparing in another dtype than the one the trained model will be compared in."""
+class MaskModeWarning(UserWarning):
+    """The mask was built in another comparison mode than the one the trained model will be compared in."""
+
+
+MaskDtypeWarning = MaskModeWarning  # its name before the comparison mode had its own
 
 
 class FullMaskWarning(UserWarning):
@@ -113,32 +119,22 @@ def resolve_parameter_masks(mask: Mask, model: torch.nn.Module) -> tuple[dict[in
     difference is a :class:`MaskMismatchError` listing them all.
     """
     model = unwrap_model(model)
-    by_name = dict(model.named_parameters(remove_duplicate=False))
+    named = list(model.named_parameters(remove_duplicate=False))
+    by_name = dict(named)
     buffers = {n for n, _ in model.named_buffers()}
-    missing_in_model = [n for n in mask.names() if n not in by_name and n not in buffers]
     in_buffers = [n for n in mask.names() if n not in by_name and n in buffers]
-    reshaped = [
-        f"{n} {list(mask.shape(n))} in the mask vs {list(by_name[n].shape)} in the model"
-        for n in mask.names() if n in by_name and tuple(by_name[n].shape) != mask.shape(n)
-    ]
-    names_of: dict[int, list[str]] = {}
-    params: dict[int, torch.nn.Parameter] = {}
-    for n, p in by_name.items():
-        names_of.setdefault(id(p), []).append(n)
-        params[id(p)] = p
-    uncovered = [ns[0] for pid, ns in names_of.items() if params[pid].requires_grad and not any(n in mask for n in ns)]
-    if missing_in_model or reshaped or uncovered:
-        parts = []
-        if missing_in_model:
-            parts.append(f"{len(missing_in_model)} mask tensors the model does not have: {_listing(missing_in_model)}")
-        if uncovered:
-            parts.append(f"{len(uncovered)} trainable parameters the mask does not cover: {_listing(uncovered)}")
-        if reshaped:
-            parts.append(f"{len(reshaped)} with different shapes: {_listing(reshaped)}")
+    groups = tied_groups(named, key=id)  # first name -> every name of that parameter
+    diff = layout_diff({n: mask.shape(n) for n in mask.names() if n not in in_buffers},
+                       {n: tuple(p.shape) for n, p in named},
+                       detail=lambda n, a, b: f"{n} {list(a)} in the mask vs {list(b)} in the model")
+    # a parameter is covered when the mask has any of its names; frozen ones need not be
+    diff.extra = [first for first, ns in groups.items() if by_name[first].requires_grad and not any(n in mask for n in ns)]
+    if diff:
         src = mask.meta.get("path") or "the mask"
-        raise MaskMismatchError(f"{src} does not fit this model ({'; '.join(parts)})")
+        why = diff.describe("mask tensors the model does not have", "trainable parameters the mask does not cover")
+        raise MaskMismatchError(f"{src} does not fit this model ({why})")
     out: dict[int, ParamMask] = {}
-    for pid, ns in names_of.items():
+    for ns in groups.values():
         covered = [n for n in ns if n in mask]
         if not covered:
             continue  # requires_grad=False and not in the mask: not ours to train
@@ -148,19 +144,13 @@ def resolve_parameter_masks(mask: Mask, model: torch.nn.Module) -> tuple[dict[in
                 raise MaskMismatchError(
                     f"{covered[0]!r} and {other!r} are one tied parameter in this model but have different masks"
                 )
-        p = params[pid]
+        p = by_name[ns[0]]
         trainable = mask.tensor(covered[0], device=p.device)
         n_trainable = int(mask.count(covered[0]))
         # FSDP2 (DTensor) parameters get their mask sharded the same way, so masked ops stay on the local shard
         frozen = None if n_trainable == p.numel() else shard_like(~trainable, p, covered[0])
-        out[pid] = ParamMask(covered[0], tuple(ns), p, frozen, n_trainable)
+        out[id(p)] = ParamMask(covered[0], tuple(ns), p, frozen, n_trainable)
     return out, in_buffers
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype.is_floating_point or t.dtype.is_complex:
-        return t.view(_INT_VIEW[t.element_size()])
-    return t
 
 
 class MaskedOptimizer:
@@ -173,8 +163,8 @@ class MaskedOptimizer:
     ``mask`` is a :class:`~rlsubnet.masks.Mask`, a mask file, or a dict name -> bool tensor (True = trains).
     ``model`` names the parameters (DDP / compile wrappers are looked through). ``strict=None`` picks exact mode
     for SGD/Adam/AdamW and strict mode for anything else; ``strict=False`` with another optimizer is an error.
-    ``compare_dtype`` is the dtype the trained model will be compared in ("bf16", "fp32", "native"; None skips
-    the check). ``verify_steps`` steps are checked bit for bit (0 disables the check in exact mode).
+    ``compare_mode`` is the comparison mode the trained model will be compared in ("bf16", "fp32", "native";
+    None skips the check). ``verify_steps`` steps are checked bit for bit (0 disables the check in exact mode).
     """
 
     def __init__(
@@ -185,11 +175,19 @@ class MaskedOptimizer:
         *,
         strict: bool | None = None,
         mask_before_clip: bool = False,
-        compare_dtype: str | None = "bf16",
+        compare_mode: str | None = "bf16",
         allow_full: bool = False,
         allow_empty: bool = False,
         verify_steps: int = 1,
+        **legacy,
     ):
+        if "compare_dtype" in legacy:  # the option's name before the comparison mode had its own
+            warnings.warn("compare_dtype= is now compare_mode=", DeprecationWarning, stacklevel=2)
+            compare_mode = legacy.pop("compare_dtype")
+        if legacy:
+            raise TypeError(f"unexpected keyword argument {next(iter(legacy))!r}")
+        if compare_mode is not None:
+            limits.mode(compare_mode, "compare_mode")
         opt = unwrap_optimizer(optimizer)
         if getattr(opt, "_rlsubnet_masked", None) is not None:
             raise MaskError("this optimizer is already masked (call .remove() on the first MaskedOptimizer)")
@@ -207,7 +205,7 @@ class MaskedOptimizer:
             )
         self.strict = bool(strict)
         self.verify_steps = int(verify_steps)
-        self._check_mask_level(allow_full, allow_empty, compare_dtype)
+        self._check_mask_level(allow_full, allow_empty, compare_mode)
 
         self._pmasks, self.buffers_in_mask = resolve_parameter_masks(self.mask, model)
         opt_params = {id(p): p for g in opt.param_groups for p in g["params"]}
@@ -241,19 +239,19 @@ class MaskedOptimizer:
         opt._rlsubnet_masked = self
 
     # -- checks at attach time
-    def _check_mask_level(self, allow_full: bool, allow_empty: bool, compare_dtype: str | None) -> None:
+    def _check_mask_level(self, allow_full: bool, allow_empty: bool, compare_mode: str | None) -> None:
         m = self.mask
         src = m.meta.get("path") or "the mask"
         if m.changed == 0 and not allow_empty:
             raise MaskError(f"{src} has density 0: no parameter would train")
         if m.numel and m.changed == m.numel and not allow_full:
             warnings.warn(FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3)
-        if compare_dtype is not None and m.kind not in ("given", "ones", "zeros") and m.dtype != compare_dtype:
-            built = f"comparing in {m.dtype!r}" if m.dtype else "with no recorded comparison dtype"
-            warnings.warn(MaskDtypeWarning(
-                f"{src} was built {built}, but this run will be compared in {compare_dtype!r}: which entries count "
-                "as changed depends on the dtype (a bf16 mask of an fp32 run is not its subnetwork); rebuild the "
-                f"mask with --dtype {compare_dtype}, or pass compare_dtype=None if this is intended"
+        if compare_mode is not None and m.kind not in ("given", "ones", "zeros") and m.mode != compare_mode:
+            built = f"comparing in {m.mode!r}" if m.mode else "with no recorded comparison mode"
+            warnings.warn(MaskModeWarning(
+                f"{src} was built {built}, but this run will be compared in {compare_mode!r}: which entries count "
+                "as changed depends on the mode (a bf16 mask of an fp32 run is not its subnetwork); rebuild the "
+                f"mask with --mode {compare_mode}, or pass compare_mode=None if this is intended"
             ), stacklevel=3)
 
     # -- the step
@@ -390,7 +388,7 @@ class MaskedOptimizer:
             p = _local(pm.param.detach())
             frozen = None if pm.all_frozen else _local(pm.frozen)
             now = p if pm.all_frozen else p.masked_select(frozen)
-            moved = int((_bits(now) != _bits(saved)).sum())
+            moved = int((int_view(now) != int_view(saved)).sum())
             if moved:
                 moved_report.append(f"{pm.name}: {moved}")
                 if pm.all_frozen:
@@ -458,8 +456,7 @@ class MaskedOptimizer:
             "mode": "strict (frozen entries restored after each step)" if self.strict else "exact (zero update)",
             "order": "mask, then clip" if self.mask_before_clip else "clip the full gradient, then mask",
             "weight_decay": "applied inside the mask only" if self.exact else "optimizer's own; frozen entries restored",
-            "mask": {"kind": self.mask.kind, "path": self.mask.meta.get("path"), "atol": self.mask.atol,
-                     "dtype": self.mask.dtype, "density": self.mask.density, "bits_sha256": self.mask.bits_sha256()},
+            "mask": self.mask.describe(("kind", "path", "atol", "dtype", "density", "bits_sha256")),
             "numel": self.numel,
             "trainable": self.n_trainable,
             "density": self.density,
@@ -490,7 +487,7 @@ def frozen_changes(model: torch.nn.Module, mask: Mask, before: Mapping[str, torc
     out = {}
     for n, old in before.items():
         now = params[n].detach()
-        diff = _bits(now) != _bits(old)
+        diff = int_view(now) != int_view(old)
         trainable = mask.tensor(n, device=now.device)
         out[n] = (int((diff & ~trainable).sum()), int((diff & trainable).sum()))
     return out

@@ -150,7 +150,7 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         mask_before_clip: bool = False,
         accumulation_steps: int = 1,
         reduce_grads: str | None = None,
-        compare_dtype: str | None = "bf16",
+        compare_mode: str | None = "bf16",
         allow_full: bool = False,
     ):
         self.kind = _kind(optimizer)
@@ -162,7 +162,7 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         if reduce_grads not in (None, "backward", "step"):
             raise UsageError(f"reduce_grads must be 'backward', 'step' or None, got {reduce_grads!r}")
         self.mask = as_mask(mask)
-        self._check_mask(compare_dtype, allow_full)
+        self._check_mask(compare_mode, allow_full)
 
         pmasks, self.buffers_in_mask = resolve_parameter_masks(self.mask, model)
         params = [pm for pm in pmasks.values() if pm.param.requires_grad]
@@ -237,18 +237,18 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
                 "maximize": bool(maximize), "amsgrad": False,
                 "decoupled_weight_decay": self.kind == "adamw" or bool(decoupled)}
 
-    def _check_mask(self, compare_dtype: str | None, allow_full: bool) -> None:
+    def _check_mask(self, compare_mode: str | None, allow_full: bool) -> None:
         m = self.mask
         src = m.meta.get("path") or "the mask"
         if m.changed == 0:
             raise MaskError(f"{src} has density 0: no parameter would train")
         if m.numel and m.changed == m.numel and not allow_full:
             warnings.warn(FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3)
-        if compare_dtype is not None and m.kind not in ("given", "ones", "zeros") and m.dtype != compare_dtype:
+        if compare_mode is not None and m.kind not in ("given", "ones", "zeros") and m.mode != compare_mode:
             built = f"comparing in {m.dtype!r}" if m.dtype else "with no recorded comparison dtype"
             warnings.warn(MaskDtypeWarning(
-                f"{src} was built {built}, but this run will be compared in {compare_dtype!r}: rebuild the mask "
-                f"with --dtype {compare_dtype}, or pass compare_dtype=None if this is intended"
+                f"{src} was built {built}, but this run will be compared in {compare_mode!r}: rebuild the mask "
+                f"with --mode {compare_mode}, or pass compare_mode=None if this is intended"
             ), stacklevel=3)
 
     def _make_slot(self, pm) -> _Slot:

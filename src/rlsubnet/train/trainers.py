@@ -23,7 +23,7 @@ def attach_mask(trainer, mask, **options) -> SubnetworkCallback:
     """Restrict ``trainer``'s optimizer to ``mask`` from its first step; returns the callback (see its report).
 
     Options are those of :class:`rlsubnet.train.MaskedOptimizer`: ``strict``, ``mask_before_clip``,
-    ``compare_dtype``, ``allow_full``, ``allow_empty``, ``verify_steps``. With ``mask_before_clip=True`` the
+    ``compare_mode``, ``allow_full``, ``allow_empty``, ``verify_steps``. With ``mask_before_clip=True`` the
     gradient is masked before the trainer clips it (the clipping norm then only sees the subnetwork).
     """
     for cb in trainer.callback_handler.callbacks:
