@@ -318,7 +318,7 @@ def test_empty_full_and_dtype_checks():
         MaskedOptimizer(opt, fp32_mask, model, compare_mode="fp32").remove()
         MaskedOptimizer(opt, _mask_for(model), model).remove()
     with pytest.warns(DeprecationWarning, match="compare_mode"):  # the option's old name still works
-        MaskedOptimizer(opt, fp32_mask, model, compare_mode="fp32").remove()
+        MaskedOptimizer(opt, fp32_mask, model, compare_dtype="fp32").remove()
     # a mask that covers only tensors the optimizer does not train selects nothing it trains
     only_fc1 = {n: (torch.ones(p.shape, dtype=torch.bool) if n.startswith("fc1") else torch.zeros(p.shape, dtype=torch.bool))
                 for n, p in model.named_parameters()}
