@@ -9,7 +9,6 @@ from rlsubnet._lazy import lazy_getattr
 from rlsubnet._version import __version__
 from rlsubnet.errors import CheckpointError, MismatchError, RlsubnetError, UsageError
 
-
 # name -> module it lives in, imported on first use
 _LAZY = {
     "compare": "rlsubnet.engine",

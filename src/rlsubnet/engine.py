@@ -73,7 +73,11 @@ def compare_many(
         plans = []
         for ck in tuned_cks:
             names, skipped = align(
-                base_ck.infos, ck.infos, allow_mismatch=allow_mismatch, base_label=base_ck.location, tuned_label=ck.location
+                base_ck.infos,
+                ck.infos,
+                allow_mismatch=allow_mismatch,
+                base_label=base_ck.location,
+                tuned_label=ck.location,
             )
             require_parameters(base_ck.infos, ck.infos, names, base_label=base_ck.location, tuned_label=ck.location)
             plans.append((set(names), skipped))
@@ -84,9 +88,20 @@ def compare_many(
         for name in base_ck.names():
             binfo = base_ck.infos[name]
             accs = [
-                (i, DeltaAccumulator(name, binfo.shape, binfo.dtype, ck.infos[name].dtype, atols, mode,
-                                     rank=rank and not is_norm(name)))
-                for i, ck in enumerate(tuned_cks) if name in plans[i][0]
+                (
+                    i,
+                    DeltaAccumulator(
+                        name,
+                        binfo.shape,
+                        binfo.dtype,
+                        ck.infos[name].dtype,
+                        atols,
+                        mode,
+                        rank=rank and not is_norm(name),
+                    ),
+                )
+                for i, ck in enumerate(tuned_cks)
+                if name in plans[i][0]
             ]
             if accs:
                 sides = (0, *(1 + i for i, _ in accs))
@@ -129,8 +144,9 @@ def compare_many(
                 ck.close()
 
 
-def compare(base, tuned, *, atol: float | Sequence[float] = DEFAULT_ATOLS, mode: str = "bf16", rank: bool = False,
-            **kw) -> CompareResult:
+def compare(
+    base, tuned, *, atol: float | Sequence[float] = DEFAULT_ATOLS, mode: str = "bf16", rank: bool = False, **kw
+) -> CompareResult:
     """Measure how ``tuned`` differs from ``base``: sparsity at each atol, groupings and (optionally) update rank.
 
     >>> r = rlsubnet.compare("base/", "grpo/", atol=(0, 1e-5), mode="bf16")

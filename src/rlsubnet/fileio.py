@@ -86,8 +86,9 @@ def cannot_write(folder: Path, exc: OSError, what: str, error: type[RlsubnetErro
     return error(f"{folder}: cannot write {what} there ({exc.strerror or exc})")
 
 
-def temp_file_beside(path: Path, error: type[RlsubnetError] = RlsubnetError, *, private: bool = False
-                     ) -> tuple[int, str]:
+def temp_file_beside(
+    path: Path, error: type[RlsubnetError] = RlsubnetError, *, private: bool = False
+) -> tuple[int, str]:
     """Create (with its folder) a temporary file next to ``path``, with a plain file's permissions (owner-only
     with ``private``); (fd, name). An unwritable place is an ``error`` naming it, not an ``OSError`` from deep
     inside."""
@@ -101,8 +102,9 @@ def temp_file_beside(path: Path, error: type[RlsubnetError] = RlsubnetError, *, 
     return fd, tmp
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, private: bool = False,
-                       error: type[RlsubnetError] = RlsubnetError) -> None:
+def atomic_write_bytes(
+    path: str | Path, data: bytes, *, private: bool = False, error: type[RlsubnetError] = RlsubnetError
+) -> None:
     """Write ``data`` to ``path`` under a temporary name, then rename it into place (``private``: mode 0600)."""
     path = Path(path)
     fd, tmp = temp_file_beside(path, error, private=private)
@@ -285,8 +287,10 @@ def set_run_label(label: str | None) -> None:
 
 
 def _busy(output: Path, lock: Path, holder: str) -> OutputBusyError:
-    return OutputBusyError(f"{output}: another rlsubnet run is writing this output ({holder}); wait for it to "
-                           f"finish or choose another output (lock file {lock.name})")
+    return OutputBusyError(
+        f"{output}: another rlsubnet run is writing this output ({holder}); wait for it to "
+        f"finish or choose another output (lock file {lock.name})"
+    )
 
 
 def _describe_self() -> str:

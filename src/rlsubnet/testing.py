@@ -86,5 +86,7 @@ if __name__ == "__main__":  # python -m rlsubnet.testing OUT_DIR: a small sharde
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/synthetic-pair")
-    n = write_synthetic_pair(out / "base", out / "tuned", specs=llama_specs(4, 128, 256, 128), density=0.2, max_shard_bytes=256 << 10)
+    n = write_synthetic_pair(
+        out / "base", out / "tuned", specs=llama_specs(4, 128, 256, 128), density=0.2, max_shard_bytes=256 << 10
+    )
     print(f"wrote {out}/base and {out}/tuned: {n:,} entries changed by one bf16 ULP")

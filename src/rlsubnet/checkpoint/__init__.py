@@ -3,7 +3,6 @@
 from rlsubnet.checkpoint.index import TensorInfo, dtype_name, element_size, read_safetensors_header
 from rlsubnet.checkpoint.reader import Checkpoint, PickleCheckpoint, SafetensorsCheckpoint, StateDictCheckpoint
 from rlsubnet.checkpoint.resolve import open_checkpoint
-from rlsubnet.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
 from rlsubnet.checkpoint.writer import (
     SafetensorsWriter,
     plan_shards,
@@ -11,6 +10,7 @@ from rlsubnet.checkpoint.writer import (
     shard_file_names,
     write_checkpoint,
 )
+from rlsubnet.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "Checkpoint",

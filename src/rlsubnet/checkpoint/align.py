@@ -28,10 +28,13 @@ class LayoutDiff:
         return bool(self.missing or self.extra or self.differ)
 
     def describe(self, missing: str, extra: str, differ: str = "with different shapes") -> str:
-        """"N <missing>: a, b; N <extra>: c; N <differ>: d [2] vs [3]", naming only the kinds that occur; the
+        """ "N <missing>: a, b; N <extra>: c; N <differ>: d [2] vs [3]", naming only the kinds that occur; the
         phrases say which side is which in the caller's terms."""
-        parts = [f"{len(names)} {phrase}: {listing(names)}"
-                 for names, phrase in ((self.missing, missing), (self.extra, extra), (self.details, differ)) if names]
+        parts = [
+            f"{len(names)} {phrase}: {listing(names)}"
+            for names, phrase in ((self.missing, missing), (self.extra, extra), (self.details, differ))
+            if names
+        ]
         return "; ".join(parts)
 
 
@@ -81,8 +84,9 @@ def align(
     Without ``allow_mismatch`` any missing, extra or differently shaped tensor raises :class:`MismatchError`
     listing them all by kind.
     """
-    diff = layout_diff(base, tuned, same=lambda a, b: a.shape == b.shape,
-                       detail=lambda n, a, b: f"{n} {_shape(a)} vs {_shape(b)}")
+    diff = layout_diff(
+        base, tuned, same=lambda a, b: a.shape == b.shape, detail=lambda n, a, b: f"{n} {_shape(a)} vs {_shape(b)}"
+    )
     missing, extra, reshaped = diff.missing, diff.extra, diff.differ
     if diff and not allow_mismatch:
         raise MismatchError(
@@ -93,14 +97,15 @@ def align(
     skipped = [Skipped(n, f"missing from {tuned_label}") for n in missing]
     skipped += [Skipped(n, f"only in {tuned_label}") for n in extra]
     skipped += [
-        Skipped(n, f"shape {_shape(base[n])} in {base_label} vs {_shape(tuned[n])} in {tuned_label}")
-        for n in reshaped
+        Skipped(n, f"shape {_shape(base[n])} in {base_label} vs {_shape(tuned[n])} in {tuned_label}") for n in reshaped
     ]
     bad = set(missing) | set(reshaped)
     names = [n for n in base if n not in bad]
     if not names and base:
         # Otherwise the run would "measure" 0 parameters and report them 100% sparse.
-        raise MismatchError(f"{base_label} and {tuned_label} have no tensor in common (of the same shape): nothing to compare")
+        raise MismatchError(
+            f"{base_label} and {tuned_label} have no tensor in common (of the same shape): nothing to compare"
+        )
     return names, skipped
 
 

@@ -107,7 +107,9 @@ def combine_hashes(tensor_hashes: Mapping[str, str]) -> str:
     for name in sorted(tensor_hashes):
         digest = tensor_hashes[name]
         if not is_digest(digest):
-            raise ValueError(f"tensor {name!r}: {digest!r} is not a {HASH_SCHEME} digest ({DIGEST_HEX_CHARS} hex characters)")
+            raise ValueError(
+                f"tensor {name!r}: {digest!r} is not a {HASH_SCHEME} digest ({DIGEST_HEX_CHARS} hex characters)"
+            )
         h.update(_str(name) + bytes.fromhex(digest))
     return h.hexdigest()
 

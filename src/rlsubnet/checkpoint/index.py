@@ -101,8 +101,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
                 raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header length {header_len}, "
-                    f"file size {file_size})"
+                    f"{path}: corrupt or truncated safetensors file (header length {header_len}, file size {file_size})"
                 )
             raw = f.read(header_len)
     except OSError as exc:
@@ -141,8 +140,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         expected = math.prod(shape) * element_size(dtype)
         if end - begin != expected or begin < 0:
             raise CheckpointError(
-                f"{path}: tensor {name!r} header says {end - begin} bytes, but {st_dtype}{list(shape)} "
-                f"needs {expected}"
+                f"{path}: tensor {name!r} header says {end - begin} bytes, but {st_dtype}{list(shape)} needs {expected}"
             )
         if end > data_size:
             raise CheckpointError(

@@ -80,7 +80,7 @@ class Checkpoint:
         for start in range(0, numel, max(1, block_numel)):
             yield start, self.read_flat(name, start, min(numel, start + block_numel))
 
-    def clone(self) -> "Checkpoint":
+    def clone(self) -> Checkpoint:
         """A reader over the same tensors that another thread may use while this one is in use.
 
         A reader is not safe to share between threads (it may keep one file open and switch it on demand);
@@ -165,7 +165,7 @@ class SafetensorsCheckpoint(Checkpoint):
         except OSError as exc:
             raise CheckpointError(f"{info.file}: read error in tensor {info.name!r} ({exc.strerror or exc})") from None
 
-    def clone(self) -> "SafetensorsCheckpoint":
+    def clone(self) -> SafetensorsCheckpoint:
         other = copy.copy(self)  # shares the index (read-only); opens its own descriptors on demand
         other._fd, other._fd_path = None, None
         return other
@@ -208,7 +208,7 @@ class StateDictCheckpoint(Checkpoint):
             dst[:] = memoryview(src.view(torch.uint8).numpy())
         return dst
 
-    def clone(self) -> "StateDictCheckpoint":
+    def clone(self) -> StateDictCheckpoint:
         return self  # reads only slice and copy tensors in memory: safe from any thread
 
 
@@ -258,7 +258,7 @@ class PickleCheckpoint(Checkpoint):
         info = self.info(name)
         return self._load(info.file)[name].reshape(-1)[start:stop].clone()
 
-    def clone(self) -> "PickleCheckpoint":
+    def clone(self) -> PickleCheckpoint:
         other = copy.copy(self)  # shares the index; loads (memory-maps) shards on its own
         other._loaded, other._loaded_path = {}, None
         return other

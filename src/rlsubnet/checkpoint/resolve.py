@@ -47,8 +47,12 @@ def _pickle_files_in(folder: Path) -> list[Path]:
                 raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path}: corrupt index ({exc})") from None
-        files = sorted({folder / safe_member_name(s, f"{index_path}: shard of tensor {n!r}", CheckpointError)
-                        for n, s in weight_map.items()})
+        files = sorted(
+            {
+                folder / safe_member_name(s, f"{index_path}: shard of tensor {n!r}", CheckpointError)
+                for n, s in weight_map.items()
+            }
+        )
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index_path}: names missing shard file(s): {', '.join(missing)}")

@@ -21,8 +21,9 @@ def storage_key(t: torch.Tensor) -> Hashable:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
-def tied_groups(named: Iterable[tuple[str, torch.Tensor]], key: Callable[[torch.Tensor], Hashable] = storage_key
-                ) -> dict[str, list[str]]:
+def tied_groups(
+    named: Iterable[tuple[str, torch.Tensor]], key: Callable[[torch.Tensor], Hashable] = storage_key
+) -> dict[str, list[str]]:
     """First name → every name of the same tensor, in order; ``key`` says which are the same (the storage
     they view, or ``id`` for parameters, which a tied model shares as one object)."""
     first_of: dict[Hashable, str] = {}

@@ -56,7 +56,11 @@ class SafetensorsWriter(StagedFile):
             if dtype not in TORCH_TO_ST:
                 raise UsageError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
             nbytes = math.prod(shape) * element_size(dtype)
-            header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it

@@ -9,7 +9,9 @@ import sys
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoint loading")
-    g.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt pickle checkpoints (with weights_only=True)")
+    g.add_argument(
+        "--allow-pickle", action="store_true", help="load .bin/.pt pickle checkpoints (with weights_only=True)"
+    )
     g.add_argument("--allow-download", action="store_true", help="let a hub id download (default: local cache only)")
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from rlsubnet.cli.common import (
-    add_atol_option, add_checkpoint_options, add_mode_option, add_output_options, holding_output, print_result,
+    add_atol_option,
+    add_checkpoint_options,
+    add_mode_option,
+    add_output_options,
+    holding_output,
+    print_result,
 )
 
 
@@ -23,8 +28,11 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", action="store_true", help="also compute the rank of every 2-D non-norm update matrix")
     p.add_argument("--allow-mismatch", action="store_true", help="compare the tensors both hold; record the rest")
     add_checkpoint_options(p)
-    add_output_options(p, "print the result as JSON on stdout instead of tables",
-                       "write summary.json, tensors.jsonl, layers.csv and PNG plots to DIR")
+    add_output_options(
+        p,
+        "print the result as JSON on stdout instead of tables",
+        "write summary.json, tensors.jsonl, layers.csv and PNG plots to DIR",
+    )
     p.set_defaults(run=run)
 
 
@@ -40,10 +48,21 @@ def _run(args: argparse.Namespace) -> int:
     from rlsubnet.report.tables import format_summary
 
     results = compare_many(
-        args.base, args.tuned, atol=args.atol, mode=args.mode, rank=args.rank, allow_mismatch=args.allow_mismatch,
-        allow_pickle=args.allow_pickle, allow_download=args.allow_download, progress=not args.quiet,
+        args.base,
+        args.tuned,
+        atol=args.atol,
+        mode=args.mode,
+        rank=args.rank,
+        allow_mismatch=args.allow_mismatch,
+        allow_pickle=args.allow_pickle,
+        allow_download=args.allow_download,
+        progress=not args.quiet,
     )
     if args.out:
         write_compare_outputs(results, args.out)
-    return print_result(args, lambda: results_json(results), lambda: format_summary(results),
-                        "summary.json, tensors.jsonl, layers.csv, heatmap*.png, sparsity_vs_atol.png")
+    return print_result(
+        args,
+        lambda: results_json(results),
+        lambda: format_summary(results),
+        "summary.json, tensors.jsonl, layers.csv, heatmap*.png, sparsity_vs_atol.png",
+    )

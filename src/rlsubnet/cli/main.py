@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Negative numbers in any notation are values, not options (-1e-5, -inf): the range check names them.
-        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.IGNORECASE)
+        self._negative_number_matcher = re.compile(
+            r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.IGNORECASE
+        )
 
     def add_argument(self, *args, **kwargs):
         _Parser.options.update(a for a in args if a.startswith("-"))
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rlsubnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         importlib.import_module(f"rlsubnet.cli.{module}").add_parser(sub)
     return parser
 
@@ -160,8 +162,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print("rlsubnet: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("rlsubnet: error: out of memory (an input larger than this machine's memory, or options that ask "
-              "for too much at once)", file=sys.stderr)
+        print(
+            "rlsubnet: error: out of memory (an input larger than this machine's memory, or options that ask "
+            "for too much at once)",
+            file=sys.stderr,
+        )
         return 2
     except BrokenPipeError:
         # The reader went away (`rlsubnet compare ... | head`): stop quietly, as the Python docs advise.

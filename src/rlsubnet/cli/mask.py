@@ -1,9 +1,9 @@
 """``rlsubnet mask``: build, inspect, combine and randomise subnetwork masks.
 
-    rlsubnet mask BASE TUNED --atol 1e-5 -o grpo.mask.safetensors      # entries that changed
-    rlsubnet mask --info grpo.mask.safetensors                           # density per layer / module
-    rlsubnet mask --random grpo.mask.safetensors --scope per-tensor --seed 1 -o random.mask.safetensors
-    rlsubnet mask --union a.mask.safetensors b.mask.safetensors -o both.mask.safetensors
+rlsubnet mask BASE TUNED --atol 1e-5 -o grpo.mask.safetensors      # entries that changed
+rlsubnet mask --info grpo.mask.safetensors                           # density per layer / module
+rlsubnet mask --random grpo.mask.safetensors --scope per-tensor --seed 1 -o random.mask.safetensors
+rlsubnet mask --union a.mask.safetensors b.mask.safetensors -o both.mask.safetensors
 """
 
 from __future__ import annotations
@@ -31,16 +31,33 @@ def add_parser(sub) -> None:
     action.add_argument("--info", action="store_true", help="describe MASK: settings, density per layer and module")
     action.add_argument("--random", action="store_true", help="random mask matched to MASK's density (see --scope)")
     for op in OPS:
-        action.add_argument(f"--{op}", action="store_true", help=f"{op} of the given masks" + (" (A minus B)" if op == "difference" else ""))
+        action.add_argument(
+            f"--{op}",
+            action="store_true",
+            help=f"{op} of the given masks" + (" (A minus B)" if op == "difference" else ""),
+        )
     p.add_argument("-o", "--output", metavar="FILE", help="mask file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--atol", type=Number("--atol", float), default=1e-5, help="|Δ| ≤ atol counts as unchanged; 0 = bitwise (default: %(default)s)")
+    p.add_argument(
+        "--atol",
+        type=Number("--atol", float),
+        default=1e-5,
+        help="|Δ| ≤ atol counts as unchanged; 0 = bitwise (default: %(default)s)",
+    )
     add_mode_option(p)
-    p.add_argument("--no-hash", action="store_true", help="skip the content hash of both checkpoints (faster; the "
-                   "mask then records their names, shapes and sizes only)")
+    p.add_argument(
+        "--no-hash",
+        action="store_true",
+        help="skip the content hash of both checkpoints (faster; the "
+        "mask then records their names, shapes and sizes only)",
+    )
     p.add_argument("--allow-mismatch", action="store_true", help="mask the tensors both hold; record the rest")
-    p.add_argument("--scope", choices=["per-tensor", "global"], default="per-tensor",
-                   help="--random: match each tensor's count (per-tensor, default) or only the total (global)")
+    p.add_argument(
+        "--scope",
+        choices=["per-tensor", "global"],
+        default="per-tensor",
+        help="--random: match each tensor's count (per-tensor, default) or only the total (global)",
+    )
     p.add_argument("--seed", type=Seed(), default=0, help="--random: seed (default 0)")
     p.add_argument("--density", type=Number("--density", float, 0, 1), help="--random: this density instead of MASK's")
     add_checkpoint_options(p)
@@ -72,8 +89,10 @@ def _summary_text(mask, output: str | None) -> str:
         lines.append(f"skipped {len(skipped)} tensors: " + ", ".join(s["name"] for s in skipped[:8]))
     rows = [[r["module"], f"{r['numel']:,}", f"{r['changed']:,}", fmt_pct(r["density"])] for r in mask.modules()]
     lines += ["", render_table(["module", "params", "in mask", "density %"], rows)]
-    rows = [["-" if r["layer"] is None else r["layer"], f"{r['numel']:,}", f"{r['changed']:,}", fmt_pct(r["density"])]
-            for r in mask.layers()]
+    rows = [
+        ["-" if r["layer"] is None else r["layer"], f"{r['numel']:,}", f"{r['changed']:,}", fmt_pct(r["density"])]
+        for r in mask.layers()
+    ]
     lines += ["", render_table(["layer", "params", "in mask", "density %"], rows)]
     return "\n".join(lines)
 
@@ -98,8 +117,14 @@ def _make_and_save(args: argparse.Namespace, op: str | None):
             mask = getattr(mask, op)(other)
     else:
         mask = build_mask(
-            args.inputs[0], args.inputs[1], atol=args.atol, mode=args.mode, allow_mismatch=args.allow_mismatch,
-            allow_pickle=args.allow_pickle, allow_download=args.allow_download, hash_content=not args.no_hash,
+            args.inputs[0],
+            args.inputs[1],
+            atol=args.atol,
+            mode=args.mode,
+            allow_mismatch=args.allow_mismatch,
+            allow_pickle=args.allow_pickle,
+            allow_download=args.allow_download,
+            hash_content=not args.no_hash,
             progress=not args.quiet,
         )
     mask.save(out)

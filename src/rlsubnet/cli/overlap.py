@@ -19,14 +19,24 @@ def add_parser(sub) -> None:
         "and per module.",
     )
     p.add_argument("masks", nargs="+", metavar="MASK", help="mask files written by `rlsubnet mask` (two or more)")
-    p.add_argument("--base", metavar="BASE", help="the base checkpoint the masks were measured from: adds the "
-                   "magnitude-matched chance baseline")
-    p.add_argument("--bins-per-octave", type=Number("--bins-per-octave", int, 1, MAX_BINS_PER_OCTAVE), default=1, metavar="K",
-                   help="|w| buckets per power of two for the magnitude-matched chance (default 1: one bf16 exponent "
-                   "per bucket)")
+    p.add_argument(
+        "--base",
+        metavar="BASE",
+        help="the base checkpoint the masks were measured from: adds the magnitude-matched chance baseline",
+    )
+    p.add_argument(
+        "--bins-per-octave",
+        type=Number("--bins-per-octave", int, 1, MAX_BINS_PER_OCTAVE),
+        default=1,
+        metavar="K",
+        help="|w| buckets per power of two for the magnitude-matched chance (default 1: one bf16 exponent per bucket)",
+    )
     add_checkpoint_options(p)
-    add_output_options(p, "print a JSON list with one object per pair",
-                       "write overlap.json, pairs.csv, matrix CSVs and heatmap PNGs to DIR")
+    add_output_options(
+        p,
+        "print a JSON list with one object per pair",
+        "write overlap.json, pairs.csv, matrix CSVs and heatmap PNGs to DIR",
+    )
     p.set_defaults(run=run)
 
 
@@ -45,12 +55,21 @@ def _run(args: argparse.Namespace) -> int:
 
     masks = [Mask.load(m) for m in args.masks]
     result = overlap_many(
-        masks, list(args.masks), base=args.base, bins_per_octave=args.bins_per_octave,
-        allow_pickle=args.allow_pickle, allow_download=args.allow_download, progress=not args.quiet,
+        masks,
+        list(args.masks),
+        base=args.base,
+        bins_per_octave=args.bins_per_octave,
+        allow_pickle=args.allow_pickle,
+        allow_download=args.allow_download,
+        progress=not args.quiet,
     )
     for w in result.warnings:
         print(f"rlsubnet: warning: {w}", file=sys.stderr)
     if args.out:
         write_overlap_outputs(result, args.out)
-    return print_result(args, lambda: pairs_json(result), lambda: format_overlap(result),
-                        "overlap.json, pairs.csv, matrix_*.csv, heatmap_*.png")
+    return print_result(
+        args,
+        lambda: pairs_json(result),
+        lambda: format_overlap(result),
+        "overlap.json, pairs.csv, matrix_*.csv, heatmap_*.png",
+    )

@@ -1,13 +1,13 @@
 """``rlsubnet patch create|apply|info``: lossless sparse patches between checkpoints.
 
-    rlsubnet patch create base/ grpo/ -o grpo.rlpatch
-    rlsubnet patch apply base/ grpo.rlpatch -o grpo-rebuilt/
-    rlsubnet patch apply base/ step-10.rlpatch step-20.rlpatch -o step-20/    # a chain, in order
-    rlsubnet patch apply anchor.rlpatch step-30.rlpatch -o step-30/          # a chain from a full anchor
-    rlsubnet patch info grpo.rlpatch --verify
-    rlsubnet patch keygen -o trainer.key                                   # trainer.key (0600) + trainer.key.pub
-    rlsubnet patch create base/ grpo/ -o grpo.rlpatch --sign trainer.key
-    rlsubnet patch apply base/ grpo.rlpatch -o out/ --trust trainer.key.pub
+rlsubnet patch create base/ grpo/ -o grpo.rlpatch
+rlsubnet patch apply base/ grpo.rlpatch -o grpo-rebuilt/
+rlsubnet patch apply base/ step-10.rlpatch step-20.rlpatch -o step-20/    # a chain, in order
+rlsubnet patch apply anchor.rlpatch step-30.rlpatch -o step-30/          # a chain from a full anchor
+rlsubnet patch info grpo.rlpatch --verify
+rlsubnet patch keygen -o trainer.key                                   # trainer.key (0600) + trainer.key.pub
+rlsubnet patch create base/ grpo/ -o grpo.rlpatch --sign trainer.key
+rlsubnet patch apply base/ grpo.rlpatch -o out/ --trust trainer.key.pub
 """
 
 from __future__ import annotations
@@ -213,14 +213,16 @@ def run_apply(args: argparse.Namespace) -> int:
         trusted_keys=keys,
     )
     if args.json:
-        print_json({
-            "out": str(summary.out),
-            "target_hash": summary.target_hash,
-            "tensors": summary.tensors,
-            "nbytes": summary.nbytes,
-            "files": summary.files,
-            "seconds": summary.seconds,
-        })
+        print_json(
+            {
+                "out": str(summary.out),
+                "target_hash": summary.target_hash,
+                "tensors": summary.tensors,
+                "nbytes": summary.nbytes,
+                "files": summary.files,
+                "seconds": summary.seconds,
+            }
+        )
     else:
         files = f" and {len(summary.files)} other files" if summary.files else ""
         signed = f", {len(inputs)} patch signature(s) checked" if keys is not None else ""

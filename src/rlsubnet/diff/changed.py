@@ -85,8 +85,13 @@ class ChangedTest:
     >>> test.count_unchanged(bits, np.count_nonzero(bits))
     """
 
-    def __init__(self, base_dtype: torch.dtype, tuned_dtype: torch.dtype, atols: float | Sequence[float] = 1e-5,
-                 mode: str = "bf16"):
+    def __init__(
+        self,
+        base_dtype: torch.dtype,
+        tuned_dtype: torch.dtype,
+        atols: float | Sequence[float] = 1e-5,
+        mode: str = "bf16",
+    ):
         self.cmp_dtype = comparison_dtype(mode, base_dtype, tuned_dtype)
         self.atols = tuple(limits.atol(a) for a in ((atols,) if isinstance(atols, (int, float)) else atols))
         if not self.atols:
@@ -110,8 +115,10 @@ class ChangedTest:
     def count_unchanged(self, bits: np.ndarray, nonzero: int, out: np.ndarray | None = None) -> list[int]:
         """Entries with |Δ| ≤ atol, per atol, from :meth:`abs_bits` (``nonzero``: its count of non-zero entries)."""
         n = bits.size
-        return [n - nonzero if thr == 0 else int(np.count_nonzero(np.less_equal(bits, thr, out=out)))
-                for thr in self.thresholds]
+        return [
+            n - nonzero if thr == 0 else int(np.count_nonzero(np.less_equal(bits, thr, out=out)))
+            for thr in self.thresholds
+        ]
 
     def changed(self, base: torch.Tensor, tuned: torch.Tensor) -> list[np.ndarray]:
         """Flat boolean arrays, one per atol: True where the entry changed."""
@@ -122,8 +129,9 @@ class ChangedTest:
         return [np.greater(bits, thr) for thr in self.thresholds]
 
 
-def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float], mode: str = "bf16",
-                  **legacy) -> list[torch.Tensor]:
+def changed_masks(
+    base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float], mode: str = "bf16", **legacy
+) -> list[torch.Tensor]:
     """Boolean tensors in ``base``'s shape, one per atol: True where ``tuned`` differs from ``base`` by more
     than atol (Δ computed once)."""
     mode = legacy_mode(mode, legacy)
@@ -133,8 +141,9 @@ def changed_masks(base: torch.Tensor, tuned: torch.Tensor, atols: Sequence[float
     return [torch.from_numpy(m).reshape(base.shape) for m in test.changed(base.detach().cpu(), tuned.detach().cpu())]
 
 
-def changed_mask(base: torch.Tensor, tuned: torch.Tensor, atol: float = 1e-5, mode: str = "bf16",
-                 **legacy) -> torch.Tensor:
+def changed_mask(
+    base: torch.Tensor, tuned: torch.Tensor, atol: float = 1e-5, mode: str = "bf16", **legacy
+) -> torch.Tensor:
     """Boolean tensor in ``base``'s shape: True where ``tuned`` differs from ``base`` by more than ``atol``."""
     return changed_masks(base, tuned, (atol,), legacy_mode(mode, legacy))[0]
 
@@ -143,8 +152,9 @@ def legacy_mode(mode: str, legacy: dict) -> str:
     """``mode``, checked; or the value of ``dtype=``, the keyword the mode had before it had its own name,
     which callers written then still pass. Any other keyword is an error, as it would be without ``**legacy``."""
     if "dtype" in legacy:
-        warnings.warn("the comparison mode is passed as mode=...; dtype=... is deprecated", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(
+            "the comparison mode is passed as mode=...; dtype=... is deprecated", DeprecationWarning, stacklevel=3
+        )
         mode = legacy.pop("dtype")
     if legacy:
         raise TypeError(f"unexpected keyword argument {next(iter(legacy))!r}")

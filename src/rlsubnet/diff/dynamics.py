@@ -40,7 +40,7 @@ class DynamicsCounts:
     def ever(self) -> int:
         return self.returned + self.final
 
-    def add(self, other: "DynamicsCounts") -> None:
+    def add(self, other: DynamicsCounts) -> None:
         self.numel += other.numel
         self.never += other.never
         self.returned += other.returned
@@ -73,8 +73,9 @@ class DecompositionTracker:
     one bool per entry and atol (which entries have differed from ``base`` so far).
     """
 
-    def __init__(self, base: Mapping[str, torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), mode: str = "bf16",
-                 **legacy):
+    def __init__(
+        self, base: Mapping[str, torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), mode: str = "bf16", **legacy
+    ):
         self.mode = legacy_mode(mode, legacy)
         self.base = base
         self.atols = [limits.atol(a) for a in atols]
@@ -103,13 +104,17 @@ class DecompositionTracker:
             for total, ever, fin in zip(totals, self.ever[name], self._changed(name, final)):
                 # Every final change is also an "ever" change, so ever = returned + final exactly.
                 n_ever, n_final = int((ever | fin).sum()), int(fin.sum())
-                total.add(DynamicsCounts(atol=total.atol, numel=n, never=n - n_ever, returned=n_ever - n_final,
-                                         final=n_final))
+                total.add(
+                    DynamicsCounts(atol=total.atol, numel=n, never=n - n_ever, returned=n_ever - n_final, final=n_final)
+                )
         return totals
 
 
 def decompose_tensor(
-    base: torch.Tensor, snapshots: Iterable[torch.Tensor], atols: Sequence[float] = (0.0, 1e-5), mode: str = "bf16",
+    base: torch.Tensor,
+    snapshots: Iterable[torch.Tensor],
+    atols: Sequence[float] = (0.0, 1e-5),
+    mode: str = "bf16",
     **legacy,
 ) -> list[DynamicsCounts]:
     """Decompose one tensor's entries given its snapshots in training order (the last is the final model)."""
@@ -134,6 +139,7 @@ def decompose(
 
 
 # -- P(changed | |w|): the precision mechanism
+
 
 def magnitude_edges(lo_exp: int = -16, hi_exp: int = 0) -> list[float]:
     """Bucket edges 0, 2^lo, 2^(lo+1), …, 2^hi, inf: one bucket per binade, where a bf16 ULP is constant."""

@@ -14,7 +14,22 @@ from typing import TypeVar
 T = TypeVar("T")
 
 # The order the tables print in.
-MODULE_KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp other", "embed", "lm_head", "norm", "other")
+MODULE_KINDS = (
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "o",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+    "mlp other",
+    "embed",
+    "lm_head",
+    "norm",
+    "other",
+)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|decoder\.layers|encoder\.layers)\.(\d+)(?:\.|$)")
 

@@ -233,7 +233,13 @@ class DeltaAccumulator:
         bits = d[finite].view(self.test.int_dtype) & self.test.abs_mask
         max_bits = int(bits.max()) if bits.numel() else 0
         return _Partial(
-            unchanged, nonzero, max_bits, df.abs().sum().item(), df.square().sum().item(), bf.square().sum().item(), nonfinite
+            unchanged,
+            nonzero,
+            max_bits,
+            df.abs().sum().item(),
+            df.square().sum().item(),
+            bf.square().sum().item(),
+            nonfinite,
         )
 
     def finish(self) -> TensorStats:
@@ -258,7 +264,9 @@ class DeltaAccumulator:
         )
         if self.is_float:
             finite_n = self.numel - self.nonfinite["delta_nonfinite"]
-            stats.max_abs_delta = float(torch.tensor(self.max_bits, dtype=self.test.int_dtype).view(self.cmp_dtype).float())
+            stats.max_abs_delta = float(
+                torch.tensor(self.max_bits, dtype=self.test.int_dtype).view(self.cmp_dtype).float()
+            )
             stats.mean_abs_delta = self.abs_sum / finite_n if finite_n else None
             stats.delta_norm = math.sqrt(self.sq_sum)
             stats.base_norm = math.sqrt(self.base_sq)

@@ -90,7 +90,10 @@ class CompareResult:
 
     @property
     def mean_matrix_sparsity(self) -> list[dict]:
-        return [{"atol": r["atol"], "mean_matrix_sparsity": r["mean_matrix_sparsity"]} for r in _pool(self.tensors, self.atols)]
+        return [
+            {"atol": r["atol"], "mean_matrix_sparsity": r["mean_matrix_sparsity"]}
+            for r in _pool(self.tensors, self.atols)
+        ]
 
     # -- groupings
     def layers(self) -> list[dict]:
@@ -113,8 +116,8 @@ class CompareResult:
         layers = sorted({k[0] for k in cells})
         kinds = [k for k in MODULE_KINDS if any(c[1] == k for c in cells)]
         grid = [
-            [(1 - cells[(l, k)][0] / cells[(l, k)][1]) if cells.get((l, k), [0, 0])[1] else None for k in kinds]
-            for l in layers
+            [(1 - cells[(layer, k)][0] / cells[(layer, k)][1]) if cells.get((layer, k), [0, 0])[1] else None for k in kinds]
+            for layer in layers
         ]
         return layers, kinds, grid
 

@@ -124,13 +124,22 @@ def build_mask(
         tuned_ck = open_checkpoint(tuned, **opts, label="tuned")
         opened.append(tuned_ck)
         names, skipped = align(
-            base_ck.infos, tuned_ck.infos, allow_mismatch=allow_mismatch,
-            base_label=base_ck.location, tuned_label=tuned_ck.location,
+            base_ck.infos,
+            tuned_ck.infos,
+            allow_mismatch=allow_mismatch,
+            base_label=base_ck.location,
+            tuned_label=tuned_ck.location,
         )
         if not names and base_ck.infos and tuned_ck.infos:
             raise UsageError(f"{base_ck.location} and {tuned_ck.location} share no tensors: nothing to mask")
-        require_parameters(base_ck.infos, tuned_ck.infos, names, base_label=base_ck.location,
-                           tuned_label=tuned_ck.location, what="mask")
+        require_parameters(
+            base_ck.infos,
+            tuned_ck.infos,
+            names,
+            base_label=base_ck.location,
+            tuned_label=tuned_ck.location,
+            what="mask",
+        )
         shapes = {n: base_ck.infos[n].shape for n in names}
         packed = {n: np.empty(packed_size(base_ck.infos[n].numel), dtype=np.uint8) for n in names}
         items = []
@@ -166,7 +175,11 @@ def build_mask(
             "tuned": checkpoint_record(tuned_ck, hashes[1] if hash_content else None),
             "extra": {
                 "compare_dtypes": cmp_dtypes,  # effective dtype Δ was computed in -> number of tensors
-                "atol_effective": {k: atol_threshold(atol, getattr(torch, k)) for k in cmp_dtypes if getattr(torch, k).is_floating_point},
+                "atol_effective": {
+                    k: atol_threshold(atol, getattr(torch, k))
+                    for k in cmp_dtypes
+                    if getattr(torch, k).is_floating_point
+                },
                 "skipped": [s.to_record() for s in skipped],
                 "definition": "changed iff not torch.isclose(tuned - base, 0, atol=atol, rtol=0) in the comparison dtype",
             },
@@ -188,8 +201,10 @@ def describe_checkpoint(rec: Mapping | None) -> str:
     if not rec:
         return "-"
     content = rec.get("content_hash")
-    return (f"{rec.get('source')} ({rec.get('numel', 0):,} params, layout {rec.get('layout_sha256', '')[:12]}, "
-            f"content {content[:12] if content else 'not hashed'})")
+    return (
+        f"{rec.get('source')} ({rec.get('numel', 0):,} params, layout {rec.get('layout_sha256', '')[:12]}, "
+        f"content {content[:12] if content else 'not hashed'})"
+    )
 
 
 def identity(
@@ -210,12 +225,21 @@ def identity(
     out = []
     for atol in atols:
         differs = build_mask(full, other, atol=atol, mode=mode, hash_content=False, **kw)
-        rec = {"atol": limits.atol(atol), "numel": differs.numel, "identical": differs.numel - differs.changed,
-               "identity": 1.0 - differs.density}
+        rec = {
+            "atol": limits.atol(atol),
+            "numel": differs.numel,
+            "identical": differs.numel - differs.changed,
+            "identity": 1.0 - differs.density,
+        }
         if inside is not None:
             n_in = inside.changed
             diff_in = differs.intersection_count(inside)
-            rec.update({"mask_numel": n_in, "identical_in_mask": n_in - diff_in,
-                        "identity_in_mask": (n_in - diff_in) / n_in if n_in else None})
+            rec.update(
+                {
+                    "mask_numel": n_in,
+                    "identical_in_mask": n_in - diff_in,
+                    "identity_in_mask": (n_in - diff_in) / n_in if n_in else None,
+                }
+            )
         out.append(rec)
     return out

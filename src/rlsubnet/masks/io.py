@@ -208,5 +208,3 @@ def _check_meta_types(meta: dict) -> None:
             raise ValueError(f"{key} is {type(meta[key]).__name__}, expected an object")
     if not isinstance(meta["extra"], dict):
         raise ValueError(f"extra is {type(meta['extra']).__name__}, expected an object")
-
-

@@ -36,7 +36,6 @@ from rlsubnet.masks.io import (
     write_mask_file,
 )
 
-
 RECORD_KEYS = ("kind", "path", "atol", "dtype", "density", "changed", "bits_sha256", "base", "tuned")
 OPERAND = ("kind", "path", "atol", "dtype", "density", "changed", "bits_sha256")  # inside a combination's metadata
 
@@ -47,8 +46,15 @@ def group_density(records: Iterable[dict], key: str) -> list[dict]:
     rows = []
     for k, group in grouped(records, lambda r: r[key], key):
         numel, changed = sum(r["numel"] for r in group), sum(r["changed"] for r in group)
-        rows.append({key: k, "n_tensors": len(group), "numel": numel, "changed": changed,
-                     "density": changed / numel if numel else 0.0})
+        rows.append(
+            {
+                key: k,
+                "n_tensors": len(group),
+                "numel": numel,
+                "changed": changed,
+                "density": changed / numel if numel else 0.0,
+            }
+        )
     return rows
 
 
@@ -63,7 +69,9 @@ class Mask:
     ``extra`` (see the module docstring).
     """
 
-    def __init__(self, shapes: Mapping[str, Iterable[int]], packed: Mapping[str, np.ndarray], meta: Mapping | None = None):
+    def __init__(
+        self, shapes: Mapping[str, Iterable[int]], packed: Mapping[str, np.ndarray], meta: Mapping | None = None
+    ):
         self._shapes: dict[str, tuple[int, ...]] = {n: tuple(int(s) for s in shape) for n, shape in shapes.items()}
         if set(packed) != set(self._shapes):
             raise MaskError("mask tensors and shapes name different tensors")
@@ -92,7 +100,7 @@ class Mask:
 
     # -- construction
     @classmethod
-    def from_bool(cls, tensors: Mapping[str, torch.Tensor | np.ndarray], meta: Mapping | None = None) -> "Mask":
+    def from_bool(cls, tensors: Mapping[str, torch.Tensor | np.ndarray], meta: Mapping | None = None) -> Mask:
         """A mask from boolean tensors (True = in the mask), keeping their names and shapes."""
         shapes, packed = {}, {}
         for name, t in tensors.items():
@@ -109,7 +117,7 @@ class Mask:
         return cls(shapes, packed, meta)
 
     @classmethod
-    def full(cls, shapes: Mapping[str, Iterable[int]], value: bool, meta: Mapping | None = None) -> "Mask":
+    def full(cls, shapes: Mapping[str, Iterable[int]], value: bool, meta: Mapping | None = None) -> Mask:
         """All-ones (``value=True``) or all-zeros mask over ``shapes``."""
         packed = {}
         for name, shape in shapes.items():
@@ -214,10 +222,17 @@ class Mask:
         for name, shape in self._shapes.items():
             numel = math.prod(shape)
             c = self._counts[name]
-            out.append({
-                "name": name, "layer": layer_of(name), "module": module_kind(name), "shape": list(shape),
-                "numel": numel, "changed": c, "density": c / numel if numel else 0.0,
-            })
+            out.append(
+                {
+                    "name": name,
+                    "layer": layer_of(name),
+                    "module": module_kind(name),
+                    "shape": list(shape),
+                    "numel": numel,
+                    "changed": c,
+                    "density": c / numel if numel else 0.0,
+                }
+            )
         return out
 
     def layers(self) -> list[dict]:
@@ -251,7 +266,7 @@ class Mask:
         }
 
     # -- comparisons and combinations
-    def check_same_layout(self, other: "Mask", what: str = "combine") -> None:
+    def check_same_layout(self, other: Mask, what: str = "combine") -> None:
         """Raise :class:`MaskMismatchError` unless both masks cover the same tensor names and shapes."""
         diff = layout_diff(self._shapes, other._shapes, detail=lambda n, a, b: f"{n} {list(a)} vs {list(b)}")
         if diff:
@@ -259,12 +274,15 @@ class Mask:
                 f"cannot {what} masks over different tensors ({diff.describe('only in the first', 'only in the second')})"
             )
 
-    def _combine(self, other: "Mask", op: str) -> "Mask":
+    def _combine(self, other: Mask, op: str) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
         self.check_same_layout(other, op)
-        fn = {"union": np.bitwise_or, "intersection": np.bitwise_and,
-              "difference": lambda a, b: np.bitwise_and(a, np.bitwise_not(b))}[op]
+        fn = {
+            "union": np.bitwise_or,
+            "intersection": np.bitwise_and,
+            "difference": lambda a, b: np.bitwise_and(a, np.bitwise_not(b)),
+        }[op]
         packed = {n: fn(self._packed[n], other._packed[n]) for n in self._shapes}
         same = lambda key: self.meta.get(key) if self.meta.get(key) == other.meta.get(key) else None  # noqa: E731
         meta = {
@@ -277,13 +295,13 @@ class Mask:
         }
         return Mask(self._shapes, packed, meta)
 
-    def union(self, other: "Mask") -> "Mask":
+    def union(self, other: Mask) -> Mask:
         return self._combine(other, "union")
 
-    def intersection(self, other: "Mask") -> "Mask":
+    def intersection(self, other: Mask) -> Mask:
         return self._combine(other, "intersection")
 
-    def difference(self, other: "Mask") -> "Mask":
+    def difference(self, other: Mask) -> Mask:
         """Entries in this mask and not in ``other``."""
         return self._combine(other, "difference")
 
@@ -291,7 +309,7 @@ class Mask:
     __and__ = intersection
     __sub__ = difference
 
-    def complement(self) -> "Mask":
+    def complement(self) -> Mask:
         """Entries not in this mask (the frozen set when this mask is trained)."""
         packed = {}
         for n, shape in self._shapes.items():
@@ -303,13 +321,13 @@ class Mask:
         meta = {**self.meta, "kind": "complement", "tuned": None, "extra": {"operands": [self.describe(OPERAND)]}}
         return Mask(self._shapes, packed, meta)
 
-    def intersection_count(self, other: "Mask", name: str | None = None) -> int:
+    def intersection_count(self, other: Mask, name: str | None = None) -> int:
         """|A ∩ B| over every tensor (or one tensor), without unpacking."""
         self.check_same_layout(other, "intersect")
         names = [name] if name is not None else self.names()
         return sum(popcount(np.bitwise_and(self._packed[n], other._packed[n])) for n in names)
 
-    def same_bits(self, other: "Mask") -> bool:
+    def same_bits(self, other: Mask) -> bool:
         if self._shapes != other._shapes:
             return False
         return all(np.array_equal(self._packed[n], other._packed[n]) for n in self._shapes)
@@ -344,7 +362,7 @@ class Mask:
         return write_mask_file(self, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Mask":
+    def load(cls, path: str | Path) -> Mask:
         """Read and verify a mask file; any inconsistency raises :class:`MaskError` naming the file."""
         path = Path(path)
         shapes, packed, meta, counts, checksum = read_mask_file(path)
@@ -368,8 +386,10 @@ class Mask:
 
     def __repr__(self) -> str:
         atol = "-" if self.atol is None else f"{self.atol:g}"
-        return (f"Mask({self.kind}, {len(self)} tensors, {self.changed:,}/{self.numel:,} entries, "
-                f"density {self.density:.4f}, atol {atol}, mode {self.mode})")
+        return (
+            f"Mask({self.kind}, {len(self)} tensors, {self.changed:,}/{self.numel:,} entries, "
+            f"density {self.density:.4f}, atol {atol}, mode {self.mode})"
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mask) and self.same_bits(other)
@@ -381,7 +401,7 @@ def load_mask(path: str | Path) -> Mask:
     return Mask.load(path)
 
 
-def as_mask(spec: "Mask | str | Path | Mapping[str, torch.Tensor]") -> Mask:
+def as_mask(spec: Mask | str | Path | Mapping[str, torch.Tensor]) -> Mask:
     """A Mask object; a mask file path (loaded and verified); or name -> bool tensor (True = in the mask)."""
     if isinstance(spec, Mask):
         return spec

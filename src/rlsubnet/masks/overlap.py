@@ -83,8 +83,9 @@ def pair_figures(n: int, count_a: int, count_b: int, inter: float, expected_mm: 
 @lru_cache(maxsize=16)
 def _sub_thresholds(bins_per_octave: int) -> np.ndarray:
     # Mantissa m = 1 + frac / 2^23 is >= 2^(j/k) iff frac >= ceil((2^(j/k) - 1) * 2^23) (2^(j/k) is irrational).
-    return np.array([math.ceil((2.0 ** (j / bins_per_octave) - 1.0) * (1 << 23)) for j in range(1, bins_per_octave)],
-                    dtype=np.int32)
+    return np.array(
+        [math.ceil((2.0 ** (j / bins_per_octave) - 1.0) * (1 << 23)) for j in range(1, bins_per_octave)], dtype=np.int32
+    )
 
 
 def bucket_index(w: torch.Tensor, bins_per_octave: int = 1) -> np.ndarray:
@@ -126,7 +127,7 @@ def bucket_bounds(i: int, bins_per_octave: int) -> tuple[float | None, float | N
     if i == NONFINITE_BUCKET:
         return None, None, "nan/inf"
     if i == SUBNORMAL_BUCKET:
-        return 0.0, 2.0 ** -126, "subnormal"
+        return 0.0, 2.0**-126, "subnormal"
     e, j = divmod(i - FIRST_BUCKET, bins_per_octave)
     lo = 2.0 ** (e + 1 - 127 + j / bins_per_octave)
     hi = 2.0 ** (e + 1 - 127 + (j + 1) / bins_per_octave)
@@ -190,7 +191,7 @@ class OverlapResult:
     def to_json(self) -> dict:
         return {
             "settings": self.settings,
-            "masks": [{"label": l, "density": d} for l, d in zip(self.labels, self.densities)],
+            "masks": [{"label": label, "density": d} for label, d in zip(self.labels, self.densities)],
             "pairs": [p.to_json() for p in self.pairs],
             "matrix": {
                 "rows_are": "A",
@@ -253,14 +254,18 @@ def overlap_many(
         except MismatchError as exc:
             raise type(exc)(f"{labels[0]} vs {lab}: {exc}") from None
     if masks[0].numel == 0:  # 0 of 0 entries would be reported as overlaps of a measured subnetwork
-        raise UsageError(f"{', '.join(map(str, labels))}: the masks cover no parameters "
-                         f"({len(masks[0])} tensors, all empty): nothing to overlap")
+        raise UsageError(
+            f"{', '.join(map(str, labels))}: the masks cover no parameters "
+            f"({len(masks[0])} tensors, all empty): nothing to overlap"
+        )
     warnings: list[str] = []
     for key in ("atol", "dtype"):
         values = {repr(m.meta.get(key)) for m in masks}
         if len(values) > 1:
-            warnings.append(f"masks were built with different {key}: " + ", ".join(
-                f"{lab}={m.meta.get(key)!r}" for lab, m in zip(labels, masks)))
+            warnings.append(
+                f"masks were built with different {key}: "
+                + ", ".join(f"{lab}={m.meta.get(key)!r}" for lab, m in zip(labels, masks))
+            )
     for lab, m in zip(labels, masks):
         if m.changed == 0:
             warnings.append(f"{lab} is empty (density 0): its overlaps are undefined (reported as null)")
@@ -280,8 +285,18 @@ def overlap_many(
 
     base_info = None
     if base is not None:
-        base_info = _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings,
-                                   allow_pickle=allow_pickle, allow_download=allow_download, progress=progress)
+        base_info = _bucket_counts(
+            tcs,
+            masks,
+            pairs_idx,
+            base,
+            bins_per_octave,
+            nb,
+            warnings,
+            allow_pickle=allow_pickle,
+            allow_download=allow_download,
+            progress=progress,
+        )
 
     with_mm = base is not None
     n_total = sum(t.numel for t in tcs)
@@ -300,18 +315,29 @@ def overlap_many(
             for k in np.nonzero(n_b)[0]:
                 lo, hi, lab = bucket_bounds(int(k), bins_per_octave)
                 n_k = int(n_b[k])
-                bucket_rows.append({
-                    "bucket": lab, "abs_w_lo": lo, "abs_w_hi": hi, "numel": n_k,
-                    "density_a": int(a_b[k]) / n_k, "density_b": int(b_b[k]) / n_k,
-                    "intersection": int(ab_b[k]), "expected_intersection": float(a_b[k]) * float(b_b[k]) / n_k,
-                })
+                bucket_rows.append(
+                    {
+                        "bucket": lab,
+                        "abs_w_lo": lo,
+                        "abs_w_hi": hi,
+                        "numel": n_k,
+                        "density_a": int(a_b[k]) / n_k,
+                        "density_b": int(b_b[k]) / n_k,
+                        "intersection": int(ab_b[k]),
+                        "expected_intersection": float(a_b[k]) * float(b_b[k]) / n_k,
+                    }
+                )
         figures = pair_figures(n_total, sum(t.counts[i] for t in tcs), sum(t.counts[j] for t in tcs), inter, mm)
-        pairs.append(PairOverlap(
-            labels[i], labels[j], figures,
-            _group_rows(tcs, i, j, layer_of, with_mm, "layer"),
-            _group_rows(tcs, i, j, module_kind, with_mm, "module"),
-            bucket_rows,
-        ))
+        pairs.append(
+            PairOverlap(
+                labels[i],
+                labels[j],
+                figures,
+                _group_rows(tcs, i, j, layer_of, with_mm, "layer"),
+                _group_rows(tcs, i, j, module_kind, with_mm, "module"),
+                bucket_rows,
+            )
+        )
 
     m = len(masks)
     dens = [mk.density for mk in masks]
@@ -329,37 +355,53 @@ def overlap_many(
         if mm_mat is not None:
             mm_mat[i][j], mm_mat[j][i] = f["magnitude_chance_o1"], f["magnitude_chance_o2"]
     settings = {
-        "masks": [{"label": lab, **mk.describe(("kind", "atol", "dtype", "density", "base", "tuned"))}
-                  for lab, mk in zip(labels, masks)],
+        "masks": [
+            {"label": lab, **mk.describe(("kind", "atol", "dtype", "density", "base", "tuned"))}
+            for lab, mk in zip(labels, masks)
+        ],
         "base": base_info,
-        "buckets": (f"log2 of |w| in the base (float32), {bins_per_octave} per octave"
-                    + (" (= one bf16 exponent, one bf16 ULP, per bucket)" if bins_per_octave == 1 else "")
-                    + "; zeros and non-finite values in their own buckets") if with_mm else None,
+        "buckets": (
+            f"log2 of |w| in the base (float32), {bins_per_octave} per octave"
+            + (" (= one bf16 exponent, one bf16 ULP, per bucket)" if bins_per_octave == 1 else "")
+            + "; zeros and non-finite values in their own buckets"
+        )
+        if with_mm
+        else None,
         "bins_per_octave": bins_per_octave if with_mm else None,
         "group_magnitude_chance": "bucket probabilities estimated within each layer / module group",
     }
     return OverlapResult(labels, pairs, dens, mat, chance, mm_mat, settings, warnings)
 
 
-def overlap(a: Mask, b: Mask, *, base=None, bins_per_octave: int = 1, labels: Sequence[str] = ("a", "b"), **kw) -> PairOverlap:
+def overlap(
+    a: Mask, b: Mask, *, base=None, bins_per_octave: int = 1, labels: Sequence[str] = ("a", "b"), **kw
+) -> PairOverlap:
     """Overlap of two masks (see the module docstring); ``base`` adds the magnitude-matched chance."""
     return overlap_many([a, b], list(labels), base=base, bins_per_octave=bins_per_octave, **kw).pairs[0]
 
 
-def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *, allow_pickle, allow_download, progress) -> dict:
+def _bucket_counts(
+    tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *, allow_pickle, allow_download, progress
+) -> dict:
     """Stream the base once: per tensor, n per bucket, |M ∩ bucket| per mask and |Mi ∩ Mj ∩ bucket| per pair."""
     ck = open_checkpoint(base, allow_pickle=allow_pickle, allow_download=allow_download, label="base")
     try:
-        diff = layout_diff({t.name: masks[0].shape(t.name) for t in tcs}, {n: i.shape for n, i in ck.infos.items()},
-                           detail=lambda n, a, b: f"{n} {list(b)} vs {list(a)}")
+        diff = layout_diff(
+            {t.name: masks[0].shape(t.name) for t in tcs},
+            {n: i.shape for n, i in ck.infos.items()},
+            detail=lambda n, a, b: f"{n} {list(b)} vs {list(a)}",
+        )
         diff.extra = []  # base tensors no mask covers are fine: a mask may leave tensors out
         if diff:
             raise MaskMismatchError(
                 f"{ck.location} does not match the masks ({diff.describe('mask tensors missing from the base', '')})"
             )
         # only hashes of this scheme compare (masks written before the switch to XXH3 hold SHA-256 ones)
-        recorded = {(m.meta.get("base") or {}).get("content_hash") for m in masks
-                    if (m.meta.get("base") or {}).get("content_hash_scheme") == HASH_SCHEME} - {None}
+        recorded = {
+            (m.meta.get("base") or {}).get("content_hash")
+            for m in masks
+            if (m.meta.get("base") or {}).get("content_hash_scheme") == HASH_SCHEME
+        } - {None}
         want_hash = bool(recorded)
         hashes: dict[str, str] = {}
         items = [Item(t.name, t.numel, BUCKET_BLOCK_NUMEL, hash=(0,) if want_hash else (), tag=t) for t in tcs]
@@ -415,10 +457,13 @@ def _bucket_counts(tcs, masks, pairs_idx, base, bins_per_octave, nb, warnings, *
                     f"--base {ck.source} has a different layout (names, dtypes, shapes) from the base "
                     f"{rec.get('source')!r} recorded in mask {m.meta.get('path') or m.kind}"
                 )
-            if (rec.get("content_hash") and ident.get("content_hash")
-                    and rec.get("content_hash_scheme") == ident.get("content_hash_scheme")
-                    and rec.get("content_scope") == ident.get("content_scope")
-                    and rec["content_hash"] != ident["content_hash"]):
+            if (
+                rec.get("content_hash")
+                and ident.get("content_hash")
+                and rec.get("content_hash_scheme") == ident.get("content_hash_scheme")
+                and rec.get("content_scope") == ident.get("content_scope")
+                and rec["content_hash"] != ident["content_hash"]
+            ):
                 warnings.append(
                     f"--base {ck.source} holds different weights from the base {rec.get('source')!r} recorded in "
                     f"mask {m.meta.get('path') or m.kind} (content hashes differ)"

@@ -26,13 +26,13 @@ import torch
 
 from rlsubnet import limits
 from rlsubnet._bits import NUMPY_UINT
+from rlsubnet._threads import prefetch
 from rlsubnet.checkpoint import SafetensorsWriter, element_size, open_checkpoint
 from rlsubnet.checkpoint.hashing import TensorHasher, combine_hashes, hash_checkpoint, short
 from rlsubnet.checkpoint.layout import write_index
 from rlsubnet.checkpoint.stream import BLOCK_BYTES, BlockStream, Item, block_numel
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_bytes, locks_output
-from rlsubnet._threads import prefetch
 from rlsubnet.patch.chain import (
     base_mismatch,
     check_base_layout,
@@ -141,7 +141,16 @@ def apply_patches(
 
         def write_all(folder: Path | None) -> str:
             return _stream(
-                chain, base_ck, plans, layout, folder, out, not verify_base_first, read_bytes, progress, direct_io,
+                chain,
+                base_ck,
+                plans,
+                layout,
+                folder,
+                out,
+                not verify_base_first,
+                read_bytes,
+                progress,
+                direct_io,
                 keys is not None,
             )
 
@@ -167,8 +176,9 @@ def apply_patches(
     )
 
 
-def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_bytes, progress, direct_io,
-            recheck_records=False) -> str:
+def _stream(
+    chain, base_ck, plans, layout, folder, out, verify_streaming, read_bytes, progress, direct_io, recheck_records=False
+) -> str:
     """Write every output tensor, shard by shard; returns the output's content hash (checked: the target's).
 
     Four threads share the work, each a few blocks ahead of the next: a reader reads (and, single pass,
@@ -196,17 +206,33 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
         for name, dtype, shape in specs:
             p = by_name[name]
             esize = element_size(dtype)
-            items.append(Item(name, int(np.prod(shape, dtype=np.int64)), _read_step(chain, esize, read_bytes),
-                              read=(0,) if p.full_from is None else (), hash=(0,) * (verify_streaming and p.in_base),
-                              tag=(fname, p, esize)))
-    items += [Item(p.name, 0, 1, read=(), hash=(0,), tag=(None, p, 0))
-              for p in plans if p.dtype is None and p.in_base and verify_streaming]
+            items.append(
+                Item(
+                    name,
+                    int(np.prod(shape, dtype=np.int64)),
+                    _read_step(chain, esize, read_bytes),
+                    read=(0,) if p.full_from is None else (),
+                    hash=(0,) * (verify_streaming and p.in_base),
+                    tag=(fname, p, esize),
+                )
+            )
+    items += [
+        Item(p.name, 0, 1, read=(), hash=(0,), tag=(None, p, 0))
+        for p in plans
+        if p.dtype is None and p.in_base and verify_streaming
+    ]
     # Threads pay off on large checkpoints; on small ones (the demo's 2 MB models) handing tiny blocks between
     # four threads costs more than the work: then everything runs here, in order.
     threaded = sum(_nbytes(p.dtype, p.shape) for p in plans if p.dtype is not None) > THREADS_FROM_BYTES
     sizes = {element_size(p.dtype) for p in plans if p.dtype is not None}
-    stream = BlockStream([base_ck], items, depth=1 if threaded else 0, block_bytes=read_bytes, keep=8,
-                         buffer_bytes=max([_read_step(chain, e, read_bytes) * e for e in sizes], default=read_bytes))
+    stream = BlockStream(
+        [base_ck],
+        items,
+        depth=1 if threaded else 0,
+        block_bytes=read_bytes,
+        keep=8,
+        buffer_bytes=max([_read_step(chain, e, read_bytes) * e for e in sizes], default=read_bytes),
+    )
     pool = stream.pool
 
     def blocks():
@@ -238,7 +264,9 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
             if start == 0:  # a new tensor; every record was verified by apply_patches
                 esize = element_size(p.dtype)
                 check = recheck_records
-                source = record_cursor(chain[p.full_from], p.name, esize, check=check) if p.full_from is not None else None
+                source = (
+                    record_cursor(chain[p.full_from], p.name, esize, check=check) if p.full_from is not None else None
+                )
                 cursors = [(record_cursor(chain[i], p.name, esize, check=check), chain[i].values) for i in p.deltas]
             changes = [(source.changes(start, stop), "set")] if source is not None else []
             changes += [(cur.changes(start, stop), cur.mode(coding)) for cur, coding in cursors]
@@ -268,7 +296,9 @@ def _stream(chain, base_ck, plans, layout, folder, out, verify_streaming, read_b
                 path = out if folder is None else folder / fname
                 writers.append(
                     # O_DIRECT's staging buffer is not worth it for small outputs
-                    SafetensorsWriter(path, specs_of[fname], layout.file_metadata.get(fname), direct=direct_io and threaded)
+                    SafetensorsWriter(
+                        path, specs_of[fname], layout.file_metadata.get(fname), direct=direct_io and threaded
+                    )
                 )
                 for n, d, sh in specs_of[fname]:
                     weight_map[n] = fname

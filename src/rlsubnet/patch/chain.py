@@ -76,9 +76,12 @@ def check_base_layout(base: Checkpoint, first: PatchFile) -> None:
         return t.get("base_dtype", t["dtype"]), list(t.get("base_shape", t["shape"]))
 
     diff = layout_diff(
-        {t["name"]: t for t in first.tensors if t.get("base_hash")}, base.infos,
+        {t["name"]: t for t in first.tensors if t.get("base_hash")},
+        base.infos,
         same=lambda t, info: ST_DTYPES.get(spec(t)[0]) == info.dtype and spec(t)[1] == list(info.shape),
-        detail=lambda n, t, info: f"{n} ({str(info.dtype)[6:]}{list(info.shape)}, expected {''.join(map(str, spec(t)))})",
+        detail=lambda n, t, info: (
+            f"{n} ({str(info.dtype)[6:]}{list(info.shape)}, expected {''.join(map(str, spec(t)))})"
+        ),
     )
     if diff:
         raise WrongBaseError(
@@ -135,8 +138,16 @@ def plan_chain(chain: list[PatchFile], base_names: list[str]) -> list[TensorPlan
         base_sha = entries[0][n]["base_hash"] if n in entries[0] else None
         if alive:
             plans.append(
-                TensorPlan(n, ST_DTYPES[last["dtype"]], tuple(last["shape"]), n in base_names, full_from, deltas,
-                            last["target_hash"], base_sha)
+                TensorPlan(
+                    n,
+                    ST_DTYPES[last["dtype"]],
+                    tuple(last["shape"]),
+                    n in base_names,
+                    full_from,
+                    deltas,
+                    last["target_hash"],
+                    base_sha,
+                )
             )
         else:
             plans.append(TensorPlan(n, None, None, n in base_names, None, [], None, base_sha))

@@ -46,7 +46,6 @@ GAP_WIDTHS = (1, 2, 4)
 BITMAP_RATIO = 7
 
 
-
 def varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -325,7 +324,9 @@ class RecordCursor:
         rel = None if self.full else decode_positions(self._pos, n)
         k = n if rel is None else len(rel)
         self.changed += k
-        self._vals = join_planes(self._val.read(k * self.esize), self.esize) if k else np.empty(0, dtype=NUMPY_UINT[self.esize])
+        self._vals = (
+            join_planes(self._val.read(k * self.esize), self.esize) if k else np.empty(0, dtype=NUMPY_UINT[self.esize])
+        )
         self._lo, self._hi, self._rel, self._i = lo, lo + n, rel, 0
 
     def _advance(self, start: int, stop: int) -> None:
@@ -339,8 +340,10 @@ class RecordCursor:
         if self._empty:
             return
         while True:
-            if self._hi <= start or (self._rel is not None and self._i >= len(self._rel)) or (
-                self._rel is None and self._lo + self._i >= self._hi
+            if (
+                self._hi <= start
+                or (self._rel is not None and self._i >= len(self._rel))
+                or (self._rel is None and self._lo + self._i >= self._hi)
             ):
                 if self._block_start >= stop or self._block_start >= self.numel:
                     return
@@ -355,7 +358,11 @@ class RecordCursor:
             else:
                 j = len(rel) if self._hi <= stop else int(np.searchsorted(rel, stop - lo))
                 if j > i:
-                    yield lo, rel[i:j] if i or j < len(rel) else rel, self._vals[i:j] if i or j < len(rel) else self._vals
+                    yield (
+                        lo,
+                        rel[i:j] if i or j < len(rel) else rel,
+                        self._vals[i:j] if i or j < len(rel) else self._vals,
+                    )
                 self._i = j
             if self._hi > stop:
                 return

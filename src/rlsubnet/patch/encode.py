@@ -95,8 +95,12 @@ def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bo
     if base is None:
         return [_Plan(n, "full", None, i) for n, i in target.infos.items()]
     b, t = base.infos, target.infos
-    diff = layout_diff(b, t, same=lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype),
-                       detail=lambda n, x, y: f"{n} {_spec(x)} vs {_spec(y)}")
+    diff = layout_diff(
+        b,
+        t,
+        same=lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype),
+        detail=lambda n, x, y: f"{n} {_spec(x)} vs {_spec(y)}",
+    )
     extra, relaid = diff.extra, set(diff.differ)
     if diff and not allow_mismatch:
         raise MismatchError(
@@ -191,8 +195,9 @@ def encode_checkpoints(
             entry["base_shape"] = list(plan.base.shape)
         if plan.target is not None:
             if encoder is None:  # an empty tensor: no blocks were coded
-                encoder = TensorEncoder(info.numel, element_size(info.dtype), cctx, block_numel,
-                                        full=plan.op == "full", pool=zpool)
+                encoder = TensorEncoder(
+                    info.numel, element_size(info.dtype), cctx, block_numel, full=plan.op == "full", pool=zpool
+                )
             pos, val = encoder.finish()
             entry["changed"] = encoder.changed
             if plan.op == "delta" and encoder.changed == 0:
@@ -213,8 +218,13 @@ def encode_checkpoints(
     threaded = sum((p.base.nbytes if p.base else 0) + (p.target.nbytes if p.target else 0) for p in plans) > (
         THREADS_FROM_BYTES
     )
-    stream = BlockStream([base, target], _items(plans, block_numel, read_bytes, hash_base, not lazy),
-                         depth=2 if threaded else 0, block_bytes=read_bytes, progress="patch create" if progress else None)
+    stream = BlockStream(
+        [base, target],
+        _items(plans, block_numel, read_bytes, hash_base, not lazy),
+        depth=2 if threaded else 0,
+        block_bytes=read_bytes,
+        progress="patch create" if progress else None,
+    )
     xor_buf = np.empty(stream.pool.nbytes, dtype=np.uint8)  # the consumer's scratch, reused for every block
     mask_buf = np.empty(stream.pool.nbytes, dtype=bool)
     zpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsubnet-zstd") if threaded else None
@@ -226,7 +236,9 @@ def encode_checkpoints(
                 esize = element_size(info.dtype)
                 if block.stop > block.start:
                     if encoder is None:
-                        encoder = TensorEncoder(info.numel, esize, cctx, block_numel, full=plan.op == "full", pool=zpool)
+                        encoder = TensorEncoder(
+                            info.numel, esize, cctx, block_numel, full=plan.op == "full", pool=zpool
+                        )
                     words = block.words()  # (base, target) for a delta, (target,) for a tensor stored whole
                     t = words[-1]
                     if plan.op == "delta":
@@ -281,9 +293,13 @@ def _files_section(writer: PatchWriter, base: Checkpoint | None, target: Checkpo
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         entry = {"name": path.name, "nbytes": len(data), "sha256": digest}
-        same = base_folder is not None and (base_folder / path.name).is_file() and (
-            (base_folder / path.name).stat().st_size == len(data)
-            and hashlib.sha256((base_folder / path.name).read_bytes()).hexdigest() == digest
+        same = (
+            base_folder is not None
+            and (base_folder / path.name).is_file()
+            and (
+                (base_folder / path.name).stat().st_size == len(data)
+                and hashlib.sha256((base_folder / path.name).read_bytes()).hexdigest() == digest
+            )
         )
         if same:
             entry["source"] = "base"
@@ -344,8 +360,17 @@ def write_patch(
         raise CheckpointError(f"{target.location}: holds {what}: nothing to patch")
     with PatchWriter(out, overwrite=overwrite, sign_key=sign_key) as writer:
         entries, b_hashes, t_hashes = encode_checkpoints(
-            writer, base, target, values=values, level=level, allow_mismatch=allow_mismatch, block_numel=block_numel,
-            read_bytes=read_bytes, base_hashes=base_hashes, hash_target_lazily=hash_target_lazily, progress=progress,
+            writer,
+            base,
+            target,
+            values=values,
+            level=level,
+            allow_mismatch=allow_mismatch,
+            block_numel=block_numel,
+            read_bytes=read_bytes,
+            base_hashes=base_hashes,
+            hash_target_lazily=hash_target_lazily,
+            progress=progress,
         )
         files, skipped = _files_section(writer, base, target, level) if include_files else (None, [])
         manifest = {
@@ -372,8 +397,9 @@ def write_patch(
 
 
 @locks_output("out")
-def create_patch(base, tuned, out: str | Path, *, allow_pickle: bool = False, allow_download: bool = False,
-                 **options) -> PatchSummary:
+def create_patch(
+    base, tuned, out: str | Path, *, allow_pickle: bool = False, allow_download: bool = False, **options
+) -> PatchSummary:
     """Write a lossless patch that turns ``base`` into ``tuned``; ``base=None`` writes a full anchor.
 
     ``base``/``tuned``: a model folder, a .safetensors file, a hub id in the local cache, a state dict or a

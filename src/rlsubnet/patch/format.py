@@ -53,10 +53,10 @@ from rlsubnet.checkpoint.hashing import HASH_SCHEME, combine_hashes
 from rlsubnet.checkpoint.index import ST_DTYPES
 from rlsubnet.checkpoint.layout import is_weight_file
 from rlsubnet.fileio import member_name_problem
-from rlsubnet.staged import StagedFile
 from rlsubnet.patch.errors import PatchError, PatchVersionError
 from rlsubnet.patch.signing import fingerprint, load_private_key, sign_digest, verify_digest
 from rlsubnet.patch.signing import trusted_keys as as_trusted
+from rlsubnet.staged import StagedFile
 
 MAGIC = b"RLSPATCH"
 END_MAGIC = b"RLSPEND\0"
@@ -70,8 +70,17 @@ SIG_MAGIC = b"RLSSIG1\0"
 SUFFIX = ".rlpatch"
 
 OPS = ("same", "delta", "full", "remove")
-TOTALS_KEYS = ("numel", "changed", "compared_numel", "compared_changed", "tensors_changed", "tensors_full",
-               "tensors_removed", "positions_nbytes", "values_nbytes")
+TOTALS_KEYS = (
+    "numel",
+    "changed",
+    "compared_numel",
+    "compared_changed",
+    "tensors_changed",
+    "tensors_full",
+    "tensors_removed",
+    "positions_nbytes",
+    "values_nbytes",
+)
 KINDS = ("delta", "anchor")
 MANIFEST_LEVEL = 9
 
@@ -183,7 +192,7 @@ class PatchFile:
 
     # -- opening
     @classmethod
-    def open(cls, path: str | Path) -> "PatchFile":
+    def open(cls, path: str | Path) -> PatchFile:
         path = Path(path)
         try:
             size = path.stat().st_size
@@ -242,8 +251,12 @@ class PatchFile:
         tensors = m.get("tensors")
         if not isinstance(tensors, list):
             raise PatchError(f"{path}: manifest has no tensor list")
-        _require(path, "manifest", m, {"block_numel": _positive_int, "totals": dict, "target": dict,
-                                       "zstd_level": int, "rlsubnet_version": str})
+        _require(
+            path,
+            "manifest",
+            m,
+            {"block_numel": _positive_int, "totals": dict, "target": dict, "zstd_level": int, "rlsubnet_version": str},
+        )
         _require(path, "totals", m["totals"], {k: _count for k in TOTALS_KEYS})
         for side in ("base", "target") if m["kind"] == "delta" else ("target",):
             _require(path, side, m.get(side), {"hash": str, "tensors": _count, "numel": _count, "nbytes": _count})
@@ -277,7 +290,9 @@ class PatchFile:
             check_file_name(path, f.get("name") if isinstance(f, dict) else None, file_names)
             _require(path, f"file entry {f.get('name')!r}", f, {"name": str, "nbytes": _count, "sha256": str})
             if f.get("source") not in ("patch", "base"):
-                raise PatchError(f"{path}: damaged manifest (file {f['name']!r} has unknown source {f.get('source')!r})")
+                raise PatchError(
+                    f"{path}: damaged manifest (file {f['name']!r} has unknown source {f.get('source')!r})"
+                )
             rec = f.get("record")
             if f["source"] == "patch" and rec is None:
                 raise PatchError(f"{path}: damaged manifest (file {f['name']!r} is embedded but has no record)")
@@ -435,7 +450,9 @@ def check_file_name(path: Path, name, seen: set[str]) -> None:
     if problem is None and name.lower() in seen:
         problem = "listed twice"
     if problem is not None:
-        raise PatchError(f"{path}: file entry {name!r} refused: {problem} (a hostile or damaged patch); nothing written")
+        raise PatchError(
+            f"{path}: file entry {name!r} refused: {problem} (a hostile or damaged patch); nothing written"
+        )
     seen.add(name.lower())
 
 
@@ -457,7 +474,9 @@ def _check_tensor_entry(path: Path, t: dict) -> None:
         raise PatchError(f"{path}: damaged manifest ({what} has dtype {t['dtype']!r}, shape {t['shape']!r})")
     numel = math.prod(t["shape"])
     if numel != t["numel"] or t["changed"] > numel:
-        raise PatchError(f"{path}: damaged manifest ({what}: numel {t['numel']}, changed {t['changed']}, shape {t['shape']})")
+        raise PatchError(
+            f"{path}: damaged manifest ({what}: numel {t['numel']}, changed {t['changed']}, shape {t['shape']})"
+        )
     if op in ("same", "delta"):
         _require(path, what, t, {"base_hash": str})
     if op in ("delta", "full"):

@@ -50,9 +50,7 @@ def patch_info(patch, *, verify: bool = False, trusted_keys=None) -> dict:
     target_nbytes = m["target"]["nbytes"]
     order = {k: i for i, k in enumerate(MODULE_KINDS)}
     modules = sorted(_group(entries, lambda e: module_kind(e["name"])), key=lambda r: order.get(r["group"], 99))
-    layers = sorted(
-        _group(entries, lambda e: layer_of(e["name"])), key=lambda r: (r["group"] is None, r["group"] or 0)
-    )
+    layers = sorted(_group(entries, lambda e: layer_of(e["name"])), key=lambda r: (r["group"] is None, r["group"] or 0))
     files = m.get("files")
     return {
         "path": str(p.path),
@@ -136,10 +134,17 @@ def format_info(info: dict, *, tensors: bool = False, layers: bool = False) -> s
     if t["tensors_full"] or t["tensors_removed"]:
         lines.append(f"whole    {t['tensors_full']} tensors stored whole, {t['tensors_removed']} removed")
     if info.get("dtypes"):
-        lines.append("dtypes   " + ", ".join(f"{k}: {v['tensors']} tensors, {v['numel']:,} params" for k, v in info["dtypes"].items()))
+        lines.append(
+            "dtypes   "
+            + ", ".join(f"{k}: {v['tensors']} tensors, {v['numel']:,} params" for k, v in info["dtypes"].items())
+        )
     ratio = info["ratio_to_target"]
     bits = info["bits_per_changed"]
-    share = f"= 1/{ratio:.1f} of the target's {_size(target['nbytes'])}" if ratio else "(the target holds 0 bytes of weights)"
+    share = (
+        f"= 1/{ratio:.1f} of the target's {_size(target['nbytes'])}"
+        if ratio
+        else "(the target holds 0 bytes of weights)"
+    )
     lines.append(
         f"size     {_size(info['nbytes'])} {share}"
         + (f"; {bits:.2f} bits per changed param" if bits else "")
@@ -156,8 +161,13 @@ def format_info(info: dict, *, tensors: bool = False, layers: bool = False) -> s
     if sig is None:
         lines.append("signed   no")
     else:
-        state = ("signature valid, key trusted" if sig["trusted"] else "signature valid (no trusted keys given)"
-                 if sig["valid"] else "signature not checked (pass --verify, or --trust KEY.pub)")
+        state = (
+            "signature valid, key trusted"
+            if sig["trusted"]
+            else "signature valid (no trusted keys given)"
+            if sig["valid"]
+            else "signature not checked (pass --verify, or --trust KEY.pub)"
+        )
         lines.append(f"signed   by Ed25519 key {sig['fingerprint']}: {state}")
 
     def rows(groups, label):
@@ -180,8 +190,15 @@ def format_info(info: dict, *, tensors: bool = False, layers: bool = False) -> s
         lines += ["", render_table(["layer", *headers], rows(info["layers"], lambda g: "-" if g is None else str(g)))]
     if tensors:
         trows = [
-            [e["name"], e["op"], e["dtype"], "x".join(map(str, e["shape"])) or "scalar", f"{e['changed']:,}",
-             f"{100 * e['density']:.4f}", _size(e["patch_nbytes"])]
+            [
+                e["name"],
+                e["op"],
+                e["dtype"],
+                "x".join(map(str, e["shape"])) or "scalar",
+                f"{e['changed']:,}",
+                f"{100 * e['density']:.4f}",
+                _size(e["patch_nbytes"]),
+            ]
             for e in info["tensors"]
         ]
         theaders = ["tensor", "op", "dtype", "shape", "changed", "density %", "patch"]

@@ -47,7 +47,9 @@ def apply_patch_(model, patch, *, verify: bool = True, trusted_keys=None) -> str
             f"{p.path}: adds, removes or re-shapes tensors ({listing(bad_ops)}); apply it to a checkpoint folder instead"
         )
     diff = layout_diff(
-        entries, tensors, same=lambda e, t: ST_DTYPES.get(e["dtype"]) == t.dtype and e["shape"] == list(t.shape),
+        entries,
+        tensors,
+        same=lambda e, t: ST_DTYPES.get(e["dtype"]) == t.dtype and e["shape"] == list(t.shape),
         detail=lambda n, e, t: f"{n} ({str(t.dtype)[6:]}{list(t.shape)}, patch has {e['dtype']}{e['shape']})",
     )
     if diff:

@@ -85,7 +85,9 @@ def load_private_key(key) -> Ed25519PrivateKey:
     if isinstance(key, (str, os.PathLike)):
         path = Path(key)
         return _parse_private(_read_key_file(path), str(path))
-    raise UsageError(f"a signing key must be a key file path, an Ed25519PrivateKey or 32 raw bytes, not {type(key).__name__}")
+    raise UsageError(
+        f"a signing key must be a key file path, an Ed25519PrivateKey or 32 raw bytes, not {type(key).__name__}"
+    )
 
 
 def _parse_private(data: bytes, what: str) -> Ed25519PrivateKey:
@@ -98,15 +100,18 @@ def _parse_private(data: bytes, what: str) -> Ed25519PrivateKey:
         elif data.lstrip().startswith(b"-----BEGIN"):
             key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # cryptography: "Password was not given but private key is encrypted"
-        raise KeyFileError(f"{what}: the private key is encrypted; rlsubnet signs with unencrypted keys "
-                           "(keep the file mode 0600)") from None
+        raise KeyFileError(
+            f"{what}: the private key is encrypted; rlsubnet signs with unencrypted keys (keep the file mode 0600)"
+        ) from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"{what}: not a readable private key ({_first_line(exc)})") from None
     if key is None:
         raise KeyFileError(f"{what}: not a PEM or OpenSSH private key")
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{what}: is a {type(key).__name__.removesuffix('PrivateKey').removeprefix('_')} key; "
-                           "rlsubnet signs with Ed25519 keys (make one with `rlsubnet patch keygen`)")
+        raise KeyFileError(
+            f"{what}: is a {type(key).__name__.removesuffix('PrivateKey').removeprefix('_')} key; "
+            "rlsubnet signs with Ed25519 keys (make one with `rlsubnet patch keygen`)"
+        )
     return key
 
 

@@ -40,11 +40,12 @@ from rlsubnet.checkpoint.index import TensorInfo
 from rlsubnet.checkpoint.reader import StateDictCheckpoint
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_write_text, safe_member_name
-from rlsubnet.patch.live import apply_patch_, model_tensors
 from rlsubnet.patch.encode import DEFAULT_LEVEL, write_patch
 from rlsubnet.patch.errors import WrongBaseError
 from rlsubnet.patch.format import PatchFile
-from rlsubnet.patch.signing import load_private_key, trusted_keys as as_trusted
+from rlsubnet.patch.live import apply_patch_, model_tensors
+from rlsubnet.patch.signing import load_private_key
+from rlsubnet.patch.signing import trusted_keys as as_trusted
 
 SYNC_FILE = "sync.json"
 SYNC_FORMAT = "rlsubnet-sync"
@@ -136,8 +137,14 @@ class SyncWriter:
     def _anchor(self, state: dict[str, torch.Tensor], step: int) -> dict:
         path = self.out_dir / f"step-{step:08d}.anchor.rlpatch"
         summary = write_patch(
-            None, StateDictCheckpoint(state, f"step {step}"), path, level=self.level, include_files=False,
-            metadata={"step": step}, overwrite=True, sign_key=self.sign_key,
+            None,
+            StateDictCheckpoint(state, f"step {step}"),
+            path,
+            level=self.level,
+            include_files=False,
+            metadata={"step": step},
+            overwrite=True,
+            sign_key=self.sign_key,
         )
         self.hashes = summary.target_hashes
         return self._record(summary, step, "anchor")
@@ -255,11 +262,15 @@ def read_sync_index(sync_dir: str | Path) -> list[dict]:
         raise UsageError(f"{path}: corrupt sync index ({exc})") from None
     if not isinstance(index, dict):
         raise UsageError(f"{path}: corrupt sync index (not a JSON object)")
-    if index.get("format") != SYNC_FORMAT or not isinstance(index.get("format_version"), int) or (
-        index["format_version"] > SYNC_VERSION
+    if (
+        index.get("format") != SYNC_FORMAT
+        or not isinstance(index.get("format_version"), int)
+        or (index["format_version"] > SYNC_VERSION)
     ):
-        raise UsageError(f"{path}: not a sync index this rlsubnet reads (format {index.get('format')!r} "
-                         f"version {index.get('format_version')})")
+        raise UsageError(
+            f"{path}: not a sync index this rlsubnet reads (format {index.get('format')!r} "
+            f"version {index.get('format_version')})"
+        )
     entries = index.get("entries")
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and {"file", "kind", "base", "target", "step"} <= e.keys() for e in entries

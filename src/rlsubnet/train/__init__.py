@@ -7,8 +7,8 @@ extra) and are imported on first use.
 from rlsubnet.train.masking import (
     FullMaskWarning,
     MaskDtypeWarning,
-    MaskModeWarning,
     MaskedOptimizer,
+    MaskModeWarning,
     frozen_changes,
     frozen_snapshot,
     mask_optimizer,

@@ -47,7 +47,9 @@ class SubnetworkCallback(TrainerCallback):
         if optimizer is None or model is None:
             raise MaskError("the trainer gave the mask callback no optimizer or model at on_train_begin")
         if self.mask_before_clip and not self.clip_wired:
-            raise MaskError("mask_before_clip needs the trainer's clipping wired: use rlsubnet.train.attach_mask(trainer, ...)")
+            raise MaskError(
+                "mask_before_clip needs the trainer's clipping wired: use rlsubnet.train.attach_mask(trainer, ...)"
+            )
         opt = unwrap_optimizer(optimizer)
         if self.masked is not None:
             if self.masked.attached and self.masked.optimizer is opt:
@@ -57,8 +59,12 @@ class SubnetworkCallback(TrainerCallback):
         r = self.masked.report()
         logger.info(
             "rlsubnet: training %s of %s entries (density %.4f) of the mask %s; %s; %s",
-            f"{r['trainable']:,}", f"{r['numel']:,}", r["density"], r["mask"]["path"] or r["mask"]["kind"],
-            r["order"], r["mode"],
+            f"{r['trainable']:,}",
+            f"{r['numel']:,}",
+            r["density"],
+            r["mask"]["path"] or r["mask"]["kind"],
+            r["order"],
+            r["mode"],
         )
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -66,7 +72,9 @@ class SubnetworkCallback(TrainerCallback):
         if m is None or not m.attached:
             raise MaskError("an optimizer step is about to run but the mask is not attached")
         if optimizer is not None and unwrap_optimizer(optimizer) is not m.optimizer:
-            raise MaskError("the trainer's optimizer was replaced after the mask was attached: this step would be unmasked")
+            raise MaskError(
+                "the trainer's optimizer was replaced after the mask was attached: this step would be unmasked"
+            )
         self._steps_before = m.steps
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):

@@ -124,11 +124,15 @@ def resolve_parameter_masks(mask: Mask, model: torch.nn.Module) -> tuple[dict[in
     buffers = {n for n, _ in model.named_buffers()}
     in_buffers = [n for n in mask.names() if n not in by_name and n in buffers]
     groups = tied_groups(named, key=id)  # first name -> every name of that parameter
-    diff = layout_diff({n: mask.shape(n) for n in mask.names() if n not in in_buffers},
-                       {n: tuple(p.shape) for n, p in named},
-                       detail=lambda n, a, b: f"{n} {list(a)} in the mask vs {list(b)} in the model")
+    diff = layout_diff(
+        {n: mask.shape(n) for n in mask.names() if n not in in_buffers},
+        {n: tuple(p.shape) for n, p in named},
+        detail=lambda n, a, b: f"{n} {list(a)} in the mask vs {list(b)} in the model",
+    )
     # a parameter is covered when the mask has any of its names; frozen ones need not be
-    diff.extra = [first for first, ns in groups.items() if by_name[first].requires_grad and not any(n in mask for n in ns)]
+    diff.extra = [
+        first for first, ns in groups.items() if by_name[first].requires_grad and not any(n in mask for n in ns)
+    ]
     if diff:
         src = mask.meta.get("path") or "the mask"
         why = diff.describe("mask tensors the model does not have", "trainable parameters the mask does not cover")
@@ -223,9 +227,12 @@ class MaskedOptimizer:
                 f"the mask selects none of the {self.numel:,} entries this optimizer trains: nothing would change"
             )
         if self.n_trainable == self.numel and not allow_full and self.mask.changed != self.mask.numel:
-            warnings.warn(FullMaskWarning(
-                f"the mask selects all {self.numel:,} entries this optimizer trains: the run is not restricted"
-            ), stacklevel=2)
+            warnings.warn(
+                FullMaskWarning(
+                    f"the mask selects all {self.numel:,} entries this optimizer trains: the run is not restricted"
+                ),
+                stacklevel=2,
+            )
         self.steps = 0
         self.restored_entries = 0  # strict mode: entries the optimizer moved and we wrote back
         self._state_dirty = True
@@ -245,14 +252,19 @@ class MaskedOptimizer:
         if m.changed == 0 and not allow_empty:
             raise MaskError(f"{src} has density 0: no parameter would train")
         if m.numel and m.changed == m.numel and not allow_full:
-            warnings.warn(FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3)
+            warnings.warn(
+                FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3
+            )
         if compare_mode is not None and m.kind not in ("given", "ones", "zeros") and m.mode != compare_mode:
             built = f"comparing in {m.mode!r}" if m.mode else "with no recorded comparison mode"
-            warnings.warn(MaskModeWarning(
-                f"{src} was built {built}, but this run will be compared in {compare_mode!r}: which entries count "
-                "as changed depends on the mode (a bf16 mask of an fp32 run is not its subnetwork); rebuild the "
-                f"mask with --mode {compare_mode}, or pass compare_mode=None if this is intended"
-            ), stacklevel=3)
+            warnings.warn(
+                MaskModeWarning(
+                    f"{src} was built {built}, but this run will be compared in {compare_mode!r}: which entries count "
+                    "as changed depends on the mode (a bf16 mask of an fp32 run is not its subnetwork); rebuild the "
+                    f"mask with --mode {compare_mode}, or pass compare_mode=None if this is intended"
+                ),
+                stacklevel=3,
+            )
 
     # -- the step
     def _pm(self, p) -> ParamMask:
@@ -312,7 +324,9 @@ class MaskedOptimizer:
         for group, wd in self._saved_wd:
             wd = float(wd)
             lr = float(group["lr"])
-            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(
+                group.get("decoupled_weight_decay", False)
+            )
             for p in group["params"]:
                 pm = self._pm(p)
                 if p.grad is None or pm.all_frozen:
@@ -455,7 +469,9 @@ class MaskedOptimizer:
             "optimizer": type(self.optimizer).__name__,
             "mode": "strict (frozen entries restored after each step)" if self.strict else "exact (zero update)",
             "order": "mask, then clip" if self.mask_before_clip else "clip the full gradient, then mask",
-            "weight_decay": "applied inside the mask only" if self.exact else "optimizer's own; frozen entries restored",
+            "weight_decay": "applied inside the mask only"
+            if self.exact
+            else "optimizer's own; frozen entries restored",
             "mask": self.mask.describe(("kind", "path", "atol", "dtype", "density", "bits_sha256")),
             "numel": self.numel,
             "trainable": self.n_trainable,
@@ -480,7 +496,9 @@ def frozen_snapshot(model: torch.nn.Module, mask: Mask) -> dict[str, torch.Tenso
     return {n: params[n].detach().clone() for n in mask.names() if n in params}
 
 
-def frozen_changes(model: torch.nn.Module, mask: Mask, before: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+def frozen_changes(
+    model: torch.nn.Module, mask: Mask, before: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, int]]:
     """Per parameter: (frozen entries whose bits changed, trainable entries whose bits changed) since ``before``."""
     model = unwrap_model(model)
     params = dict(model.named_parameters())
@@ -491,4 +509,3 @@ def frozen_changes(model: torch.nn.Module, mask: Mask, before: Mapping[str, torc
         trainable = mask.tensor(n, device=now.device)
         out[n] = (int((diff & ~trainable).sum()), int((diff & trainable).sum()))
     return out
-

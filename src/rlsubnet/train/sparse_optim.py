@@ -114,7 +114,11 @@ def _owner(p) -> SparseMaskedOptimizer | None:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 class SparseMaskedOptimizer(torch.optim.Optimizer):
@@ -154,9 +158,12 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         allow_full: bool = False,
     ):
         self.kind = _kind(optimizer)
-        defaults = self._defaults(lr, betas, eps, weight_decay, momentum, dampening, nesterov,
-                                  decoupled_weight_decay, maximize)
-        self.max_grad_norm = None if max_grad_norm is None else limits.real(max_grad_norm, "max_grad_norm", lo_open=True)
+        defaults = self._defaults(
+            lr, betas, eps, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize
+        )
+        self.max_grad_norm = (
+            None if max_grad_norm is None else limits.real(max_grad_norm, "max_grad_norm", lo_open=True)
+        )
         self.mask_before_clip = bool(mask_before_clip)
         self.accumulation_steps = limits.integer(accumulation_steps, "accumulation_steps", 1, limits.MAX_STEPS)
         if reduce_grads not in (None, "backward", "step"):
@@ -225,17 +232,29 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
             dampening = limits.real(dampening, "dampening")
             if nesterov and (momentum <= 0 or dampening != 0):
                 raise UsageError("nesterov momentum needs momentum > 0 and dampening 0")
-            return {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
-                    "nesterov": bool(nesterov), "maximize": bool(maximize)}
+            return {
+                "lr": lr,
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "nesterov": bool(nesterov),
+                "maximize": bool(maximize),
+            }
         if len(betas) != 2:
             raise UsageError(f"betas must be two numbers, got {betas!r}")
         b1 = limits.real(betas[0], "betas[0]", 0.0, 1.0)
         b2 = limits.real(betas[1], "betas[1]", 0.0, 1.0)
         if b1 >= 1 or b2 >= 1:
             raise UsageError(f"betas must be below 1, got {betas!r}")
-        return {"lr": lr, "betas": (b1, b2), "eps": limits.real(eps, "eps"), "weight_decay": weight_decay,
-                "maximize": bool(maximize), "amsgrad": False,
-                "decoupled_weight_decay": self.kind == "adamw" or bool(decoupled)}
+        return {
+            "lr": lr,
+            "betas": (b1, b2),
+            "eps": limits.real(eps, "eps"),
+            "weight_decay": weight_decay,
+            "maximize": bool(maximize),
+            "amsgrad": False,
+            "decoupled_weight_decay": self.kind == "adamw" or bool(decoupled),
+        }
 
     def _check_mask(self, compare_mode: str | None, allow_full: bool) -> None:
         m = self.mask
@@ -243,13 +262,18 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         if m.changed == 0:
             raise MaskError(f"{src} has density 0: no parameter would train")
         if m.numel and m.changed == m.numel and not allow_full:
-            warnings.warn(FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3)
+            warnings.warn(
+                FullMaskWarning(f"{src} has density 1: every parameter trains, nothing is restricted"), stacklevel=3
+            )
         if compare_mode is not None and m.kind not in ("given", "ones", "zeros") and m.mode != compare_mode:
             built = f"comparing in {m.dtype!r}" if m.dtype else "with no recorded comparison dtype"
-            warnings.warn(MaskDtypeWarning(
-                f"{src} was built {built}, but this run will be compared in {compare_mode!r}: rebuild the mask "
-                f"with --mode {compare_mode}, or pass compare_mode=None if this is intended"
-            ), stacklevel=3)
+            warnings.warn(
+                MaskDtypeWarning(
+                    f"{src} was built {built}, but this run will be compared in {compare_mode!r}: rebuild the mask "
+                    f"with --mode {compare_mode}, or pass compare_mode=None if this is intended"
+                ),
+                stacklevel=3,
+            )
 
     def _make_slot(self, pm) -> _Slot:
         p = pm.param
@@ -330,8 +354,7 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
     def _total_norm(self) -> torch.Tensor:
         norms, grouped = [], {}
         for s in self._order:
-            n = s.norm if self._dense_norm else (
-                torch.linalg.vector_norm(s.grad, 2.0) if s.grad is not None else None)
+            n = s.norm if self._dense_norm else (torch.linalg.vector_norm(s.grad, 2.0) if s.grad is not None else None)
             if n is None:
                 continue
             if s.groups:
@@ -469,8 +492,11 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
 
     # -- resume
     def _layout(self) -> list[dict]:
-        return [{"name": s.name, "numel": s.param.numel(), "start": s.start, "stop": s.stop, "k": s.k}
-                for s in self._order if s.n_trainable]
+        return [
+            {"name": s.name, "numel": s.param.numel(), "start": s.start, "stop": s.stop, "k": s.k}
+            for s in self._order
+            if s.n_trainable
+        ]
 
     def state_dict(self) -> dict:
         """Masters, moments, step counts and hyper-parameters (this rank's shard under FSDP2); tensors are not copied."""
@@ -478,10 +504,18 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         pos = {id(p): i for i, p in enumerate(params)}
         return {
             "state": {pos[id(p)]: dict(st) for p, st in self.state.items() if st},
-            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [pos[id(p)] for p in g["params"]]}
-                             for g in self.param_groups],
-            "sparse": {"format": STATE_FORMAT, "version": STATE_VERSION, "optimizer": self.kind,
-                       "mask_bits_sha256": self._mask_sha(), "params": self._layout(), "steps": self.steps},
+            "param_groups": [
+                {**{k: v for k, v in g.items() if k != "params"}, "params": [pos[id(p)] for p in g["params"]]}
+                for g in self.param_groups
+            ],
+            "sparse": {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "optimizer": self.kind,
+                "mask_bits_sha256": self._mask_sha(),
+                "params": self._layout(),
+                "steps": self.steps,
+            },
         }
 
     def _mask_sha(self) -> str:
@@ -495,7 +529,9 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         if not isinstance(head, Mapping) or head.get("format") != STATE_FORMAT:
             raise UsageError("not a SparseMaskedOptimizer state (a dense optimizer's state_dict cannot be loaded here)")
         if head.get("version") != STATE_VERSION:
-            raise UsageError(f"sparse optimizer state version {head.get('version')!r} is not supported (expected {STATE_VERSION})")
+            raise UsageError(
+                f"sparse optimizer state version {head.get('version')!r} is not supported (expected {STATE_VERSION})"
+            )
         if head.get("optimizer") != self.kind:
             raise UsageError(f"the saved state is of optimizer {head.get('optimizer')!r}, this one is {self.kind!r}")
         if head.get("mask_bits_sha256") != self._mask_sha():
@@ -573,17 +609,26 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
             "optimizer": self.kind,
             "state": "sparse: indices, masters and moments of the trainable entries only",
             "order": ("mask, then clip" if self.mask_before_clip else "clip the full gradient, then mask")
-                     if self.max_grad_norm is not None else "no clipping",
+            if self.max_grad_norm is not None
+            else "no clipping",
             "max_grad_norm": self.max_grad_norm,
             "weight_decay": "applied inside the mask only",
-            "gradients": "reduced in backward (post-accumulate-grad hook)" if self.reduce_grads == "backward"
-                         else "reduced in step()",
+            "gradients": "reduced in backward (post-accumulate-grad hook)"
+            if self.reduce_grads == "backward"
+            else "reduced in step()",
             "accumulation_steps": self.accumulation_steps,
             "weights": dtypes,
-            "masters": "fp32 masters of the trainable entries; weights written back rounded" if separate
-                       else "the weights are their own masters",
-            "mask": {"kind": self.mask.kind, "path": self.mask.meta.get("path"), "atol": self.mask.atol,
-                     "dtype": self.mask.dtype, "density": self.mask.density, "bits_sha256": self._mask_sha()},
+            "masters": "fp32 masters of the trainable entries; weights written back rounded"
+            if separate
+            else "the weights are their own masters",
+            "mask": {
+                "kind": self.mask.kind,
+                "path": self.mask.meta.get("path"),
+                "atol": self.mask.atol,
+                "dtype": self.mask.dtype,
+                "density": self.mask.density,
+                "bits_sha256": self._mask_sha(),
+            },
             "numel": self.numel,
             "trainable": self.n_trainable,
             "density": self.density,

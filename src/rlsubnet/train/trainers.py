@@ -33,7 +33,9 @@ def attach_mask(trainer, mask, **options) -> SubnetworkCallback:
     if cb.mask_before_clip:
         clip = getattr(trainer, "_clip_grad_norm", None)
         if clip is None:
-            raise MaskError(f"{type(trainer).__name__} has no _clip_grad_norm to wrap: mask_before_clip is not supported")
+            raise MaskError(
+                f"{type(trainer).__name__} has no _clip_grad_norm to wrap: mask_before_clip is not supported"
+            )
 
         @functools.wraps(clip)
         def _clip_grad_norm(model, _clip=clip):

@@ -59,5 +59,10 @@ def check_frozen_masters(mask, base, master) -> dict:
             base_ck.close()
         if master_ck is not master:
             master_ck.close()
-    return {"frozen_entries_checked": checked, "frozen_entries_moved": moved, "moved_by_tensor": per_tensor,
-            "trainable_entries": trainable, "trainable_entries_moved": trainable_moved}
+    return {
+        "frozen_entries_checked": checked,
+        "frozen_entries_moved": moved,
+        "moved_by_tensor": per_tensor,
+        "trainable_entries": trainable,
+        "trainable_entries_moved": trainable_moved,
+    }
