@@ -116,7 +116,10 @@ class CompareResult:
         layers = sorted({k[0] for k in cells})
         kinds = [k for k in MODULE_KINDS if any(c[1] == k for c in cells)]
         grid = [
-            [(1 - cells[(layer, k)][0] / cells[(layer, k)][1]) if cells.get((layer, k), [0, 0])[1] else None for k in kinds]
+            [
+                (1 - cells[(layer, k)][0] / cells[(layer, k)][1]) if cells.get((layer, k), [0, 0])[1] else None
+                for k in kinds
+            ]
             for layer in layers
         ]
         return layers, kinds, grid
