@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from rlsubnet import limits
+from rlsubnet.errors import UsageError
+from rlsubnet.fileio import output_lock
+
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoint loading")
@@ -25,9 +29,6 @@ class Number:
         self.option, self.kind, self.lo, self.hi, self.lo_open = option, kind, lo, hi, lo_open
 
     def __call__(self, text: str):
-        from rlsubnet import limits
-        from rlsubnet.errors import UsageError
-
         try:
             value = self.kind(text)
         except ValueError:
@@ -46,8 +47,6 @@ class Seed(Number):
         super().__init__(option, int)
 
     def __call__(self, text: str):
-        from rlsubnet import limits
-
         try:
             value = int(text)
         except ValueError:
@@ -67,13 +66,11 @@ def add_atol_option(p: argparse.ArgumentParser, default=(0.0, 1e-5)) -> None:
 
 
 def add_mode_option(p: argparse.ArgumentParser) -> None:
-    from rlsubnet.limits import COMPARE_MODES
-
     p.add_argument(
         "--mode",
         "--dtype",  # the flag's first name, still documented and in scripts
         dest="mode",
-        choices=COMPARE_MODES,
+        choices=limits.COMPARE_MODES,
         default="bf16",
         help="comparison mode, the dtype Δ is computed in: bf16 casts both sides to bfloat16 as the paper did "
         "(default); fp32 casts to float32; native keeps the stored dtype (--dtype is the same option)",
@@ -97,8 +94,6 @@ def holding_output(out: str | None, members, run, args: argparse.Namespace) -> i
     """``run(args)`` as the one writer of the output folder ``out`` (its ``members``) for the whole run."""
     if not out:
         return run(args)
-    from rlsubnet.fileio import output_lock
-
     with output_lock(out, members=members):
         return run(args)
 

@@ -9,8 +9,11 @@ rlsubnet mask --union a.mask.safetensors b.mask.safetensors -o both.mask.safeten
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rlsubnet.cli.common import Number, Seed, add_checkpoint_options, add_mode_option, add_output_options, print_json
+from rlsubnet.errors import UsageError
+from rlsubnet.fileio import output_lock
 
 OPS = ("union", "intersection", "difference")
 
@@ -98,9 +101,6 @@ def _summary_text(mask, output: str | None) -> str:
 
 
 def _make_and_save(args: argparse.Namespace, op: str | None):
-    from pathlib import Path
-
-    from rlsubnet.errors import UsageError
     from rlsubnet.masks import Mask, build_mask, random_mask
 
     out = Path(args.output)
@@ -132,7 +132,6 @@ def _make_and_save(args: argparse.Namespace, op: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlsubnet.errors import UsageError
     from rlsubnet.masks import Mask
 
     op = next((o for o in OPS if getattr(args, o)), None)
@@ -150,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.output:
             raise UsageError("give the mask file to write with -o FILE")
-        from rlsubnet.fileio import output_lock
-
         with output_lock(args.output):  # one writer per output, from the existence check to the rename
             mask = _make_and_save(args, op)
     if args.json:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, holding_output, print_result
+from rlsubnet.errors import UsageError
 from rlsubnet.limits import MAX_BINS_PER_OCTAVE
 
 
@@ -41,7 +42,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlsubnet.errors import UsageError
     from rlsubnet.report.overlap_outputs import OUTPUT_FILES
 
     if len(args.masks) < 2:

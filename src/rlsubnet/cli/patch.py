@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, print_json
+from rlsubnet.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -138,8 +139,6 @@ def _usage(p: argparse.ArgumentParser) -> int:
 
 
 def _meta(items: list[str]) -> dict:
-    from rlsubnet.errors import UsageError
-
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -150,7 +149,6 @@ def _meta(items: list[str]) -> dict:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    from rlsubnet.errors import UsageError
     from rlsubnet.patch.encode import create_patch
     from rlsubnet.patch.info import format_info, patch_info
 
@@ -182,7 +180,6 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from rlsubnet.errors import UsageError
     from rlsubnet.patch.apply import apply_patches
     from rlsubnet.patch.format import PatchFile, is_patch_file
     from rlsubnet.patch.signing import trusted_keys

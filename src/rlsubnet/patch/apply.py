@@ -17,6 +17,8 @@ Updating a loaded model in place instead (live weight sync): :func:`rlsubnet.pat
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,9 +353,6 @@ class _Sink:
     """
 
     def __init__(self, depth: int = 2):
-        import queue
-        import threading
-
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="rlsubnet-writer")
