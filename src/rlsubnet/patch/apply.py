@@ -20,8 +20,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,7 +173,7 @@ def apply_patches(
         out,
         digest,
         len(kept),
-        sum(_nbytes(p.dtype, p.shape) for p in kept),
+        sum(_nbytes(p.dtype, p.shape) for p in kept if p.dtype is not None),
         sum(int(e["changed"]) for p in chain for e in p.tensors),
         [n for n, _, _ in files or []] if files else [],
         time.perf_counter() - t0,
@@ -258,7 +260,7 @@ def _stream(
                     w = buf[:nbytes].view(NUMPY_UINT[esize])
                 yield fname, p, block.start, block.stop, buf, w, block.digests.get(0)
 
-    def decoded(items):
+    def decoded(items: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         """Decoder thread: the changes of each block, from every patch that touches the tensor, in chain order."""
         source: RecordCursor | None = None
         cursors: list[tuple[RecordCursor, str]] = []
@@ -310,6 +312,8 @@ def _stream(
                 hasher = TensorHasher(p.name, p.dtype, p.shape)
             for ch, mode in changes:
                 apply_changes(words, ch, mode)
+            if hasher is None:  # blocks of a tensor come in order from its start
+                raise PatchError(f"tensor {p.name!r}: a block before the tensor's first (internal error)")
             hasher.update(words)
             sink.submit(write_block, writer, buf, words.nbytes)
             if bar is not None:

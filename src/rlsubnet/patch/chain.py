@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import zstandard
@@ -13,9 +14,9 @@ import zstandard
 from rlsubnet.checkpoint import Checkpoint
 from rlsubnet.checkpoint.align import layout_diff
 from rlsubnet.checkpoint.hashing import short
-from rlsubnet.checkpoint.index import ST_DTYPES
+from rlsubnet.checkpoint.index import ST_DTYPES, TensorInfo
 from rlsubnet.checkpoint.layout import Layout, aux_files, layout_of
-from rlsubnet.checkpoint.writer import plan_shards, shard_file_names
+from rlsubnet.checkpoint.writer import TensorSpec, plan_shards, shard_file_names
 from rlsubnet.errors import UsageError, listing
 from rlsubnet.patch.codec import RecordCursor
 from rlsubnet.patch.errors import PatchError, WrongBaseError
@@ -55,7 +56,7 @@ def _chain_order(chain: list[PatchFile]) -> list[PatchFile] | None:
     """The order in which these patches would form a chain, if there is exactly one."""
     targets = {p.target_hash for p in chain}
     starts = [p for p in chain if p.base_hash not in targets]
-    by_base = {}
+    by_base: dict[str | None, list[PatchFile]] = {}
     for p in chain:
         by_base.setdefault(p.base_hash, []).append(p)
     if len(starts) != 1:
@@ -72,16 +73,21 @@ def _chain_order(chain: list[PatchFile]) -> list[PatchFile] | None:
 def check_base_layout(base: Checkpoint, first: PatchFile) -> None:
     """Names, dtypes and shapes of the base against what the first patch was made from (headers only)."""
 
-    def spec(t: dict) -> tuple[str, list]:
-        return t.get("base_dtype", t["dtype"]), list(t.get("base_shape", t["shape"]))
+    # layout_diff hands back the values it was given: tensor entries first, the base's TensorInfos second
+    def spec(t: object) -> tuple[str, list]:
+        entry = cast(dict[str, Any], t)
+        return entry.get("base_dtype", entry["dtype"]), list(entry.get("base_shape", entry["shape"]))
+
+    def same(t: object, info: object) -> bool:
+        base_info = cast(TensorInfo, info)
+        return ST_DTYPES.get(spec(t)[0]) == base_info.dtype and spec(t)[1] == list(base_info.shape)
+
+    def detail(n: str, t: object, info: object) -> str:
+        base_info = cast(TensorInfo, info)
+        return f"{n} ({str(base_info.dtype)[6:]}{list(base_info.shape)}, expected {''.join(map(str, spec(t)))})"
 
     diff = layout_diff(
-        {t["name"]: t for t in first.tensors if t.get("base_hash")},
-        base.infos,
-        same=lambda t, info: ST_DTYPES.get(spec(t)[0]) == info.dtype and spec(t)[1] == list(info.shape),
-        detail=lambda n, t, info: (
-            f"{n} ({str(info.dtype)[6:]}{list(info.shape)}, expected {''.join(map(str, spec(t)))})"
-        ),
+        {t["name"]: t for t in first.tensors if t.get("base_hash")}, base.infos, same=same, detail=detail
     )
     if diff:
         raise WrongBaseError(
@@ -121,7 +127,9 @@ def plan_chain(chain: list[PatchFile], base_names: list[str]) -> list[TensorPlan
                 order.append(n)
     plans = []
     for n in order:
-        full_from, deltas, alive = None, [], n in base_names
+        full_from: int | None = None
+        deltas: list[int] = []
+        alive = n in base_names
         for i, e in enumerate(entries):
             t = e.get(n)
             if t is None:
@@ -134,9 +142,9 @@ def plan_chain(chain: list[PatchFile], base_names: list[str]) -> list[TensorPlan
                 alive, full_from, deltas = True, i, []
             elif t["op"] == "delta":
                 deltas.append(i)
-        last = entries[-1].get(n)
         base_sha = entries[0][n]["base_hash"] if n in entries[0] else None
         if alive:
+            last = entries[-1][n]  # listed: a tensor still alive but missing from a patch was refused above
             plans.append(
                 TensorPlan(
                     n,
@@ -156,7 +164,10 @@ def plan_chain(chain: list[PatchFile], base_names: list[str]) -> list[TensorPlan
 
 def output_layout(base: Checkpoint | None, plans: list[TensorPlan]) -> Layout:
     """The base's shards with removed tensors dropped and new ones appended to the last shard."""
-    out = {p.name: (p.name, p.dtype, p.shape) for p in plans if p.dtype is not None}
+    # dtype and shape are both set (kept) or both None (removed)
+    out: dict[str, TensorSpec] = {
+        p.name: (p.name, p.dtype, p.shape) for p in plans if p.dtype is not None and p.shape is not None
+    }
     if base is None:
         specs = list(out.values())
         shards = plan_shards(specs, DEFAULT_MAX_SHARD_BYTES)
@@ -183,7 +194,8 @@ def resolve_files(chain: list[PatchFile], base_folder: Path | None) -> list[tupl
         files = p.manifest.get("files")
         if files is None:
             continue
-        new, names = {}, set()
+        new: dict[str, tuple[object, str | None]] = {}
+        names: set[str] = set()
         for f in files:
             check_file_name(p.path, f["name"], names)  # checked on open too; these names become paths
             if f["source"] == "patch":

@@ -302,7 +302,16 @@ class RecordCursor:
     used as decoded, with no copies. At most one coding block is held decoded.
     """
 
-    def __init__(self, pos: bytes, val: bytes, numel: int, esize: int, block_numel: int, full: bool, what: str):
+    def __init__(
+        self,
+        pos: bytes | memoryview,
+        val: bytes | memoryview,
+        numel: int,
+        esize: int,
+        block_numel: int,
+        full: bool,
+        what: str,
+    ):
         self.numel, self.esize, self.block_numel, self.full, self.what = numel, esize, block_numel, full, what
         self._empty = not val
         self._pos = None if full or self._empty else _Stream(pos, f"{what} (positions)")
@@ -321,11 +330,15 @@ class RecordCursor:
         lo = self._block_start
         n = min(self.block_numel, self.numel - lo)
         self._block_start = lo + n
-        rel = None if self.full else decode_positions(self._pos, n)
+        val_stream, pos_stream = self._val, self._pos
+        if val_stream is None:  # an empty record has no blocks: callers return before decoding one
+            raise PatchError(f"{self.what}: decoding a block of an empty record (internal error)")
+        # with values present, positions are missing exactly when every element changed
+        rel = None if pos_stream is None else decode_positions(pos_stream, n)
         k = n if rel is None else len(rel)
         self.changed += k
         self._vals = (
-            join_planes(self._val.read(k * self.esize), self.esize) if k else np.empty(0, dtype=NUMPY_UINT[self.esize])
+            join_planes(val_stream.read(k * self.esize), self.esize) if k else np.empty(0, dtype=NUMPY_UINT[self.esize])
         )
         self._lo, self._hi, self._rel, self._i = lo, lo + n, rel, 0
 
@@ -416,7 +429,8 @@ class RecordCursor:
                 raise PatchError(f"{self.what}: changes past the last element taken (internal error)")
         if self._pos is not None:
             self._pos.expect_end()
-        self._val.expect_end()
+        if self._val is not None:  # always set once past the empty-record return above
+            self._val.expect_end()
 
 
 def apply_changes(words: np.ndarray, changes, mode: str) -> None:

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,6 +63,14 @@ class _Plan:
     base: TensorInfo | None
     target: TensorInfo | None
 
+    @property
+    def info(self) -> TensorInfo:
+        """The tensor as the target holds it, or as the base did for a removed one."""
+        info = self.target or self.base
+        if info is None:
+            raise ValueError(f"{self.name}: a tensor plan with neither a base nor a target (internal error)")
+        return info
+
 
 @dataclass
 class PatchSummary:
@@ -82,8 +91,14 @@ class PatchSummary:
         return self.manifest["target"]["nbytes"]
 
 
-def _spec(info: TensorInfo) -> str:
+def _spec(info: object) -> str:
+    info = cast(TensorInfo, info)  # layout_diff hands back the TensorInfos it was given
     return f"{str(info.dtype).removeprefix('torch.')}{list(info.shape)}"
+
+
+def _same_layout(x: object, y: object) -> bool:
+    a, b = cast(TensorInfo, x), cast(TensorInfo, y)  # layout_diff hands back the TensorInfos it was given
+    return (a.shape, a.dtype) == (b.shape, b.dtype)
 
 
 def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bool) -> list[_Plan]:
@@ -95,12 +110,7 @@ def plan_tensors(base: Checkpoint | None, target: Checkpoint, allow_mismatch: bo
     if base is None:
         return [_Plan(n, "full", None, i) for n, i in target.infos.items()]
     b, t = base.infos, target.infos
-    diff = layout_diff(
-        b,
-        t,
-        same=lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype),
-        detail=lambda n, x, y: f"{n} {_spec(x)} vs {_spec(y)}",
-    )
+    diff = layout_diff(b, t, same=_same_layout, detail=lambda n, x, y: f"{n} {_spec(x)} vs {_spec(y)}")
     extra, relaid = diff.extra, set(diff.differ)
     if diff and not allow_mismatch:
         raise MismatchError(
@@ -177,9 +187,9 @@ def encode_checkpoints(
     def end_tensor(plan: _Plan, digests: dict[int, str], encoder: TensorEncoder | None) -> dict:
         """The manifest entry of a tensor whose blocks are all coded, its record appended to ``writer``;
         ``digests``: the hashes streamed (0: the base's, 1: the target's)."""
-        info = plan.target or plan.base
+        info = plan.info
         base_digest = base_hashes[plan.name] if plan.base is not None and base_hashes is not None else digests.get(0)
-        entry = {
+        entry: dict[str, Any] = {
             "name": plan.name,
             "op": plan.op,
             "dtype": TORCH_TO_ST[info.dtype],
@@ -207,8 +217,12 @@ def encode_checkpoints(
             target_digest = digests.get(1)
             if lazy:
                 target_digest = base_digest if entry["op"] == "same" else hash_checkpoint_tensor(target, plan.name)
+            if target_digest is None:  # the stream hashes every target tensor unless it is hashed lazily above
+                raise ValueError(f"{plan.name}: no target hash (internal error)")
             entry["target_hash"] = t_hashes[plan.name] = target_digest
         if plan.base is not None:
+            if base_digest is None:  # given in base_hashes, or else hashed by the stream
+                raise ValueError(f"{plan.name}: no base hash (internal error)")
             b_hashes[plan.name] = base_digest
         return entry
 
@@ -232,7 +246,7 @@ def encode_checkpoints(
         with stream as blocks:
             for block in blocks:
                 plan: _Plan = block.item.tag
-                info = plan.target or plan.base
+                info = plan.info
                 esize = element_size(info.dtype)
                 if block.stop > block.start:
                     if encoder is None:

@@ -85,7 +85,7 @@ KINDS = ("delta", "anchor")
 MANIFEST_LEVEL = 9
 
 
-def _sha256(*parts: bytes) -> str:
+def _sha256(*parts: bytes | bytearray | memoryview) -> str:
     h = hashlib.sha256()
     for p in parts:
         h.update(p)
@@ -136,7 +136,7 @@ class PatchWriter(StagedFile):
         raw = json.dumps(manifest, separators=(",", ":"), sort_keys=False).encode("utf-8")
         frame = zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(raw)
         self._write(frame)
-        if self._key is not None:
+        if self._key is not None and self._sha is not None:  # set together in __init__
             public, signature = sign_digest(self._key, self._sha.digest())
             sig = SIG_FRAME.pack(SKIPPABLE_MAGIC, SIG_FRAME.size - 8, SIG_MAGIC, public, signature)
             self._f.write(sig)
@@ -260,11 +260,13 @@ class PatchFile:
         _require(path, "totals", m["totals"], {k: _count for k in TOTALS_KEYS})
         for side in ("base", "target") if m["kind"] == "delta" else ("target",):
             _require(path, side, m.get(side), {"hash": str, "tensors": _count, "numel": _count, "nbytes": _count})
-        base_hashes, target_hashes, seen = {}, {}, set()
+        base_hashes: dict[str, str] = {}
+        target_hashes: dict[str, str] = {}
+        seen: set[str] = set()
         for t in tensors:
             if not isinstance(t, dict) or not isinstance(t.get("name"), str):
                 raise PatchError(f"{path}: damaged manifest (a tensor entry without a name)")
-            name, op = t.get("name"), t.get("op")
+            name, op = t["name"], t.get("op")
             if name in seen:
                 raise PatchError(f"{path}: tensor {name!r} listed twice")
             seen.add(name)

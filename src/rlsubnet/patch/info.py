@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rlsubnet.diff.names import MODULE_KINDS, layer_of, module_kind
 from rlsubnet.patch.format import PatchFile
 
@@ -33,13 +35,14 @@ def patch_info(patch, *, verify: bool = False, trusted_keys=None) -> dict:
     unless one of these keys signed it (as ``apply`` would)."""
     p = patch if isinstance(patch, PatchFile) else PatchFile.open(patch)
     sig = p.signature
-    signature = None
+    signature: dict[str, Any] | None = None
     if sig is not None:
         signature = {"fingerprint": sig.fingerprint, "public_key": sig.public_key.hex(), "valid": None, "trusted": None}
     if trusted_keys is not None:
         p.check_signature(trusted_keys)
-        signature.update(valid=True, trusted=True)
-    elif verify and sig is not None:
+        if signature is not None:  # always: check_signature refuses an unsigned patch
+            signature.update(valid=True, trusted=True)
+    elif verify and sig is not None and signature is not None:
         p.check_signature([sig.public_key])  # is it intact, whoever signed it
         signature["valid"] = True
     if verify:

@@ -3,6 +3,8 @@ tensor does not come out right."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from rlsubnet._bits import NUMPY_INT, TORCH_INT
@@ -46,12 +48,17 @@ def apply_patch_(model, patch, *, verify: bool = True, trusted_keys=None) -> str
         raise UsageError(
             f"{p.path}: adds, removes or re-shapes tensors ({listing(bad_ops)}); apply it to a checkpoint folder instead"
         )
-    diff = layout_diff(
-        entries,
-        tensors,
-        same=lambda e, t: ST_DTYPES.get(e["dtype"]) == t.dtype and e["shape"] == list(t.shape),
-        detail=lambda n, e, t: f"{n} ({str(t.dtype)[6:]}{list(t.shape)}, patch has {e['dtype']}{e['shape']})",
-    )
+
+    # layout_diff hands back the values it was given: manifest entries first, the model's tensors second
+    def same(e: object, t: object) -> bool:
+        entry, tensor = cast(dict[str, Any], e), cast(torch.Tensor, t)
+        return ST_DTYPES.get(entry["dtype"]) == tensor.dtype and entry["shape"] == list(tensor.shape)
+
+    def detail(n: str, e: object, t: object) -> str:
+        entry, tensor = cast(dict[str, Any], e), cast(torch.Tensor, t)
+        return f"{n} ({str(tensor.dtype)[6:]}{list(tensor.shape)}, patch has {entry['dtype']}{entry['shape']})"
+
+    diff = layout_diff(entries, tensors, same=same, detail=detail)
     if diff:
         raise WrongBaseError(
             f"the model does not have the tensors {p.path} was made for "

@@ -93,7 +93,7 @@ def load_private_key(key) -> Ed25519PrivateKey:
 def _parse_private(data: bytes, what: str) -> Ed25519PrivateKey:
     if b"PUBLIC KEY-----" in data or data.lstrip().startswith(b"ssh-"):
         raise KeyFileError(f"{what}: is a public key; signing needs the private key (the file without .pub)")
-    key = None
+    key: object = None
     try:
         if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
             key = serialization.load_ssh_private_key(data, password=None)

@@ -301,12 +301,13 @@ def sync_receive(model, sync_dir: str | Path, state: SyncState | None = None, *,
     path = _follow(state.hash, latest, deltas)
     if path is None:
         anchors = [e for e in entries if e["kind"] == "anchor"]
-        usable = [a for a in anchors if _follow(a["target"], latest, deltas) is not None]
+        usable = [(a, tail) for a in anchors if (tail := _follow(a["target"], latest, deltas)) is not None]
         if not usable:
             raise WrongBaseError(
                 f"{sync_dir}: no chain leads from the model ({short(state.hash)}) or from an anchor to the latest state"
             )
-        path = [usable[-1], *_follow(usable[-1]["target"], latest, deltas)]
+        anchor, tail = usable[-1]
+        path = [anchor, *tail]
     patches = [PatchFile.open(Path(sync_dir) / e["file"]) for e in path]
     for p in patches:
         p.check_signature(keys)

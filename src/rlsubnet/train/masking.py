@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,14 @@ from rlsubnet.errors import listing as _listing
 from rlsubnet.masks.mask import Mask, MaskError, MaskMismatchError, as_mask
 from rlsubnet.train.sharding import local as _local
 from rlsubnet.train.sharding import shard_like
+
+# set on an optimizer while a MaskedOptimizer is attached, so a second one is refused
+_MASKED_ATTR = "_rlsubnet_masked"
+
+
+def _shape_text(shape: object) -> str:
+    return str(list(shape)) if isinstance(shape, tuple) else str(shape)
+
 
 EXACT_STATE_KEYS: dict[type, tuple[str, ...]] = {
     torch.optim.SGD: ("momentum_buffer",),
@@ -127,7 +136,7 @@ def resolve_parameter_masks(mask: Mask, model: torch.nn.Module) -> tuple[dict[in
     diff = layout_diff(
         {n: mask.shape(n) for n in mask.names() if n not in in_buffers},
         {n: tuple(p.shape) for n, p in named},
-        detail=lambda n, a, b: f"{n} {list(a)} in the mask vs {list(b)} in the model",
+        detail=lambda n, a, b: f"{n} {_shape_text(a)} in the mask vs {_shape_text(b)} in the model",
     )
     # a parameter is covered when the mask has any of its names; frozen ones need not be
     diff.extra = [
@@ -193,7 +202,7 @@ class MaskedOptimizer:
         if compare_mode is not None:
             limits.mode(compare_mode, "compare_mode")
         opt = unwrap_optimizer(optimizer)
-        if getattr(opt, "_rlsubnet_masked", None) is not None:
+        if getattr(opt, _MASKED_ATTR, None) is not None:
             raise MaskError("this optimizer is already masked (call .remove() on the first MaskedOptimizer)")
         self.mask = as_mask(mask)
         self.optimizer = opt
@@ -236,14 +245,14 @@ class MaskedOptimizer:
         self.steps = 0
         self.restored_entries = 0  # strict mode: entries the optimizer moved and we wrote back
         self._state_dirty = True
-        self._saved_wd: list[tuple[dict, object]] = []
+        self._saved_wd: list[tuple[dict[str, Any], float | torch.Tensor]] = []
         self._snapshot: list[tuple[ParamMask, torch.Tensor]] = []
         self._handles = [
             opt.register_step_pre_hook(self._pre_hook),
             opt.register_step_post_hook(self._post_hook),
             opt.register_load_state_dict_post_hook(self._on_load_state_dict),
         ]
-        opt._rlsubnet_masked = self
+        setattr(opt, _MASKED_ATTR, self)
 
     # -- checks at attach time
     def _check_mask_level(self, allow_full: bool, allow_empty: bool, compare_mode: str | None) -> None:
@@ -400,12 +409,13 @@ class MaskedOptimizer:
         moved_report = []
         for pm, saved in self._snapshot:
             p = _local(pm.param.detach())
-            frozen = None if pm.all_frozen else _local(pm.frozen)
-            now = p if pm.all_frozen else p.masked_select(frozen)
+            # the snapshot holds only parameters that are all frozen or have a frozen mask
+            frozen = None if pm.all_frozen or pm.frozen is None else _local(pm.frozen)
+            now = p if frozen is None else p.masked_select(frozen)
             moved = int((int_view(now) != int_view(saved)).sum())
             if moved:
                 moved_report.append(f"{pm.name}: {moved}")
-                if pm.all_frozen:
+                if frozen is None:
                     p.copy_(saved)
                 else:
                     p.masked_scatter_(frozen, saved)
@@ -444,8 +454,8 @@ class MaskedOptimizer:
             h.remove()
         self._handles = []
         self._restore_weight_decay()
-        if getattr(self.optimizer, "_rlsubnet_masked", None) is self:
-            del self.optimizer._rlsubnet_masked
+        if getattr(self.optimizer, _MASKED_ATTR, None) is self:
+            delattr(self.optimizer, _MASKED_ATTR)
 
     @property
     def attached(self) -> bool:

@@ -9,10 +9,14 @@ last ones fewer or none (its storage is padded, but the local tensor is not). A 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 
 from rlsubnet.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def _dtensor_type():
@@ -25,7 +29,7 @@ def _dtensor_type():
     return DTensor
 
 
-def is_dtensor(t) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
@@ -35,7 +39,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def _shard_dims(p, name: str) -> list[int]:
+def _shard_dims(p: DTensor, name: str) -> list[int]:
     """Mesh dimensions that split ``p``'s dim 0; any other placement is refused (``fully_shard`` makes none)."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -64,6 +68,10 @@ def local_range(p: torch.Tensor, name: str) -> tuple[int, int]:
     row = math.prod(shape[1:])
     start, length = 0, shape[0]
     coord = p.device_mesh.get_coordinate()
+    if coord is None:  # this rank is outside the mesh
+        if dims:
+            raise UsageError(f"{name}: this rank is not in the DTensor's device mesh, so it holds no shard of it")
+        coord = ()
     for d in dims:
         # nested Shard(0) placements split the current slice again, in mesh-dimension order
         world, c = p.device_mesh.size(d), coord[d]

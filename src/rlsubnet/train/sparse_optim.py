@@ -108,8 +108,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _EXACT_DTYPES else torch.float32
 
 
+# a weak reference to the optimizer that owns a parameter, set on the parameter itself
+_OWNER_ATTR = "_rlsubnet_sparse_owner"
+
+
 def _owner(p) -> SparseMaskedOptimizer | None:
-    ref = getattr(p, "_rlsubnet_sparse_owner", None)
+    ref = getattr(p, _OWNER_ATTR, None)
     return ref() if ref is not None else None
 
 
@@ -211,7 +215,7 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         self._handles = []
         me = weakref.ref(self)
         for s in self._order:
-            s.param._rlsubnet_sparse_owner = me
+            setattr(s.param, _OWNER_ATTR, me)
         if self.reduce_grads == "backward":
             # the hooks hold the optimizer weakly: a deleted optimizer must not keep taking gradients
             def hook(p, me=me):
@@ -352,7 +356,8 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
             slot.grad.add_(part)
 
     def _total_norm(self) -> torch.Tensor:
-        norms, grouped = [], {}
+        norms: list[torch.Tensor] = []
+        grouped: dict[tuple, list[torch.Tensor]] = {}
         for s in self._order:
             n = s.norm if self._dense_norm else (torch.linalg.vector_norm(s.grad, 2.0) if s.grad is not None else None)
             if n is None:
@@ -369,10 +374,10 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         sq = torch.stack(norms).square().sum() if norms else torch.zeros((), device=device)
         for groups in self._norm_groups:
             part = grouped.get(groups)
-            s = torch.stack(part).square().sum() if part else torch.zeros((), device=device)
+            part_sq = torch.stack(part).square().sum() if part else torch.zeros((), device=device)
             for g in groups:
-                torch.distributed.all_reduce(s, group=g)
-            sq = sq + s
+                torch.distributed.all_reduce(part_sq, group=g)
+            sq = sq + part_sq
         return sq.sqrt()
 
     # -- the step
@@ -488,7 +493,7 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         self.reduce_grads = "step"
         for s in self._order:
             if _owner(s.param) is self:
-                del s.param._rlsubnet_sparse_owner
+                delattr(s.param, _OWNER_ATTR)
 
     # -- resume
     def _layout(self) -> list[dict]:
@@ -574,8 +579,8 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
 
     def _expected_state(self, s: _Slot) -> dict:
         cdtype = _compute_dtype(s.param.dtype)
-        vec = ((s.k,), cdtype)
-        out = {}
+        vec: tuple[tuple[int, ...], torch.dtype] = ((s.k,), cdtype)
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         if s.param.dtype not in _EXACT_DTYPES:
             out["master"] = ((s.k,), torch.float32)
         if self.kind == "sgd":
