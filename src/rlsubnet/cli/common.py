@@ -48,6 +48,7 @@ class Seed(Number):
     def __call__(self, text: str):
         from rlsubnet import limits
 
+        value: int | str
         try:
             value = int(text)
         except ValueError:
