@@ -26,7 +26,8 @@ DEFAULT_ATOLS = (0.0, 1e-5)
 
 def normalise_atols(atol: float | Sequence[float]) -> tuple[float, ...]:
     """The distinct tolerances, sorted, each checked (finite, non-negative) and with −0.0 read as 0."""
-    atols = (atol,) if isinstance(atol, numbers.Real) else tuple(atol)
+    # float named for the type checker; numbers.Real also takes ints and numpy scalars
+    atols = (atol,) if isinstance(atol, (float, numbers.Real)) else tuple(atol)
     if not atols:
         raise UsageError("give at least one atol")
     out = sorted({limits.atol(a) for a in atols})

@@ -149,8 +149,8 @@ def write_file_set(out_dir: str | Path, files: dict[str, bytes], *, stale: tuple
             target = out / name
             if target.is_dir():
                 raise RlsubnetError(f"{target}: is a folder; cannot write an output file there")
-            fd, tmp = temp_file_beside(target)
-            staged.append((Path(tmp), target))
+            fd, tmp_name = temp_file_beside(target)
+            staged.append((Path(tmp_name), target))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -3,6 +3,7 @@ complete (:class:`StagedFile`), optionally written with ``O_DIRECT`` (:class:`Di
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -63,8 +64,8 @@ class DirectFile:
         self._fd = fd
         self._chunk = max(self.ALIGN, chunk - chunk % self.ALIGN)
         self._direct = self._set_direct(True)
-        self._buf = None
-        self._view = None
+        self._buf: mmap.mmap | None = None
+        self._view: memoryview | None = None
         self._fill = 0
         self.closed = False
 
@@ -98,18 +99,17 @@ class DirectFile:
         if not self._direct:
             self._write_all(mv)
             return size
-        if self._buf is None:
-            import mmap
-
+        view = self._view
+        if view is None:
             self._buf = mmap.mmap(-1, self._chunk)  # page-aligned, as O_DIRECT needs
-            self._view = memoryview(self._buf)
+            view = self._view = memoryview(self._buf)
         while len(mv):
             k = min(len(mv), self._chunk - self._fill)
-            self._view[self._fill : self._fill + k] = mv[:k]
+            view[self._fill : self._fill + k] = mv[:k]
             self._fill += k
             mv = mv[k:]
             if self._fill == self._chunk:
-                self._write_all(self._view)
+                self._write_all(view)
                 self._fill = 0
                 if not self._direct:  # fell back: write the rest as it comes
                     self._write_all(mv)
@@ -117,14 +117,15 @@ class DirectFile:
         return size
 
     def flush(self) -> None:
-        if not self._fill:
+        view = self._view
+        if not self._fill or view is None:  # nothing staged (a fill needs the buffer)
             return
         aligned = self._fill - self._fill % self.ALIGN
         if aligned:
-            self._write_all(self._view[:aligned])
+            self._write_all(view[:aligned])
         if aligned < self._fill:
             self._direct = self._set_direct(False)
-            self._write_all(self._view[aligned : self._fill])
+            self._write_all(view[aligned : self._fill])
         self._fill = 0
 
     def fileno(self) -> int:
@@ -139,4 +140,5 @@ class DirectFile:
         finally:
             if self._view is not None:
                 self._view.release()
+            if self._buf is not None:
                 self._buf.close()

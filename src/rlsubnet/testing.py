@@ -19,7 +19,7 @@ from rlsubnet.checkpoint.writer import plan_shards, shard_file_names, write_chec
 
 def llama_specs(layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 96, dtype=torch.bfloat16):
     """(name, dtype, shape) of a Llama-style model, embeddings first, as transformers saves them."""
-    specs = [("model.embed_tokens.weight", dtype, (vocab, hidden))]
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = [("model.embed_tokens.weight", dtype, (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}"
         specs += [

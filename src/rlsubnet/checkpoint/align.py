@@ -9,9 +9,12 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from rlsubnet.checkpoint.index import TensorInfo
 from rlsubnet.errors import CheckpointError, MismatchError, listing
+
+L = TypeVar("L")  # a layout: a shape, a TensorInfo, a spec
 
 
 @dataclass
@@ -39,11 +42,11 @@ class LayoutDiff:
 
 
 def layout_diff(
-    first: Mapping[str, object],
-    second: Mapping[str, object],
+    first: Mapping[str, L],
+    second: Mapping[str, L],
     *,
-    same: Callable[[object, object], bool] = operator.eq,
-    detail: Callable[[str, object, object], str] | None = None,
+    same: Callable[[L, L], bool] = operator.eq,
+    detail: Callable[[str, L, L], str] | None = None,
 ) -> LayoutDiff:
     """Compare two mappings of name → layout (shapes, infos, specs) in ``first``'s order; ``same`` decides
     whether two layouts agree, ``detail(name, a, b)`` words a disagreement (default: "name a vs b")."""

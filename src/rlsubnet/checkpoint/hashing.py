@@ -86,8 +86,8 @@ class TensorHasher:
     def update(self, block: torch.Tensor | np.ndarray | bytes | bytearray | memoryview) -> None:
         if isinstance(block, torch.Tensor):
             block = tensor_bytes(block)
-        elif isinstance(block, np.ndarray) and not block.flags.c_contiguous:
-            block = np.ascontiguousarray(block)
+        elif isinstance(block, np.ndarray):
+            block = np.ascontiguousarray(block).data
         self._h.update(block)
 
     def hexdigest(self) -> str:

@@ -200,7 +200,7 @@ def index_safetensors_files(files: list[Path], weight_map: dict[str, Path] | Non
             infos[name] = info
     if weight_map is not None:
         for name, shard in weight_map.items():
-            info = infos.get(name)
-            if info is None or os.path.realpath(info.file) != os.path.realpath(shard):
+            held = infos.get(name)
+            if held is None or os.path.realpath(held.file) != os.path.realpath(shard):
                 raise CheckpointError(f"{shard}: the index lists tensor {name!r} in this shard, but it is not there")
     return infos

@@ -8,6 +8,7 @@ Tools that rebuild a checkpoint "in the base's layout" read the layout here, the
 from __future__ import annotations
 
 import json
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEX_SUFFIX)
 
 
-def aux_files(folder: Path, max_bytes: int, own: set[str] = frozenset()) -> tuple[list[Path], list[tuple[str, str]]]:
+def aux_files(
+    folder: Path, max_bytes: int, own: AbstractSet[str] = frozenset()
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """The non-weight regular files at the top of a model folder, and the ones left out with the reason.
 
     Hidden files and ``own`` (the checkpoint's own weight and index files) are passed over; sub-folders,

@@ -67,7 +67,7 @@ class Checkpoint:
         t = self.read_flat(name, start, stop).reshape(-1)
         dst = memoryview(out).cast("B")[: t.numel() * t.element_size()]
         if len(dst):
-            dst[:] = memoryview(t.view(torch.uint8).numpy())
+            dst[:] = t.view(torch.uint8).numpy().data
         return dst
 
     def read(self, name: str) -> torch.Tensor:
@@ -131,7 +131,7 @@ class SafetensorsCheckpoint(Checkpoint):
         if not 0 <= start <= stop <= info.numel:
             raise ValueError(f"{name}: element range [{start}, {stop}) outside 0..{info.numel}")
         buf = torch.empty((stop - start) * element_size(info.dtype), dtype=torch.uint8)
-        self._pread(info, start, stop, memoryview(buf.numpy()))
+        self._pread(info, start, stop, buf.numpy().data)
         return buf.view(info.dtype)
 
     def read_flat_into(self, name: str, start: int, stop: int, out) -> memoryview:
@@ -205,7 +205,7 @@ class StateDictCheckpoint(Checkpoint):
         src = self._tensors[name].reshape(-1)[start:stop]  # one copy, straight into ``out``
         dst = memoryview(out).cast("B")[: src.numel() * src.element_size()]
         if len(dst):
-            dst[:] = memoryview(src.view(torch.uint8).numpy())
+            dst[:] = src.view(torch.uint8).numpy().data
         return dst
 
     def clone(self) -> StateDictCheckpoint:

@@ -17,7 +17,7 @@ Memory: the buffers of the blocks in flight (being read, queued, being consumed)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +127,14 @@ class BlockStream:
         self.pool = BufferPool(buffer_bytes, keep=keep)
         self.progress = progress
 
+    def _checkpoint(self, side: int) -> Checkpoint:
+        ck = self.checkpoints[side]
+        if ck is None:
+            raise ValueError(f"checkpoint {side} of the stream is None, yet an item reads or hashes it")
+        return ck
+
     def _info(self, side: int, name: str):
-        return self.checkpoints[side].infos[name]
+        return self._checkpoint(side).infos[name]
 
     def _itemsize(self, item: Item) -> int:
         return max((element_size(self._info(s, item.name).dtype) for s in item.read), default=1)
@@ -141,7 +147,7 @@ class BlockStream:
         self.pool.give(*block.buffers)
 
     def _hash_only(self, side: int, name: str, hasher: TensorHasher) -> None:
-        ck, info = self.checkpoints[side], self._info(side, name)
+        ck, info = self._checkpoint(side), self._info(side, name)
         esize = element_size(info.dtype)
         step = block_numel(self.block_bytes, esize)
         for start in range(0, info.numel, step):
@@ -167,7 +173,7 @@ class BlockStream:
                     nbytes = (stop - start) * esize
                     buf = self.pool.get(nbytes)
                     if nbytes:
-                        self.checkpoints[s].read_flat_into(item.name, start, stop, buf)
+                        self._checkpoint(s).read_flat_into(item.name, start, stop, buf)
                     data = buf[:nbytes]
                     if s in hashers:
                         hashers[s].update(data)
@@ -178,14 +184,14 @@ class BlockStream:
                     block.digests = {s: h.hexdigest() for s, h in hashers.items()}
                 yield block
 
-    def __enter__(self) -> Iterator[Block]:
+    def __enter__(self) -> Generator[Block, None, None]:
         self._blocks = iter(self)
         return self._blocks
 
     def __exit__(self, *exc) -> None:
         self._blocks.close()
 
-    def __iter__(self) -> Iterator[Block]:
+    def __iter__(self) -> Generator[Block, None, None]:
         blocks = prefetch(self._read(), depth=self.depth) if self.depth else self._read()
         if self.progress is None:
             yield from blocks

@@ -27,7 +27,7 @@ TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (a view when it is already contiguous)."""
     t = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 class SafetensorsWriter(StagedFile):

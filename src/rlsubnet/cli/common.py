@@ -47,6 +47,7 @@ class Seed(Number):
         super().__init__(option, int)
 
     def __call__(self, text: str):
+        value: int | str
         try:
             value = int(text)
         except ValueError:

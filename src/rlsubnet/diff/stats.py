@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class TensorStats:
         return self.changed[self.atols.index(atol)] / self.numel if self.numel else 0.0
 
     def to_record(self) -> dict:
-        rec = {
+        rec: dict[str, Any] = {
             "name": self.name,
             "layer": self.layer,
             "module": self.module,
@@ -160,7 +161,9 @@ class DeltaAccumulator:
         self.nonfinite = {"base_nan": 0, "base_inf": 0, "tuned_nan": 0, "tuned_inf": 0, "delta_nonfinite": 0}
         self.seen = 0
         self.want_rank = rank and len(self.shape) == 2 and self.is_float
-        self._full_delta = None  # the fp32 Δ for the rank, allocated on the first block: one matrix at a time
+        self._full_delta: torch.Tensor | None = (
+            None  # the fp32 Δ for the rank, allocated on the first block: one matrix at a time
+        )
 
     def update(self, base: torch.Tensor, tuned: torch.Tensor) -> None:
         base, tuned = base.reshape(-1), tuned.reshape(-1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ def build_mask(
             items.append(Item(name, bi.numel, step, read=(0, 1), hash=(0, 1) if hash_content else ()))
         hashes: tuple[dict, dict] = ({}, {})
         cmp_dtypes: dict[str, int] = {}
-        test = None
+        test: ChangedTest | None = None
         stream = BlockStream([base_ck, tuned_ck], items, progress="mask" if progress else None)
         with stream as blocks:
             for block in blocks:
@@ -161,6 +162,8 @@ def build_mask(
                     key = dtype_name(test.cmp_dtype)
                     cmp_dtypes[key] = cmp_dtypes.get(key, 0) + 1
                 if block.stop > block.start:
+                    if test is None:  # a non-empty tensor's blocks start at 0, which sets its test
+                        raise RuntimeError(f"{name}: block [{block.start}, {block.stop}) before the tensor's first")
                     b, t = block.tensors()
                     pack_changed(test, b, t, packed[name][block.start // 8 : packed_size(block.stop)])
                     del b, t
@@ -225,7 +228,7 @@ def identity(
     out = []
     for atol in atols:
         differs = build_mask(full, other, atol=atol, mode=mode, hash_content=False, **kw)
-        rec = {
+        rec: dict[str, Any] = {
             "atol": limits.atol(atol),
             "numel": differs.numel,
             "identical": differs.numel - differs.changed,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from rlsubnet.masks.errors import MaskError
 
 FORMAT = "rlsubnet.mask"
 FORMAT_VERSION = 1
-BITORDER = "big"
+BITORDER: Final = "big"
 
 
 def packed_size(numel: int) -> int:

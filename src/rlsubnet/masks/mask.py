@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -278,11 +278,12 @@ class Mask:
         if not isinstance(other, Mask):
             return NotImplemented
         self.check_same_layout(other, op)
-        fn = {
+        ops: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
             "union": np.bitwise_or,
             "intersection": np.bitwise_and,
             "difference": lambda a, b: np.bitwise_and(a, np.bitwise_not(b)),
-        }[op]
+        }
+        fn = ops[op]
         packed = {n: fn(self._packed[n], other._packed[n]) for n in self._shapes}
         same = lambda key: self.meta.get(key) if self.meta.get(key) == other.meta.get(key) else None  # noqa: E731
         meta = {
@@ -352,7 +353,7 @@ class Mask:
         h = hashlib.sha256()
         for name, shape in self._shapes.items():
             h.update(name.encode("utf-8") + b"\0" + json.dumps(list(shape)).encode() + b"\0")
-            h.update(memoryview(self._packed[name]))
+            h.update(self._packed[name].data)
         return h.hexdigest()
 
     # -- files
@@ -394,7 +395,9 @@ class Mask:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mask) and self.same_bits(other)
 
-    __hash__ = None  # mutable metadata; masks are compared by bits
+    # mutable metadata; masks are compared by bits. typeshed types object.__hash__ as a method, so setting it
+    # to None (the documented way to make a class unhashable) needs the ignore.
+    __hash__ = None  # type: ignore[assignment]
 
 
 def load_mask(path: str | Path) -> Mask:

@@ -21,7 +21,7 @@ baseline), so a group row answers "is the overlap inside this group explained by
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -204,6 +204,22 @@ class OverlapResult:
         }
 
 
+def _row(counts: np.ndarray | None, i: int) -> np.ndarray | None:
+    return None if counts is None else counts[i]
+
+
+def _summed(arrays: Iterable[np.ndarray | None]) -> np.ndarray:
+    """Sum of per-tensor bucket counts, which :func:`_bucket_counts` fills in for every tensor."""
+    total: np.ndarray | None = None
+    for a in arrays:
+        if a is None:
+            raise ValueError("bucket counts are missing: the base was not streamed")
+        total = a.copy() if total is None else total + a
+    if total is None:
+        raise ValueError("no tensors to sum bucket counts over")
+    return total
+
+
 def _expected_mm(n_b: np.ndarray, a_b: np.ndarray, b_b: np.ndarray) -> float:
     nz = n_b > 0
     return float(np.sum(a_b[nz].astype(np.float64) * b_b[nz].astype(np.float64) / n_b[nz]))
@@ -218,9 +234,9 @@ def _group_rows(tcs: list[_TensorCounts], i: int, j: int, key, with_mm: bool, la
         inter = sum(t.inter[(i, j)] for t in members)
         mm = None
         if with_mm:
-            n_b = sum(t.buckets for t in members)
-            a_b = sum(t.bucket_counts[i] for t in members)
-            b_b = sum(t.bucket_counts[j] for t in members)
+            n_b = _summed(t.buckets for t in members)
+            a_b = _summed(_row(t.bucket_counts, i) for t in members)
+            b_b = _summed(_row(t.bucket_counts, j) for t in members)
             mm = _expected_mm(n_b, a_b, b_b)
         rows.append({label: g, "n_tensors": len(members), **pair_figures(n, ca, cb, inter, mm)})
     return rows
@@ -302,14 +318,14 @@ def overlap_many(
     n_total = sum(t.numel for t in tcs)
     pairs: list[PairOverlap] = []
     for i, j in pairs_idx:
-        inter = sum(t.inter[(i, j)] for t in tcs)
+        n_inter = sum(t.inter[(i, j)] for t in tcs)
         mm = None
         bucket_rows = None
         if with_mm:
-            n_b = sum(t.buckets for t in tcs)
-            a_b = sum(t.bucket_counts[i] for t in tcs)
-            b_b = sum(t.bucket_counts[j] for t in tcs)
-            ab_b = sum(t.bucket_inter[(i, j)] for t in tcs)
+            n_b = _summed(t.buckets for t in tcs)
+            a_b = _summed(_row(t.bucket_counts, i) for t in tcs)
+            b_b = _summed(_row(t.bucket_counts, j) for t in tcs)
+            ab_b = _summed(t.bucket_inter[(i, j)] for t in tcs)
             mm = _expected_mm(n_b, a_b, b_b)
             bucket_rows = []
             for k in np.nonzero(n_b)[0]:
@@ -327,7 +343,7 @@ def overlap_many(
                         "expected_intersection": float(a_b[k]) * float(b_b[k]) / n_k,
                     }
                 )
-        figures = pair_figures(n_total, sum(t.counts[i] for t in tcs), sum(t.counts[j] for t in tcs), inter, mm)
+        figures = pair_figures(n_total, sum(t.counts[i] for t in tcs), sum(t.counts[j] for t in tcs), n_inter, mm)
         pairs.append(
             PairOverlap(
                 labels[i],
@@ -339,12 +355,12 @@ def overlap_many(
             )
         )
 
-    m = len(masks)
+    n_masks = len(masks)
     dens = [mk.density for mk in masks]
-    mat = [[1.0 if mk.changed else None for _ in range(m)] for mk in masks]
-    chance = [[None] * m for _ in range(m)]
-    mm_mat = [[None] * m for _ in range(m)] if with_mm else None
-    for r in range(m):
+    mat: list[list[float | None]] = [[1.0 if mk.changed else None for _ in range(n_masks)] for mk in masks]
+    chance: list[list[float | None]] = [[None] * n_masks for _ in range(n_masks)]
+    mm_mat: list[list[float | None]] | None = [[None] * n_masks for _ in range(n_masks)] if with_mm else None
+    for r in range(n_masks):
         chance[r][r] = 1.0 if masks[r].changed else None
         if mm_mat is not None:
             mm_mat[r][r] = 1.0 if masks[r].changed else None
