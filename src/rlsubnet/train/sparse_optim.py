@@ -10,10 +10,7 @@
 - the optimizer's moments for those entries only (AdamW / Adam: ``exp_avg``, ``exp_avg_sq``; SGD: the momentum
   buffer) and a step count.
 
-Per trainable entry that is 16 bytes with AdamW on bf16 weights (index, master, two moments), 12 on fp32 weights
-(4 less in a tensor that trains whole: no index), plus a 4-byte fp32 gradient accumulator between backward and
-``step()``; frozen entries cost nothing beyond the weights themselves. A dense AdamW on fp32 weights costs 16 bytes per entry (weight, gradient, two moments),
-frozen or not.
+Memory per trainable entry, and what it is exact to: ``docs/masks-and-training.md``.
 
 **Gradients** are reduced to the trainable entries as soon as backward has accumulated them
 (``register_post_accumulate_grad_hook``) and the dense gradient is dropped (``p.grad = None``), so dense gradient
@@ -51,7 +48,6 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,30 +62,12 @@ from rlsubnet.train.masking import (
     MaskDtypeWarning,
     resolve_parameter_masks,
 )
+from rlsubnet.train.sparse_rules import adam_update, sgd_update
+from rlsubnet.train.sparse_state import _EXACT_DTYPES, SparseStateIO, _compute_dtype, _Slot
 
 SUPPORTED = ("adamw", "adam", "sgd")
-STATE_FORMAT = "rlsubnet.sparse_optimizer"
-STATE_VERSION = 1
 _ALIASES = {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
 _CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
-_EXACT_DTYPES = (torch.float32, torch.float64)  # weights that are their own masters
-
-
-@dataclass
-class _Slot:
-    """One parameter as the optimizer sees it."""
-
-    name: str
-    param: torch.nn.Parameter
-    index: torch.Tensor | None  # flat local indices of the trainable entries; None: every local entry trains
-    k: int  # trainable entries held by this rank
-    n_trainable: int  # trainable entries in the full tensor
-    start: int  # flat range of the full tensor held by this rank
-    stop: int
-    groups: tuple  # process groups that complete a sum over this rank's entries (FSDP2); () when local
-    grad: torch.Tensor | None = None  # the k entries' gradient, in the compute dtype, summed over passes
-    norm: torch.Tensor | None = None  # norm of the dense gradient that was reduced (full-norm clipping)
-    passes: int = 0  # backward passes that reached this parameter since the last step
 
 
 def _kind(optimizer) -> str:
@@ -102,10 +80,6 @@ def _kind(optimizer) -> str:
         f"optimizer {shown!r} is not supported with sparse optimizer state (supported: {', '.join(SUPPORTED)}); "
         "use MaskedOptimizer around it for dense state"
     )
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in _EXACT_DTYPES else torch.float32
 
 
 # a weak reference to the optimizer that owns a parameter, set on the parameter itself
@@ -125,7 +99,7 @@ def _distributed() -> bool:
     )
 
 
-class SparseMaskedOptimizer(torch.optim.Optimizer):
+class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
     """AdamW / Adam / SGD (momentum, nesterov) on the trainable entries of ``mask`` only (see the module docstring).
 
     >>> opt = SparseMaskedOptimizer(model, "grpo.mask.safetensors", "adamw", lr=1e-6, weight_decay=0.1,
@@ -427,53 +401,14 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         if group["maximize"]:
             g.neg_()
         if self.kind == "sgd":
-            self._sgd(master, g, state, group, lr, wd)
+            sgd_update(master, g, state, group, lr, wd)
         else:
-            self._adam(master, g, state, group, lr, wd)
+            adam_update(master, g, state, group, lr, wd)
         if s.index is None:
             if separate:
                 flat.copy_(master)
         else:
             flat[s.index] = master.to(flat.dtype) if separate else master
-
-    @staticmethod
-    def _adam(param, grad, state, group, lr, wd) -> None:
-        # torch's _single_tensor_adam, entry by entry
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        beta1, beta2 = (float(b) for b in group["betas"])
-        step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        step_t += 1
-        if wd != 0:
-            if group["decoupled_weight_decay"]:
-                param.mul_(1 - lr * wd)
-            else:
-                grad = grad.add(param, alpha=wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(float(group["eps"]))
-        param.addcdiv_(exp_avg, denom, value=-step_size)
-
-    @staticmethod
-    def _sgd(param, grad, state, group, lr, wd) -> None:
-        # torch's _single_tensor_sgd, entry by entry
-        if wd != 0:
-            grad = grad.add(param, alpha=wd)
-        momentum = float(group["momentum"])
-        if momentum != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = grad.detach().clone()
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - float(group["dampening"]))
-            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-        param.add_(grad, alpha=-lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop every gradient: the dense ones autograd holds and the reduced ones of the trainable entries."""
@@ -494,100 +429,6 @@ class SparseMaskedOptimizer(torch.optim.Optimizer):
         for s in self._order:
             if _owner(s.param) is self:
                 delattr(s.param, _OWNER_ATTR)
-
-    # -- resume
-    def _layout(self) -> list[dict]:
-        return [
-            {"name": s.name, "numel": s.param.numel(), "start": s.start, "stop": s.stop, "k": s.k}
-            for s in self._order
-            if s.n_trainable
-        ]
-
-    def state_dict(self) -> dict:
-        """Masters, moments, step counts and hyper-parameters (this rank's shard under FSDP2); tensors are not copied."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        pos = {id(p): i for i, p in enumerate(params)}
-        return {
-            "state": {pos[id(p)]: dict(st) for p, st in self.state.items() if st},
-            "param_groups": [
-                {**{k: v for k, v in g.items() if k != "params"}, "params": [pos[id(p)] for p in g["params"]]}
-                for g in self.param_groups
-            ],
-            "sparse": {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "optimizer": self.kind,
-                "mask_bits_sha256": self._mask_sha(),
-                "params": self._layout(),
-                "steps": self.steps,
-            },
-        }
-
-    def _mask_sha(self) -> str:
-        if not hasattr(self, "_sha"):
-            self._sha = self.mask.bits_sha256()
-        return self._sha
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` of the same optimizer, mask, model layout and shard; anything else is refused."""
-        head = state_dict.get("sparse") if isinstance(state_dict, Mapping) else None
-        if not isinstance(head, Mapping) or head.get("format") != STATE_FORMAT:
-            raise UsageError("not a SparseMaskedOptimizer state (a dense optimizer's state_dict cannot be loaded here)")
-        if head.get("version") != STATE_VERSION:
-            raise UsageError(
-                f"sparse optimizer state version {head.get('version')!r} is not supported (expected {STATE_VERSION})"
-            )
-        if head.get("optimizer") != self.kind:
-            raise UsageError(f"the saved state is of optimizer {head.get('optimizer')!r}, this one is {self.kind!r}")
-        if head.get("mask_bits_sha256") != self._mask_sha():
-            raise MaskError("the saved optimizer state was trained with another mask (bits_sha256 differs)")
-        if head.get("params") != self._layout():
-            raise UsageError(
-                "the saved optimizer state covers other parameters or another shard of them (names, sizes or shard "
-                "ranges differ): load each rank's own state with the same model and world size"
-            )
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
-        ):
-            raise UsageError("the saved optimizer state has other parameter groups")
-        params = [p for g in self.param_groups for p in g["params"]]
-        new_state = {}
-        for i, st in state_dict["state"].items():
-            p = params[int(i)]
-            s = self._slots[id(p)]
-            expect = self._expected_state(s)
-            # SGD without momentum keeps no buffer; everything else is made on the first step and must be there
-            if set(st) - set(expect) or not set(st) >= set(expect) - {"momentum_buffer"}:
-                raise UsageError(f"{s.name}: saved optimizer state has keys {sorted(st)}, expected {sorted(expect)}")
-            out = {}
-            for key, val in st.items():
-                shape, dtype = expect[key]
-                if not isinstance(val, torch.Tensor) or tuple(val.shape) != shape or val.dtype != dtype:
-                    got = f"{val.dtype} {list(val.shape)}" if isinstance(val, torch.Tensor) else type(val).__name__
-                    raise UsageError(f"{s.name}: saved {key} is {got}, expected {dtype} {list(shape)}")
-                out[key] = val.detach().to(device=s.param.device if key != "step" else "cpu", copy=True)
-            new_state[p] = out
-        self.state.clear()
-        self.state.update(new_state)
-        for mine, saved in zip(self.param_groups, groups):
-            for k, v in saved.items():
-                if k != "params":
-                    mine[k] = v
-        self.steps = int(head.get("steps", 0))
-        self.zero_grad()
-
-    def _expected_state(self, s: _Slot) -> dict:
-        cdtype = _compute_dtype(s.param.dtype)
-        vec: tuple[tuple[int, ...], torch.dtype] = ((s.k,), cdtype)
-        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        if s.param.dtype not in _EXACT_DTYPES:
-            out["master"] = ((s.k,), torch.float32)
-        if self.kind == "sgd":
-            out["momentum_buffer"] = vec
-        else:
-            out.update({"step": ((), torch.float32), "exp_avg": vec, "exp_avg_sq": vec})
-        return out
 
     # -- what it costs
     def state_bytes(self) -> int:
