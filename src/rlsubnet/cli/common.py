@@ -108,3 +108,8 @@ def print_result(args: argparse.Namespace, as_json, as_text, wrote: str) -> int:
         if args.out:
             print(f"\nwrote {args.out}/{wrote}")
     return 0
+
+
+def loading_options(args: argparse.Namespace) -> dict:
+    """What :func:`add_checkpoint_options` and ``--quiet`` set, as the keywords the library's functions take."""
+    return {"allow_pickle": args.allow_pickle, "allow_download": args.allow_download, "progress": not args.quiet}

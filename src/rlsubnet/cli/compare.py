@@ -10,6 +10,7 @@ from rlsubnet.cli.common import (
     add_mode_option,
     add_output_options,
     holding_output,
+    loading_options,
     print_result,
 )
 
@@ -54,9 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         mode=args.mode,
         rank=args.rank,
         allow_mismatch=args.allow_mismatch,
-        allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download,
-        progress=not args.quiet,
+        **loading_options(args),
     )
     if args.out:
         write_compare_outputs(results, args.out)

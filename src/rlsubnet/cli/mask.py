@@ -11,7 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rlsubnet.cli.common import Number, Seed, add_checkpoint_options, add_mode_option, add_output_options, print_json
+from rlsubnet.cli.common import (
+    Number,
+    Seed,
+    add_checkpoint_options,
+    add_mode_option,
+    add_output_options,
+    loading_options,
+    print_json,
+)
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import output_lock
 
@@ -122,10 +130,8 @@ def _make_and_save(args: argparse.Namespace, op: str | None):
             atol=args.atol,
             mode=args.mode,
             allow_mismatch=args.allow_mismatch,
-            allow_pickle=args.allow_pickle,
-            allow_download=args.allow_download,
             hash_content=not args.no_hash,
-            progress=not args.quiet,
+            **loading_options(args),
         )
     mask.save(out)
     return mask

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, holding_output, print_result
+from rlsubnet.cli.common import (
+    Number,
+    add_checkpoint_options,
+    add_output_options,
+    holding_output,
+    loading_options,
+    print_result,
+)
 from rlsubnet.errors import UsageError
 from rlsubnet.limits import MAX_BINS_PER_OCTAVE
 
@@ -59,9 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         list(args.masks),
         base=args.base,
         bins_per_octave=args.bins_per_octave,
-        allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download,
-        progress=not args.quiet,
+        **loading_options(args),
     )
     for w in result.warnings:
         print(f"rlsubnet: warning: {w}", file=sys.stderr)

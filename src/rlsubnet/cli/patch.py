@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, print_json
+from rlsubnet.cli.common import Number, add_checkpoint_options, add_output_options, loading_options, print_json
 from rlsubnet.errors import UsageError
 
 
@@ -165,9 +165,7 @@ def run_create(args: argparse.Namespace) -> int:
         include_files=not args.no_files,
         metadata=_meta(args.meta),
         overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download,
-        progress=not args.quiet,
+        **loading_options(args),
         sign_key=args.sign,
     )
     info = patch_info(summary.path)
@@ -204,9 +202,7 @@ def run_apply(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verify_base_first=args.verify_base_first,
         include_files=not args.weights_only,
-        allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download,
-        progress=not args.quiet,
+        **loading_options(args),
         trusted_keys=keys,
     )
     if args.json:

@@ -10,7 +10,7 @@ Needs the ``train`` extra (transformers, trl, datasets, accelerate), imported wh
 - ``config``: :class:`~rlsubnet.lab.config.StageSpec` and :class:`~rlsubnet.lab.config.DemoConfig` (the CLI's
   options are generated from them); ``data``: a stage's training rows.
 - ``stages``: :func:`~rlsubnet.lab.stages.run_stage`, one TRL trainer per stage, with hooks for a masked optimizer
-  and extra callbacks.
+  and extra callbacks; ``trainers``: how every run (stages and pretraining) configures TRL's trainers.
 - ``subnet``: the demo's subnetwork experiments: masked re-runs, baselines, the masks.
 - ``measure``: every measurement of the demo; ``report``: report.md and the figures, rendered from results.json.
 - ``runfolder``, ``scheduler``, ``pipeline``: the demo's output folder, its worker processes, and the whole run

@@ -42,18 +42,19 @@ def model_size(name: str) -> ModelSize:
 
 @dataclass(frozen=True)
 class SizedSettings:
-    """The demo settings whose defaults depend on the model size (:data:`SIZE_DEFAULTS`)."""
+    """The demo settings whose defaults depend on the model size (:data:`SIZE_DEFAULTS`); as given here, the
+    small model's (the demo's default size)."""
 
-    steps: int
-    batch_size: int
-    num_generations: int
-    snapshot_every: int
-    pretrain_max_steps: int
-    pretrain_eval_every: int
-    pretrain_target: float
-    pretrain_lr: float
-    pretrain_batch: int
-    sample_prompts: int
+    steps: int = 100
+    batch_size: int = 32
+    num_generations: int = 8
+    snapshot_every: int = 10
+    pretrain_max_steps: int = 2000
+    pretrain_eval_every: int = 50
+    pretrain_target: float = 0.6
+    pretrain_lr: float = 2e-3
+    pretrain_batch: int = 64
+    sample_prompts: int = 8000
 
 
 # Per-size defaults of the demo's training; every one can be overridden from the command line.
@@ -61,39 +62,15 @@ SIZE_DEFAULTS: dict[str, SizedSettings] = {
     "micro": SizedSettings(
         steps=4,
         batch_size=8,
-        num_generations=8,
         snapshot_every=2,
         pretrain_max_steps=300,
-        pretrain_eval_every=50,
         pretrain_target=0.05,
         pretrain_lr=5e-3,
-        pretrain_batch=64,
         sample_prompts=512,
     ),
-    "small": SizedSettings(
-        steps=100,
-        batch_size=32,
-        num_generations=8,
-        snapshot_every=10,
-        pretrain_max_steps=2000,
-        pretrain_eval_every=50,
-        pretrain_target=0.6,
-        pretrain_lr=2e-3,
-        pretrain_batch=64,
-        sample_prompts=8000,
-    ),
-    "medium": SizedSettings(
-        steps=100,
-        batch_size=32,
-        num_generations=8,
-        snapshot_every=10,
-        pretrain_max_steps=3000,
-        pretrain_eval_every=50,
-        pretrain_target=0.6,
-        pretrain_lr=1e-3,
-        pretrain_batch=64,
-        sample_prompts=8000,
-    ),
+    "small": SizedSettings(),
+    # the larger model trains like the small one; only its pretraining runs longer, at a lower learning rate
+    "medium": SizedSettings(pretrain_max_steps=3000, pretrain_lr=1e-3),
 }
 
 ALGORITHMS = ("grpo", "dpo", "sft")

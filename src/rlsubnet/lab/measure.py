@@ -32,6 +32,7 @@ from rlsubnet.lab.subnet import (
 )
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.masks import Mask, identity, overlap_many
+from rlsubnet.report.overlap_outputs import MAGNITUDE_CHANCE_FIGURES, PAIR_FIGURES
 from rlsubnet.train import check_frozen_masters
 
 TABLE6_ATOLS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)  # the paper's sparsity-vs-tolerance table, plus 0 and above
@@ -219,15 +220,8 @@ def overlap_section(
             **{
                 k: f[k]
                 for k in (
-                    "o1",
-                    "o2",
-                    "jaccard",
-                    "chance_o1",
-                    "chance_o2",
-                    "chance_jaccard",
-                    "magnitude_chance_o1",
-                    "magnitude_chance_o2",
-                    "magnitude_chance_jaccard",
+                    *PAIR_FIGURES,
+                    *MAGNITUDE_CHANCE_FIGURES,
                     "density_a",
                     "density_b",
                     "intersection",

@@ -12,6 +12,7 @@ written twice, so it is not counted twice by the compare engine either).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,12 +30,8 @@ def llama_config(size: str, tokenizer):
     s = model_size(size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers,
-        num_attention_heads=s.num_attention_heads,
+        **dataclasses.asdict(s),  # ModelSize's fields are LlamaConfig's own keys
         num_key_value_heads=s.num_attention_heads,
-        max_position_embeddings=s.max_position_embeddings,
         initializer_range=0.02,
         tie_word_embeddings=True,
         attention_dropout=0.0,

@@ -76,46 +76,31 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
         snapshot_every=s.snapshot_every,
         num_generations=s.num_generations,
     )
+
+    def grpo(name: str, description: str, *, lr=c.rl_lr, beta=0.0, clip=c.clip, task=c.task) -> StageSpec:
+        settings: _CommonSettings = {**common, "task": task}
+        return StageSpec(
+            name,
+            "grpo",
+            data="prompts",
+            learning_rate=lr,
+            beta=beta,
+            max_grad_norm=clip,
+            description=description,
+            **settings,
+        )
+
+    def sft(name: str, data: str, lr: float, description: str) -> StageSpec:
+        return StageSpec(
+            name, "sft", data=data, learning_rate=lr, max_grad_norm=c.clip, description=description, **common
+        )
+
     specs = [
-        StageSpec(
-            "grpo",
-            "grpo",
-            data="prompts",
-            learning_rate=c.rl_lr,
-            beta=0.0,
-            max_grad_norm=c.clip,
-            description="GRPO, exact-match reward, no KL term, gradient clipping",
-            **common,
-        ),
-        StageSpec(
-            "grpo-kl",
-            "grpo",
-            data="prompts",
-            learning_rate=c.rl_lr,
-            beta=c.kl_beta,
-            max_grad_norm=c.clip,
-            description="GRPO with the KL term",
-            **common,
-        ),
-        StageSpec(
-            "grpo-noclip",
-            "grpo",
-            data="prompts",
-            learning_rate=c.rl_lr,
-            beta=0.0,
-            max_grad_norm=0.0,
-            description="GRPO without gradient clipping",
-            **common,
-        ),
-        StageSpec(
-            "grpo-sftlr",
-            "grpo",
-            data="prompts",
-            learning_rate=c.sft_lr,
-            beta=0.0,
-            max_grad_norm=c.clip,
-            description="GRPO at the usual SFT learning rate (the matched-lr control, from the RL side)",
-            **common,
+        grpo("grpo", "GRPO, exact-match reward, no KL term, gradient clipping"),
+        grpo("grpo-kl", "GRPO with the KL term", beta=c.kl_beta),
+        grpo("grpo-noclip", "GRPO without gradient clipping", clip=0.0),
+        grpo(
+            "grpo-sftlr", "GRPO at the usual SFT learning rate (the matched-lr control, from the RL side)", lr=c.sft_lr
         ),
         StageSpec(
             "dpo",
@@ -127,57 +112,14 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
             description="DPO on θ0's own correct vs incorrect samples",
             **common,
         ),
-        StageSpec(
-            "sft",
-            "sft",
-            data="gold",
-            learning_rate=c.sft_lr,
-            max_grad_norm=c.clip,
-            description="SFT on reference answers at a usual SFT learning rate",
-            **common,
-        ),
-        StageSpec(
-            "sft-matched",
-            "sft",
-            data="gold",
-            learning_rate=c.rl_lr,
-            max_grad_norm=c.clip,
-            description="SFT on reference answers at the RL learning rate (matched-lr control)",
-            **common,
-        ),
-        StageSpec(
-            "rft",
-            "sft",
-            data="own-correct",
-            learning_rate=c.sft_lr,
-            max_grad_norm=c.clip,
-            description="rejection-sampling FT: SFT on θ0's own correct samples, usual SFT lr",
-            **common,
-        ),
-        StageSpec(
-            "rft-matched",
-            "sft",
-            data="own-correct",
-            learning_rate=c.rl_lr,
-            max_grad_norm=c.clip,
-            description="rejection-sampling FT at the RL learning rate",
-            **common,
-        ),
+        sft("sft", "gold", c.sft_lr, "SFT on reference answers at a usual SFT learning rate"),
+        sft("sft-matched", "gold", c.rl_lr, "SFT on reference answers at the RL learning rate (matched-lr control)"),
+        sft("rft", "own-correct", c.sft_lr, "rejection-sampling FT: SFT on θ0's own correct samples, usual SFT lr"),
+        sft("rft-matched", "own-correct", c.rl_lr, "rejection-sampling FT at the RL learning rate"),
     ]
     if c.second_task:
-        second: _CommonSettings = {**common, "task": c.second_task}
-        specs.append(
-            StageSpec(
-                f"grpo-task-{c.second_task}",
-                "grpo",
-                data="prompts",
-                learning_rate=c.rl_lr,
-                beta=0.0,
-                max_grad_norm=c.clip,
-                description=f"GRPO on the second training set ({c.second_task})",
-                **second,
-            )
-        )
+        second = c.second_task
+        specs.append(grpo(f"grpo-task-{second}", f"GRPO on the second training set ({second})", task=second))
     return specs
 
 

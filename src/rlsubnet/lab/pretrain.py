@@ -12,34 +12,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from rlsubnet._version import __version__
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text
 from rlsubnet.lab.config import model_size
 from rlsubnet.lab.data import sft_features
 from rlsubnet.lab.evaluate import generate, greedy_accuracy
-from rlsubnet.lab.model import build_model, count_parameters, load_model, save_model, save_weights_file, unique_state
+from rlsubnet.lab.model import build_model, count_parameters, load_model
 from rlsubnet.lab.progress import StageProgress
 from rlsubnet.lab.rewards import is_correct, normalise_completion
 from rlsubnet.lab.stages import (
     StageResult,
-    common_args,
-    default_optimizer,
     fingerprint,
+    heldout_accuracy,
     library_versions,
     model_digest,
     quiet_libraries,
-    remove_default_printers,
+    save_trained,
 )
 from rlsubnet.lab.tasks import get_task, ordered
 from rlsubnet.lab.tokenizer import EOS, build_tokenizer, load_tokenizer
+from rlsubnet.lab.trainers import common_args, default_optimizer, make_trainer, sft_settings, train_timed
 
 
 @dataclass(frozen=True)
@@ -148,41 +144,13 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
                 lr_scheduler_type="constant_with_warmup",
                 warmup_steps=spec.warmup_steps,
             ),
-            per_device_train_batch_size=spec.batch_size,
-            max_length=None,
-            shuffle_dataset=False,
-            packing=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
+            **sft_settings(spec.batch_size),
         )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[stopper],
-            optimizers=(default_optimizer(model, args), None),
-        )
-        remove_default_printers(trainer)
-        t_train = time.monotonic()
-        try:
-            trainer.train()
-        finally:
-            train_seconds = time.monotonic() - t_train
-            bar.close()
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        trainer = make_trainer(SFTTrainer, model, args, dataset, tokenizer, [stopper], default_optimizer(model, args))
+        train_seconds = train_timed(trainer, tmp / "trainer", bar)
         model = trainer.model
-        meta = {"stage": "pretrain", "fingerprint": fp, "rlsubnet_version": __version__}
-        save_model(model, tmp / "model", torch.bfloat16, tokenizer=tokenizer, metadata=meta)
-        save_weights_file(unique_state(model), tmp / "master-fp32.safetensors", {**meta, "dtype": "float32"})
-        theta0 = load_model(tmp / "model")
-        accuracy = {
-            t.name: {
-                "bf16": greedy_accuracy(theta0, tokenizer, t.split("heldout"), t.max_answer_chars + 1),
-                "fp32_master": greedy_accuracy(model, tokenizer, t.split("heldout"), t.max_answer_chars + 1),
-                "heldout_digest": t.split_digest("heldout"),
-            }
-            for t in tasks
-        }
+        theta0 = save_trained(model, tmp, tokenizer, "pretrain", fp)
+        accuracy = {t.name: heldout_accuracy(theta0, model, tokenizer, t) for t in tasks}
         record = {
             "name": "pretrain",
             "kind": "pretrain",

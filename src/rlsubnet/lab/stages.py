@@ -14,20 +14,19 @@ A stage trains fp32 master weights that start at θ0's bf16 values exactly, and 
 
 The subnetwork re-runs reuse :func:`run_stage`: pass the same spec (same ``seed`` and ``data_seed``, so
 the same rows in the same order and the same sampling RNG), an ``optimizer_factory`` that wraps
-:func:`default_optimizer` in a masked optimizer, and/or extra ``callbacks`` / a ``configure_trainer`` hook.
+:func:`rlsubnet.lab.trainers.default_optimizer` in a masked optimizer, and/or extra ``callbacks`` / a ``configure_trainer`` hook.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -38,16 +37,13 @@ from rlsubnet.diff.stats import atol_record
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text, locks_output, safe_member_name
 from rlsubnet.lab.config import StageSpec
-from rlsubnet.lab.data import load_samples, sft_features, stage_rows
+from rlsubnet.lab.data import load_samples, stage_rows
 from rlsubnet.lab.evaluate import greedy_accuracy
 from rlsubnet.lab.model import load_model, save_model, save_weights_file, unique_state
 from rlsubnet.lab.progress import StageProgress
-from rlsubnet.lab.rewards import exact_match_reward
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.lab.tokenizer import load_tokenizer
-
-if TYPE_CHECKING:  # transformers is imported where a trainer is built: it takes seconds
-    from transformers import Trainer, TrainingArguments
+from rlsubnet.lab.trainers import build_trainer, train_timed
 
 # The train extra (transformers, trl, datasets, accelerate) is imported where it is used: `rlsubnet --help` and the
 # library's own commands never need it.
@@ -101,195 +97,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"trl\..*")
     warnings.filterwarnings("ignore", module=r"transformers\..*")
     warnings.filterwarnings("ignore", module=r"accelerate\..*")
-
-
-# -- trainers
-
-
-def default_optimizer(model, args):
-    """The optimizer of every stage: torch AdamW (single-tensor path) with the TrainingArguments' settings.
-
-    Made here, not by the Trainer, so that a masked re-run can wrap exactly the same optimizer (the Trainer's
-    default on torch ≥ 2.8 is the fused kernel, whose rounding differs). Norms and biases get no weight decay.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        g
-        for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
-    return torch.optim.AdamW(
-        groups,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        foreach=False,
-        fused=False,
-    )
-
-
-def common_args(
-    output_dir: str,
-    *,
-    learning_rate: float,
-    steps: int,
-    seed: int,
-    max_grad_norm: float,
-    weight_decay: float,
-    lr_scheduler_type: str = "constant",
-    warmup_steps: int = 0,
-) -> dict:
-    """TrainingArguments every stage sets explicitly: TRL's defaults (bf16 autocast, gradient checkpointing,
-    lr 1e-6, fused AdamW, tqdm, reporting) would otherwise decide the result or the output."""
-    return dict(
-        output_dir=output_dir,
-        max_steps=steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type=lr_scheduler_type,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        seed=seed,
-        data_seed=seed,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        gradient_accumulation_steps=1,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        train_sampling_strategy="sequential",  # the rows are already in the stage's data order
-    )
-
-
-def remove_default_printers(trainer) -> None:
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-
-def _loss_type(spec: StageSpec) -> str:
-    loss_type = spec.resolved_loss_type
-    if loss_type is None:
-        raise UsageError(f"stage {spec.name}: {spec.algorithm} has no loss type")
-    return loss_type
-
-
-def build_trainer(
-    spec: StageSpec,
-    model,
-    tokenizer,
-    rows: Sequence[dict],
-    *,
-    base_dir: Path,
-    output_dir: Path,
-    callbacks: Sequence = (),
-    optimizer_factory: Callable | None = None,
-):
-    """The TRL trainer of a stage, configured explicitly (no library default left to decide the result)."""
-    from datasets import Dataset
-
-    task = get_task(spec.task)
-    base = common_args(
-        str(output_dir),
-        learning_rate=spec.learning_rate,
-        steps=spec.steps,
-        seed=spec.seed,
-        max_grad_norm=spec.max_grad_norm,
-        weight_decay=spec.weight_decay,
-    )
-    args: TrainingArguments
-    make: Callable[[torch.optim.Optimizer], Trainer]
-    if spec.algorithm == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-
-        grpo_args = GRPOConfig(
-            **base,
-            per_device_train_batch_size=spec.batch_size * spec.num_generations,  # counts completions
-            num_generations=spec.num_generations,
-            max_completion_length=task.max_answer_chars + 1,  # the answer and <eos>
-            beta=spec.resolved_beta,
-            loss_type=_loss_type(spec),
-            scale_rewards="group",
-            num_iterations=1,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            shuffle_dataset=False,
-            use_vllm=False,
-            disable_dropout=True,
-            log_completions=False,
-        )
-        dataset = Dataset.from_list(list(rows))
-        args = grpo_args
-        make = lambda opt: GRPOTrainer(
-            model=model,
-            reward_funcs=[exact_match_reward],
-            args=grpo_args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-            optimizers=(opt, None),
-        )
-    elif spec.algorithm == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        dpo_args = DPOConfig(
-            **base,
-            per_device_train_batch_size=spec.batch_size,
-            beta=spec.resolved_beta,
-            loss_type=[_loss_type(spec)],
-            max_length=64,
-            precompute_ref_log_probs=False,
-            disable_dropout=True,
-        )
-        dataset = Dataset.from_list(list(rows))
-        ref = load_model(base_dir)
-        args = dpo_args
-        make = lambda opt: DPOTrainer(
-            model=model,
-            ref_model=ref,
-            args=dpo_args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-            optimizers=(opt, None),
-        )
-    else:
-        from trl import SFTConfig, SFTTrainer
-
-        sft_args = SFTConfig(
-            **base,
-            per_device_train_batch_size=spec.batch_size,
-            max_length=None,
-            shuffle_dataset=False,
-            packing=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
-        )
-        dataset = Dataset.from_dict(sft_features(rows, tokenizer))
-        args = sft_args
-        make = lambda opt: SFTTrainer(
-            model=model,
-            args=sft_args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-            optimizers=(opt, None),
-        )
-    optimizer = (optimizer_factory or default_optimizer)(model, args)
-    trainer = make(optimizer)
-    remove_default_printers(trainer)
-    return trainer
 
 
 # -- callbacks
@@ -424,6 +231,25 @@ def stage_fingerprint(spec: StageSpec, base_digest: str, samples_digest: str | N
     return fingerprint({"spec": spec.to_json(), "base": base_digest, "samples": samples_digest, "extra": extra or {}})
 
 
+def save_trained(model, folder: Path, tokenizer, stage: str, fp: str):
+    """Write ``model/`` (bf16, with the tokenizer: the measured checkpoint) and ``master-fp32.safetensors`` into
+    ``folder``; the bf16 model as saved, loaded back."""
+    meta = {"stage": stage, "fingerprint": fp, "rlsubnet_version": __version__}
+    save_model(model, folder / "model", torch.bfloat16, tokenizer=tokenizer, metadata=meta)
+    save_weights_file(unique_state(model), folder / "master-fp32.safetensors", {**meta, "dtype": "float32"})
+    return load_model(folder / "model")
+
+
+def heldout_accuracy(bf16_model, master_model, tokenizer, task) -> dict:
+    """Greedy accuracy on ``task``'s held-out split of the saved bf16 model and of the fp32 masters."""
+    n_new = task.max_answer_chars + 1
+    return {
+        "bf16": greedy_accuracy(bf16_model, tokenizer, task.split("heldout"), n_new),
+        "fp32_master": greedy_accuracy(master_model, tokenizer, task.split("heldout"), n_new),
+        "heldout_digest": task.split_digest("heldout"),
+    }
+
+
 @locks_output("out_dir")
 def run_stage(
     spec: StageSpec,
@@ -443,7 +269,7 @@ def run_stage(
     """Train ``spec`` from the bf16 checkpoint ``base_dir`` (θ0) and write the stage folder ``out_dir``.
 
     ``callbacks`` are extra TrainerCallbacks; ``optimizer_factory(model, training_args) -> Optimizer`` replaces
-    :func:`default_optimizer` (a masked optimizer wraps the default one); ``configure_trainer(trainer)`` runs
+    :func:`~rlsubnet.lab.trainers.default_optimizer` (a masked optimizer wraps the default one); ``configure_trainer(trainer)`` runs
     after the trainer is built and before it trains (e.g. a TRL plug-in); ``after_train(trainer) -> dict`` runs
     after training, and its dict is stored in stage.json as ``"after_train"`` (e.g. the masked optimizer's report),
     inside the stage's atomic write. ``extra_record`` is stored in stage.json and enters the fingerprint: record
@@ -485,32 +311,13 @@ def run_stage(
         )
         if configure_trainer is not None:
             configure_trainer(trainer)
-        t_train = time.monotonic()
-        try:
-            trainer.train()
-        finally:
-            train_seconds = time.monotonic() - t_train
-            bar.close()
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        train_seconds = train_timed(trainer, tmp / "trainer", bar)
         after = after_train(trainer) if after_train is not None else None
         steps_done = trainer.state.global_step
         snaps.save(steps_done)  # the final model is always the last snapshot
         model = trainer.model
-
-        meta = {"stage": spec.name, "fingerprint": fp, "rlsubnet_version": __version__}
-        save_model(model, tmp / "model", torch.bfloat16, tokenizer=tokenizer, metadata=meta)
-        save_weights_file(unique_state(model), tmp / "master-fp32.safetensors", {**meta, "dtype": "float32"})
-
-        accuracy = {}
-        bf16_model = load_model(tmp / "model")
-        for t in eval_tasks:
-            task = get_task(t)
-            n_new = task.max_answer_chars + 1
-            accuracy[t] = {
-                "bf16": greedy_accuracy(bf16_model, tokenizer, task.split("heldout"), n_new),
-                "fp32_master": greedy_accuracy(model, tokenizer, task.split("heldout"), n_new),
-                "heldout_digest": task.split_digest("heldout"),
-            }
+        bf16_model = save_trained(model, tmp, tokenizer, spec.name, fp)
+        accuracy = {t: heldout_accuracy(bf16_model, model, tokenizer, get_task(t)) for t in eval_tasks}
         steps_record = {
             "atols": list(STEP_ATOLS),
             "steps": tracker.records,

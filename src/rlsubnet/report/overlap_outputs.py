@@ -90,30 +90,15 @@ def format_overlap(result: OverlapResult) -> str:
     return "\n".join(parts)
 
 
+# A pair's overlap figures and the paper's chance baseline of each; with a base, the magnitude-matched chance.
+PAIR_FIGURES = ("o1", "o2", "jaccard", "chance_o1", "chance_o2", "chance_jaccard")
+MAGNITUDE_CHANCE_FIGURES = ("magnitude_chance_o1", "magnitude_chance_o2", "magnitude_chance_jaccard")
+
+
 def pairs_csv(result: OverlapResult) -> str:
-    keys = [
-        "a",
-        "b",
-        "numel",
-        "count_a",
-        "count_b",
-        "intersection",
-        "density_a",
-        "density_b",
-        "o1",
-        "o2",
-        "jaccard",
-        "chance_o1",
-        "chance_o2",
-        "chance_jaccard",
-    ]
+    keys = ["a", "b", "numel", "count_a", "count_b", "intersection", "density_a", "density_b", *PAIR_FIGURES]
     if result.matrix_magnitude_chance_o1 is not None:
-        keys += [
-            "expected_intersection_magnitude",
-            "magnitude_chance_o1",
-            "magnitude_chance_o2",
-            "magnitude_chance_jaccard",
-        ]
+        keys += ["expected_intersection_magnitude", *MAGNITUDE_CHANCE_FIGURES]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(keys)
@@ -138,7 +123,7 @@ def matrix_heatmap(
     """Square A × B heatmap (rows A, columns B) with the values written in the cells."""
     import numpy as np
 
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     data = np.array(
         [[np.nan if v is None else (100 * v if percent else v) for v in row] for row in matrix], dtype=float
     )
@@ -168,7 +153,7 @@ def matrix_heatmap(
     return fig
 
 
-def _ratio_matrix(num, den):
+def ratio_matrix(num, den):
     """Cell-wise num / den, blank on the diagonal (a mask against itself says nothing about chance)."""
     return [
         [(a / b) if (i != j and a is not None and b) else None for j, (a, b) in enumerate(zip(r1, r2))]
@@ -197,7 +182,7 @@ def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
         result.labels, result.matrix_o1, "Subnetwork overlap o1", settings, cbar_label="o1 (%)", vmax=100
     )
     files["heatmap_o1.png"] = plots.to_png(fig, prov)
-    ratio = _ratio_matrix(result.matrix_o1, result.matrix_chance_o1)
+    ratio = ratio_matrix(result.matrix_o1, result.matrix_chance_o1)
     fig = matrix_heatmap(
         result.labels, ratio, "o1 / density chance (1 = chance)", ratio_settings, cbar_label="× chance", percent=False
     )
@@ -206,7 +191,7 @@ def render_overlap_outputs(result: OverlapResult) -> dict[str, bytes]:
         files["matrix_magnitude_chance_o1.csv"] = matrix_csv(result.labels, result.matrix_magnitude_chance_o1).encode(
             "utf-8", errors="backslashreplace"
         )
-        ratio = _ratio_matrix(result.matrix_o1, result.matrix_magnitude_chance_o1)
+        ratio = ratio_matrix(result.matrix_o1, result.matrix_magnitude_chance_o1)
         fig = matrix_heatmap(
             result.labels,
             ratio,

@@ -15,7 +15,8 @@ def _printable_labels(f: Callable[[float, int | None], str]) -> Callable[[float,
     return lambda x, pos: printable(str(f(x, pos)))
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (matplotlib is optional: only the figures import it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +50,7 @@ def to_png(fig, provenance: dict) -> bytes:
         bbox_inches="tight",
         metadata={"Software": f"rlsubnet {__version__}", "Description": json.dumps(provenance, separators=(",", ":"))},
     )
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -65,7 +66,7 @@ def heatmap(
     """Layer × module heatmap of a fraction (shown in %); empty cells stay blank."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     data = np.array([[np.nan if v is None else 100 * v for v in row] for row in grid], dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * max(1, len(kinds)), 1.2 + 0.32 * max(1, len(layers))))
     if data.size:
@@ -91,7 +92,7 @@ def sparsity_vs_atol(
 
     ``reference`` is an optional list of (label, atols, sparsities) drawn dashed (e.g. the paper's Table 6).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     all_atols = [a for _, atols, _ in series for a in atols] + [a for _, atols, _ in (reference or []) for a in atols]
     positive = [a for a in all_atols if a > 0]

@@ -8,7 +8,7 @@ labelled as the paper's. Verdicts follow fixed, stated criteria (:mod:`~rlsubnet
 - ``records``: accessors and formatting over the results dict;
 - ``criteria``: the thresholds behind every verdict;
 - ``claims``, ``subnetwork_claims``: the paper's claims checked, each with its verdict and why;
-- ``figures``: the PNG figures; ``markdown``: report.md.
+- ``figures``, ``subnetwork_figures``: the PNG figures; ``markdown``, ``subnetwork_markdown``: report.md.
 """
 
 from __future__ import annotations

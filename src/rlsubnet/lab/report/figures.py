@@ -5,33 +5,20 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
 
 from rlsubnet._version import __version__
 from rlsubnet.lab import paper_numbers as paper
-from rlsubnet.lab.report.records import RL_ALGOS, ident, pct, se, settings_of, sp, sub_settings, trained
+from rlsubnet.lab.report.records import RL_ALGOS, se, settings_of, sp, trained
+from rlsubnet.lab.report.subnetwork_figures import SUBNETWORK_FIGURE_DATA, SUBNETWORK_FIGURES, FigureFn
 from rlsubnet.report import plots
-from rlsubnet.report.overlap_outputs import matrix_heatmap
-
-FigureFn = Callable[[dict], Any]  # the results dict -> a matplotlib Figure
+from rlsubnet.report.plots import pyplot
 
 
-def pyplot():
-    import matplotlib  # an optional dependency: only the report needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def ratio_matrix(num, den):
-    """Cell-wise num / den, blank on the diagonal (a mask against itself says nothing about chance)."""
-    return [
-        [(a / b) if (i != j and a is not None and b) else None for j, (a, b) in enumerate(zip(r1, r2))]
-        for i, (r1, r2) in enumerate(zip(num, den))
-    ]
+def _titled(fig, ax, title: str, settings: str, **legend):
+    """The end of a one-panel figure: the legend, and a title that names the settings."""
+    ax.legend(fontsize=7, **legend)
+    ax.set_title(f"{title}\n{settings}", fontsize=9)
+    return fig
 
 
 def _fig_sparsity_vs_paper(results):
@@ -124,15 +111,16 @@ def _fig_sft_vs_rl(results):
         Patch(facecolor="tab:orange", label="SFT"),
         Patch(facecolor="white", edgecolor="black", hatch="//", label="trained on θ0's own samples"),
     ]
-    ax.set_ylim(0, 108)
-    ax.set_ylabel("sparsity (%), bf16, atol 1e-5")
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(
-        "SFT vs RL at the usual and at matched learning rates\n"
-        + settings_of(results, main_task, "same steps, batch and data seed for every bar"),
-        fontsize=9,
+    ax.set(ylim=(0, 108), ylabel="sparsity (%), bf16, atol 1e-5")
+    return _titled(
+        fig,
+        ax,
+        "SFT vs RL at the usual and at matched learning rates",
+        settings_of(results, main_task, "same steps, batch and data seed for every bar"),
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
     )
-    return fig
 
 
 def _fig_sparsity_vs_step(results):
@@ -251,16 +239,14 @@ def _fig_magnitude(results):
     ax.axvline(2**-9, color="tab:red", linewidth=0.6, linestyle="-.")
     ax.text(2**-9, 0.45, "2^-9 ", fontsize=6, color="tab:red", ha="right")
     ax.set_xscale("log")
-    ax.set_ylim(-0.02, 1.12)
-    ax.set_xlabel("|w| in θ0 (bucket of one binade)")
-    ax.set_ylabel("P(changed)")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title(
-        "P(weight changed | |w|): solid atol 0, dashed atol 1e-5 (below |w| = 2^-9 one bf16 step is < 1e-5)\n"
-        + settings_of(results, shown, "bf16 unless noted"),
-        fontsize=9,
+    ax.set(ylim=(-0.02, 1.12), xlabel="|w| in θ0 (bucket of one binade)", ylabel="P(changed)")
+    return _titled(
+        fig,
+        ax,
+        "P(weight changed | |w|): solid atol 0, dashed atol 1e-5 (below |w| = 2^-9 one bf16 step is < 1e-5)",
+        settings_of(results, shown, "bf16 unless noted"),
+        loc="lower left",
     )
-    return fig
 
 
 def _fig_dynamics(results):
@@ -322,14 +308,9 @@ def _fig_bf16_vs_fp32(results):
             label=label,
         )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=7)
-    ax.set_title(
-        "What bf16 hides: the same runs compared in bf16 and in fp32 (fp32 masters vs θ0)\n" + settings_of(results),
-        fontsize=9,
-    )
-    return fig
+    ax.set(ylim=(0, 105), ylabel="sparsity (%)")
+    title = "What bf16 hides: the same runs compared in bf16 and in fp32 (fp32 masters vs θ0)"
+    return _titled(fig, ax, title, settings_of(results))
 
 
 def _fig_pretrain(results):
@@ -383,92 +364,8 @@ def _fig_accuracy(results):
             label=f"{t} (held out, n={results['theta0']['accuracy'][t]['bf16']['n']:,})",
         )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("greedy accuracy (%) ± 2 SE")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    ax.set_title("Held-out accuracy of the bf16 checkpoints\n" + settings_of(results), fontsize=9)
-    return fig
-
-
-def _fig_identity(results):
-    """Table 3 as bars: identity with θ_full per run and atol, overall (bars) and inside the mask (dots)."""
-    plt = pyplot()
-    sub = results["subnetwork"]
-    algs = list(sub["reruns"])
-    fig, axes = plt.subplots(1, len(algs), figsize=(5.6 * len(algs), 4.4), squeeze=False)
-    atols = (0.0, 1e-5, 1e-4)
-    colors = ("tab:gray", "tab:blue", "tab:green")
-    for ax, alg in zip(axes[0], algs):
-        sec = sub["reruns"][alg]
-        rows = sec["rows"]
-        width = 0.8 / len(atols)
-        for j, (a, col) in enumerate(zip(atols, colors)):
-            xs = [i + (j - 1) * width for i in range(len(rows))]
-            ax.bar(xs, [100 * ident(r, a) for r in rows], width, color=col, label=f"atol {a:g}")
-            ax.scatter(
-                xs,
-                [100 * (ident(r, a, True) or 0) for r in rows],
-                color="black",
-                marker="_",
-                s=90,
-                zorder=3,
-                label="inside the mask" if j == 0 else None,
-            )
-            for x, r in zip(xs, rows):
-                ax.text(x, 100 * ident(r, a) + 0.6, f"{100 * ident(r, a):.1f}", ha="center", fontsize=6, rotation=90)
-        for label, vals, style in (
-            ("paper DPO", paper.TABLE3["DPO"], "--"),
-            ("paper PRIME", paper.TABLE3["PRIME"], ":"),
-        ):
-            ax.axhline(
-                vals[1e-5], color="tab:blue", linestyle=style, linewidth=0.9, label=f"{label}, 1e-5: {vals[1e-5]}%"
-            )
-        ax.axhline(100, color="tab:green", linestyle="--", linewidth=0.9, label="paper, 1e-4: 100%")
-        short = {
-            "subnetwork re-run": "θ_sub",
-            "random-mask re-run": "random mask",
-            "full run, another seed": "another seed",
-        }
-        ax.set_xticks(range(len(rows)), [f"{r['run']}\n({short.get(r['role'], r['role'])})" for r in rows], fontsize=7)
-        vals = [ident(r, a, inside) for r in rows for a in atols for inside in (False, True)]
-        lo = 100 * min(v for v in vals if v is not None)
-        ax.set_ylim(max(0, lo - 10), 108)
-        ax.set_ylabel(f"identical to θ_full = `{sec['full']}` (%)")
-        ax.set_title(
-            f"{alg.upper()}: re-runs from θ0 vs the full run (mask density {pct(sec['mask']['density'])})", fontsize=9
-        )
-        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
-    names = [n for sec in sub["reruns"].values() for n in [sec["full"]] + [r["run"] for r in sec["rows"]]]
-    fig.suptitle(
-        "Subnetwork re-runs vs θ_full (the paper's Table 3): share of parameters with |θ_full − θ| ≤ atol\n"
-        + sub_settings(results, names),
-        fontsize=9,
-    )
-    fig.tight_layout()
-    return fig
-
-
-def _fig_overlap(results, which: str):
-    ov = results["subnetwork"]["overlap"]
-    labels = ov["labels"]
-    m = ov["matrix"]
-    settings = sub_settings(results, labels)
-    if which == "o1":
-        return matrix_heatmap(
-            labels,
-            m["o1"],
-            "Subnetwork overlap o1 = |A∩B| / |A| (%), row A, column B",
-            settings,
-            cbar_label="o1 (%)",
-            vmax=100,
-        )
-    ratio = ratio_matrix(m["o1"], m["magnitude_chance_o1"] if which == "magnitude" else m["chance_o1"])
-    title = (
-        "o1 / magnitude-matched chance (1 = explained by |w| in θ0), row A, column B"
-        if which == "magnitude"
-        else "o1 / density chance (the paper's baseline; 1 = chance), row A, column B"
-    )
-    return matrix_heatmap(labels, ratio, title, settings, cbar_label="× chance", percent=False)
+    ax.set(ylim=(0, 100), ylabel="greedy accuracy (%) ± 2 SE")
+    return _titled(fig, ax, "Held-out accuracy of the bf16 checkpoints", settings_of(results))
 
 
 FIGURE_DATA = {
@@ -482,21 +379,9 @@ FIGURE_DATA = {
     "accuracy": "theta0.accuracy and stages.<name>.accuracy",
     "pretrain": "theta0.curve",
     "heatmap": "stages.<name>.grid",
-    "subnetwork_identity": "subnetwork.reruns.<algorithm>.rows[].identity (bf16) and the paper's Table 3 (lab.paper_numbers)",
-    "overlap_o1": "subnetwork.overlap.matrix.o1 (rows A, columns B); pairs in subnetwork.overlap.pairs",
-    "overlap_o1_over_chance": "subnetwork.overlap.matrix.o1 / .chance_o1",
-    "overlap_o1_over_magnitude_chance": "subnetwork.overlap.matrix.o1 / .magnitude_chance_o1",
+    **SUBNETWORK_FIGURE_DATA,
 }
 
-SUBNETWORK_FIGURES: dict[str, tuple[str, FigureFn]] = {
-    "subnetwork_identity": ("Subnetwork re-runs vs θ_full (Table 3)", _fig_identity),
-    "overlap_o1": ("Subnetwork overlap o1 (Table 4)", lambda r: _fig_overlap(r, "o1")),
-    "overlap_o1_over_chance": ("Overlap over the density chance", lambda r: _fig_overlap(r, "chance")),
-    "overlap_o1_over_magnitude_chance": (
-        "Overlap over the magnitude-matched chance",
-        lambda r: _fig_overlap(r, "magnitude"),
-    ),
-}
 
 FIGURES: dict[str, tuple[str, FigureFn]] = {
     "sparsity_vs_paper": ("Sparsity per stage beside the paper's Table 1", _fig_sparsity_vs_paper),
