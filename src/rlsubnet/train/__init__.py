@@ -9,12 +9,10 @@ from rlsubnet.train.masking import (
     MaskDtypeWarning,
     MaskedOptimizer,
     MaskModeWarning,
-    frozen_changes,
-    frozen_snapshot,
     mask_optimizer,
     resolve_parameter_masks,
 )
-from rlsubnet.train.verify import check_frozen_masters
+from rlsubnet.train.verify import check_frozen_masters, frozen_changes, frozen_snapshot
 
 
 def __getattr__(name):

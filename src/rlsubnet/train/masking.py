@@ -497,25 +497,3 @@ class MaskedOptimizer:
 def mask_optimizer(optimizer, mask, model, **kw) -> MaskedOptimizer:
     """Attach ``mask`` to ``optimizer`` (see :class:`MaskedOptimizer`); returns the handle."""
     return MaskedOptimizer(optimizer, mask, model, **kw)
-
-
-def frozen_snapshot(model: torch.nn.Module, mask: Mask) -> dict[str, torch.Tensor]:
-    """Copies of every masked model parameter (for tests and checks: compare with :func:`frozen_changes`)."""
-    model = unwrap_model(model)
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().clone() for n in mask.names() if n in params}
-
-
-def frozen_changes(
-    model: torch.nn.Module, mask: Mask, before: Mapping[str, torch.Tensor]
-) -> dict[str, tuple[int, int]]:
-    """Per parameter: (frozen entries whose bits changed, trainable entries whose bits changed) since ``before``."""
-    model = unwrap_model(model)
-    params = dict(model.named_parameters())
-    out = {}
-    for n, old in before.items():
-        now = params[n].detach()
-        diff = int_view(now) != int_view(old)
-        trainable = mask.tensor(n, device=now.device)
-        out[n] = (int((diff & ~trainable).sum()), int((diff & trainable).sum()))
-    return out

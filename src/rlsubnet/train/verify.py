@@ -6,6 +6,14 @@ the checkpoint readers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
+from rlsubnet._bits import int_view
+from rlsubnet.masks.mask import Mask
+from rlsubnet.train.masking import unwrap_model
+
 
 def check_frozen_masters(mask, base, master) -> dict:
     """Count the entries outside ``mask`` whose fp32 master differs (bitwise) from θ0's value upcast to fp32.
@@ -66,3 +74,25 @@ def check_frozen_masters(mask, base, master) -> dict:
         "trainable_entries": trainable,
         "trainable_entries_moved": trainable_moved,
     }
+
+
+def frozen_snapshot(model: torch.nn.Module, mask: Mask) -> dict[str, torch.Tensor]:
+    """Copies of every masked model parameter (for tests and checks: compare with :func:`frozen_changes`)."""
+    model = unwrap_model(model)
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in mask.names() if n in params}
+
+
+def frozen_changes(
+    model: torch.nn.Module, mask: Mask, before: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, int]]:
+    """Per parameter: (frozen entries whose bits changed, trainable entries whose bits changed) since ``before``."""
+    model = unwrap_model(model)
+    params = dict(model.named_parameters())
+    out = {}
+    for n, old in before.items():
+        now = params[n].detach()
+        diff = int_view(now) != int_view(old)
+        trainable = mask.tensor(n, device=now.device)
+        out[n] = (int((diff & ~trainable).sum()), int((diff & trainable).sum()))
+    return out
