@@ -145,7 +145,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                 "path": str(cfg.mask),
                 "kind": mask.kind,
                 "atol": mask.atol,
-                "dtype": mask.dtype,
+                "dtype": mask.mode,
                 "density": mask.density,
                 "bits_sha256": mask.bits_sha256(),
                 "options": dict(options),

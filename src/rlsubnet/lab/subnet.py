@@ -126,7 +126,7 @@ def mask_record(mask, path: Path | None = None, root: Path | None = None) -> dic
     rec = {
         "kind": mask.kind,
         "atol": mask.atol,
-        "dtype": mask.dtype,
+        "dtype": mask.mode,
         "numel": mask.numel,
         "changed": mask.changed,
         "density": mask.density,
@@ -149,7 +149,7 @@ def mask_extra_record(mask, role: str, of: str) -> dict:
         "of": of,
         "kind": mask.kind,
         "atol": mask.atol,
-        "dtype": mask.dtype,
+        "dtype": mask.mode,
         "density": mask.density,
         "bits_sha256": mask.bits_sha256(),
         "options": dict(MASK_OPTIONS),

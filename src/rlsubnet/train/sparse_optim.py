@@ -59,7 +59,7 @@ from rlsubnet.masks.mask import Mask, MaskError, as_mask
 from rlsubnet.train import sharding
 from rlsubnet.train.masking import (
     FullMaskWarning,
-    MaskDtypeWarning,
+    MaskModeWarning,
     resolve_parameter_masks,
 )
 from rlsubnet.train.sparse_rules import adam_update, sgd_update
@@ -246,7 +246,7 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
         if compare_mode is not None and m.kind not in ("given", "ones", "zeros") and m.mode != compare_mode:
             built = f"comparing in {m.dtype!r}" if m.dtype else "with no recorded comparison dtype"
             warnings.warn(
-                MaskDtypeWarning(
+                MaskModeWarning(
                     f"{src} was built {built}, but this run will be compared in {compare_mode!r}: rebuild the mask "
                     f"with --mode {compare_mode}, or pass compare_mode=None if this is intended"
                 ),
