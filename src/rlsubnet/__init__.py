@@ -26,6 +26,16 @@ _LAZY = {
     "apply_patches": "rlsubnet.patch",
     "apply_patch_": "rlsubnet.patch",
 }
-__getattr__ = lazy_getattr(__name__, _LAZY)
+_lazy = lazy_getattr(__name__, _LAZY)
 
-__all__ = ["CheckpointError", "MismatchError", "RlsubnetError", "UsageError", "__version__", *_LAZY]
+
+def __getattr__(name: str):
+    # rlsubnet.predict is a package that can be called: rlsubnet.predict(base, plan) and rlsubnet.predict.Plan
+    if name == "predict":
+        import importlib
+
+        return importlib.import_module("rlsubnet.predict")
+    return _lazy(name)
+
+
+__all__ = ["CheckpointError", "MismatchError", "RlsubnetError", "UsageError", "__version__", "predict", *_LAZY]

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "mask": "mask",
     "overlap": "overlap",
     "patch": "patch",
+    "predict": "predict",
     "train": "train",
 }
 

@@ -262,6 +262,7 @@ def run_stage(
     optimizer_factory: Callable | None = None,
     configure_trainer: Callable | None = None,
     after_train: Callable | None = None,
+    extra_files: Callable[[Path], None] | None = None,
     extra_record: dict | None = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -272,7 +273,8 @@ def run_stage(
     :func:`~rlsubnet.lab.trainers.default_optimizer` (a masked optimizer wraps the default one); ``configure_trainer(trainer)`` runs
     after the trainer is built and before it trains (e.g. a TRL plug-in); ``after_train(trainer) -> dict`` runs
     after training, and its dict is stored in stage.json as ``"after_train"`` (e.g. the masked optimizer's report),
-    inside the stage's atomic write. ``extra_record`` is stored in stage.json and enters the fingerprint: record
+    inside the stage's atomic write; ``extra_files(folder)`` then writes files of its own into the stage folder
+    before it is published (e.g. a probe's statistics). ``extra_record`` is stored in stage.json and enters the fingerprint: record
     there what the hooks change (the mask file, its digest...).
     """
     quiet_libraries()
@@ -313,6 +315,8 @@ def run_stage(
             configure_trainer(trainer)
         train_seconds = train_timed(trainer, tmp / "trainer", bar)
         after = after_train(trainer) if after_train is not None else None
+        if extra_files is not None:
+            extra_files(tmp)
         steps_done = trainer.state.global_step
         snaps.save(steps_done)  # the final model is always the last snapshot
         model = trainer.model

@@ -1,0 +1,280 @@
+"""``rlsubnet.predict(base, plan, probe=None)``: the per-entry probability that training changes a stored weight.
+
+θ0 is read tensor by tensor in flat chunks; for each entry the rounding distances (:mod:`.rounding`) meet the
+drift models (:mod:`.models`): *budget* from the plan alone, *probe* from K recorded steps, *calibrated* a
+logistic rule over both (:mod:`.calibrate`) fitted on another run. Entries a probe already changed count as
+changed (probability 1) for the probe and calibrated predictors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlsubnet.checkpoint import open_checkpoint
+from rlsubnet.checkpoint.hashing import combine_hashes, hash_tensor
+from rlsubnet.diff.changed import ChangedTest
+from rlsubnet.errors import MismatchError, UsageError, listing
+from rlsubnet.predict.choices import PREDICTORS
+from rlsubnet.predict.models import SteadinessPosterior, UniformSteadinessTail, budget_changed, fit_prior_beta
+from rlsubnet.predict.plan import Plan
+from rlsubnet.predict.prediction import Prediction
+from rlsubnet.predict.probe import ProbeError, ProbeStats
+from rlsubnet.predict.rounding import change_distances
+
+CHUNK = 1 << 21  # entries per chunk: a few float64 temporaries of this size are alive at once
+
+
+@dataclass
+class Terms:
+    """What every predictor reads about one chunk of one tensor (flat, float64 unless noted)."""
+
+    name: str
+    start: int
+    w0: torch.Tensor  # θ0 as stored
+    up: torch.Tensor
+    down: torch.Tensor
+    decay_drift: torch.Tensor  # known drift of decoupled weight decay over the run
+    p_budget: torch.Tensor | None
+    p_probe: torch.Tensor | None = None
+    already: torch.Tensor | None = None  # bool: changed after the probe's K steps
+    drift_k: torch.Tensor | None = None
+    mean: torch.Tensor | None = None  # predicted total drift at T
+    std: torch.Tensor | None = None
+    steadiness: torch.Tensor | None = None  # |μ̂| / rms
+    dead: torch.Tensor | None = None  # bool: no gradient in any probe step
+    row_steadiness: torch.Tensor | None = None  # mean steadiness of the entry's row (its tensor's, for vectors)
+    col_steadiness: torch.Tensor | None = None  # ... of its column
+    adam_step: torch.Tensor | None = None  # signed m̂ / (√v̂ + eps) at the probe's end (0 without moments)
+    probe_steps: int = 0
+    prior_beta: float = 1.0  # the probe's empirical prior on the steadiness, per tensor
+
+
+def as_plan(plan) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Mapping):
+        return Plan.from_json(dict(plan))
+    raise UsageError(f"expected a Plan (or its JSON record), got {type(plan).__name__}")
+
+
+def as_probe(probe) -> ProbeStats | None:
+    if probe is None or isinstance(probe, ProbeStats):
+        return probe.check() if probe is not None else None
+    if isinstance(probe, (str, Path)):
+        return ProbeStats.load(probe)
+    raise UsageError(f"expected ProbeStats or a probe file, got {type(probe).__name__}")
+
+
+def resolve_predictor(predictor: str | None, plan: Plan, probe: ProbeStats | None, calibration) -> str:
+    if predictor is None:
+        predictor = "calibrated" if calibration is not None else "probe" if probe is not None else "budget"
+    if predictor not in PREDICTORS:
+        raise UsageError(f"unknown --predictor {predictor!r} (choose from {', '.join(PREDICTORS)})")
+    if predictor == "probe" and probe is None:
+        raise UsageError("the probe predictor needs a probe (--probe FILE)")
+    if predictor == "calibrated" and calibration is None:
+        raise UsageError("the calibrated predictor needs a calibration (--calibration FILE, from --fit)")
+    if plan.optimizer == "sgd" and probe is None:
+        raise UsageError(
+            "the plan's optimizer is sgd, whose step is lr·|g|: the budget predictor needs the gradient scale "
+            "from a probe (--probe FILE)"
+        )
+    if probe is not None and probe.steps > plan.total_steps:
+        raise UsageError(f"the probe ran {probe.steps} steps, more than the plan's {plan.steps} (--steps)")
+    return predictor
+
+
+def iter_terms(ck, plan: Plan, probe: ProbeStats | None, *, need_budget: bool = True) -> Iterator[Terms]:
+    """Terms of every chunk of every tensor of the open checkpoint ``ck``, in its storage order."""
+    l1, l2 = plan.budget()
+    tail = UniformSteadinessTail(l1, l2) if need_budget and plan.optimizer != "sgd" else None
+    decay_all = plan.decay_factor() - 1.0 if plan.optimizer == "adamw" else 0.0
+    for name in ck.names():
+        info = ck.info(name)
+        numel = info.numel
+        decay = decay_all if len(info.shape) >= 2 else 0.0
+        groups = _group_steadiness(probe, name) if probe is not None else None
+        beta = fit_prior_beta(_signed_steadiness(probe, name).reshape(-1), probe.steps) if probe is not None else 1.0
+        for start in range(0, numel, CHUNK):
+            stop = min(numel, start + CHUNK)
+            w0 = ck.read_flat(name, start, stop).to(plan.storage)
+            up, down = change_distances(w0, plan.storage, plan.atol, plan.mode)
+            w64 = w0.to(torch.float64)
+            decay_drift = torch.nan_to_num(w64 * decay, nan=0.0, posinf=0.0, neginf=0.0)
+            t = Terms(name, start, w0, up, down, decay_drift, None)
+            if tail is not None:
+                t.p_budget = budget_changed(tail, up, down, decay_drift)
+            if probe is not None:
+                _probe_terms(t, plan, probe, start, stop, decay > 0 or decay < 0, beta)
+                if groups is not None:
+                    t.row_steadiness, t.col_steadiness = (g.reshape(-1)[start:stop] for g in groups)
+            yield t
+
+
+def _signed_steadiness(probe: ProbeStats, name: str) -> torch.Tensor:
+    """ĉ = μ̂ / rms of the probe's gradients (0 where there were none)."""
+    s1, s2 = probe.grad_sum[name].to(torch.float64), probe.grad_sq[name].to(torch.float64)
+    rms = (s2 / probe.steps).sqrt()
+    return torch.where(rms > 0, (s1 / probe.steps) / rms.clamp_min(1e-300), torch.zeros_like(rms)).clamp(-1, 1)
+
+
+def _steadiness(probe: ProbeStats, name: str) -> torch.Tensor:
+    return _signed_steadiness(probe, name).abs()
+
+
+def _group_steadiness(probe: ProbeStats, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean steadiness over each entry's row and column (over the tensor for vectors): a prior for the entry
+    from hundreds of its neighbours, which share its input or its output unit."""
+    c = _steadiness(probe, name)
+    if c.ndim < 2:
+        m = c.mean() if c.numel() else torch.zeros((), dtype=c.dtype)
+        return m.expand(c.shape), m.expand(c.shape)
+    flat = c.reshape(c.shape[0], -1)
+    rows = flat.mean(1, keepdim=True).expand_as(flat).reshape(c.shape)
+    cols = flat.mean(0, keepdim=True).expand_as(flat).reshape(c.shape)
+    return rows, cols
+
+
+def _probe_terms(
+    t: Terms, plan: Plan, probe: ProbeStats, start: int, stop: int, decayed: bool, beta: float = 1.0
+) -> None:
+    """The probe predictor's drift distribution for one chunk (see :mod:`.models`)."""
+    k = t.probe_steps = probe.steps
+    piece = lambda d: d[t.name].reshape(-1)[start:stop].to(torch.float64)  # noqa: E731
+    w0 = t.w0.to(torch.float64)
+    master = piece(probe.master)
+    s1, s2 = piece(probe.grad_sum), piece(probe.grad_sq)
+    wd = plan.weight_decay if (plan.optimizer != "adamw" and len(probe.master[t.name].shape) >= 2) else 0.0
+    if wd:  # L2 weight decay (Adam, SGD) joins the gradient the optimizer steps on
+        s2 = s2 + 2 * wd * w0 * s1 + k * (wd * w0) ** 2
+        s1 = s1 + k * wd * w0
+    mu = s1 / k
+    rms = (s2 / k).clamp_min(0.0).sqrt()
+    # the unit step's scale: Adam's normalised step is ≈ rms / (rms + eps) ≤ 1; SGD's is rms / (1 − momentum)
+    scale = rms / (rms + plan.eps) if plan.optimizer != "sgd" else rms / (1.0 - plan.momentum)
+    l1f, l2f = plan.budget(start=k)
+    drift_k = master - w0
+    base_mean = drift_k.clone()
+    if decayed and plan.optimizer == "adamw":
+        base_mean = base_mean + w0 * (plan.decay_factor(start=k) - 1.0)
+    c_hat = torch.where(rms > 0, mu / rms.clamp_min(1e-300), torch.zeros_like(rms)).clamp(-1, 1)
+    posterior = SteadinessPosterior(k, prior_beta=beta)
+    t.prior_beta = beta
+    c_post = posterior.posterior_mean(c_hat)
+    mean = base_mean - c_post * scale * l1f  # descent: against the mean gradient
+    std = scale * torch.sqrt((1 - c_post**2).clamp_min(0)) * l2f
+    test = ChangedTest(plan.storage, plan.storage, plan.atol, plan.mode)
+    stored_k = master.to(torch.float32).to(plan.storage)
+    already = torch.from_numpy(test.changed(t.w0, stored_k)[0].copy())
+    p = posterior.changed(c_hat, base_mean, scale * l1f, scale * l2f, t.up, t.down)
+    t.p_probe = torch.where(already, torch.ones_like(p), p)
+    t.already, t.drift_k, t.mean, t.std = already, drift_k, mean, std
+    t.steadiness = c_hat.abs()
+    if probe.exp_avg:
+        m = piece(probe.exp_avg) / (1 - plan.betas[0] ** k)
+        v = piece(probe.exp_avg_sq) / (1 - plan.betas[1] ** k)
+        t.adam_step = m / (v.clamp_min(0).sqrt() + plan.eps)
+    else:
+        t.adam_step = torch.zeros_like(c_hat)
+    t.dead = rms == 0
+
+
+def open_base(base, plan: Plan, probe: ProbeStats | None, **opts):
+    """The checkpoint θ0, checked: float tensors only, the probe's tensors and shapes."""
+    ck = open_checkpoint(base, label="base", **opts)
+    try:
+        bad = [n for n, i in ck.infos.items() if not i.dtype.is_floating_point]
+        if bad:
+            raise UsageError(
+                f"{ck.location}: tensor {bad[0]!r} is {str(ck.infos[bad[0]].dtype).removeprefix('torch.')}: "
+                "predict covers float tensors only (a base with non-float tensors)"
+            )
+        if probe is not None:
+            shapes = {n: tuple(i.shape) for n, i in ck.infos.items()}
+            pshapes = probe.shapes
+            missing = [n for n in shapes if n not in pshapes]
+            extra = [n for n in pshapes if n not in shapes]
+            differ = [n for n in shapes if n in pshapes and shapes[n] != pshapes[n]]
+            if missing or extra or differ:
+                raise MismatchError(
+                    f"the probe is of another model than {ck.location}: "
+                    + "; ".join(
+                        f"{what} {listing(names)}"
+                        for what, names in (
+                            ("not in the probe:", missing),
+                            ("not in the base:", extra),
+                            ("shapes differ:", differ),
+                        )
+                        if names
+                    )
+                )
+    except BaseException:
+        ck.close()
+        raise
+    return ck
+
+
+def predict(
+    base,
+    plan,
+    probe=None,
+    *,
+    predictor: str | None = None,
+    calibration=None,
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+) -> Prediction:
+    """The probability that each entry of θ0 (``base``: anything :func:`rlsubnet.open_checkpoint` opens) counts
+    as changed after the run ``plan``, at the plan's atol and comparison mode.
+
+    ``probe``: :class:`~rlsubnet.predict.probe.ProbeStats` or a probe file. ``predictor``: ``budget``, ``probe``
+    or ``calibrated`` (default: the most informed one the inputs allow). ``calibration``: a
+    :class:`~rlsubnet.predict.calibrate.Calibration` or its file, fitted on another run."""
+    from rlsubnet.masks.build import checkpoint_record
+
+    plan = as_plan(plan)
+    probe = as_probe(probe)
+    if calibration is not None:
+        from rlsubnet.predict.calibrate import as_calibration
+
+        calibration = as_calibration(calibration)
+        calibration.check_can_predict(plan, probe)
+    predictor = resolve_predictor(predictor, plan, probe, calibration)
+    if predictor == "budget":
+        probe = None  # the budget predictor reads θ0 and the plan only
+    ck = open_base(base, plan, probe, allow_pickle=allow_pickle, allow_download=allow_download)
+    try:
+        probs = {n: torch.empty(i.numel, dtype=torch.float32) for n, i in ck.infos.items()}
+        shapes = {n: tuple(i.shape) for n, i in ck.infos.items()}
+        hashes = {}
+        initial: dict[str, str] = {}
+        for t in iter_terms(ck, plan, probe):
+            if predictor == "calibrated":
+                p = calibration.probabilities(t, plan)
+            elif predictor == "probe":
+                p = t.p_probe
+            else:
+                p = t.p_budget
+            probs[t.name][t.start : t.start + t.w0.numel()] = p.to(torch.float32)
+        for name in ck.names():
+            stored = ck.read(name)
+            hashes[name] = hash_tensor(name, stored)
+            if probe is not None and probe.initial_hash:
+                initial[name] = hash_tensor(name, stored.to(torch.float32).contiguous())
+        if probe is not None and probe.initial_hash and combine_hashes(initial) != probe.initial_hash:
+            raise ProbeError(f"the probe started from other weights than {ck.location} (its initial hash differs)")
+        record = checkpoint_record(ck, hashes)
+    finally:
+        ck.close()
+    meta = {
+        "predictor": predictor,
+        "plan": plan.to_json(),
+        "base": record,
+        "probe": probe.summary() if probe is not None else None,
+        "calibration": calibration.describe() if calibration is not None else None,
+    }
+    return Prediction({n: probs[n].reshape(shapes[n]) for n in probs}, plan, meta)
