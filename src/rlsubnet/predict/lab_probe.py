@@ -52,7 +52,8 @@ def probe_stage(
 ) -> ProbeStats:
     """Run the first ``steps`` steps of the lab stage ``spec`` from θ0 (``base_dir``) into the stage folder
     ``out_dir`` and return the probe's statistics (also in ``out_dir/probe.safetensors``). A folder that already
-    holds this probe (same fingerprint) is reused."""
+    holds this probe (same fingerprint) is reused. Its steps are the full run's first steps bit for bit when it
+    runs with the same torch thread count (the demo's ``--threads``)."""
     from rlsubnet.lab import stages
     from rlsubnet.lab.trainers import default_optimizer
 
