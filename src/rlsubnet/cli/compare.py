@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlsubnet.cli.common import (
+    Number,
     add_atol_option,
     add_checkpoint_options,
     add_mode_option,
@@ -27,6 +28,19 @@ def add_parser(sub) -> None:
     add_atol_option(p)
     add_mode_option(p)
     p.add_argument("--rank", action="store_true", help="also compute the rank of every 2-D non-norm update matrix")
+    p.add_argument(
+        "--spectral",
+        action="store_true",
+        help="also where each 2-D non-norm update points: stable, effective and energy ranks, its share in the "
+        "base's top-k singular subspaces, their rotation and the drift of the top-k singular values",
+    )
+    p.add_argument(
+        "--top-k",
+        type=Number("--top-k", int, lo=1),
+        default=None,
+        metavar="K",
+        help="with --spectral: the base's top K singular directions (default 16; at most the smallest matrix side)",
+    )
     p.add_argument("--allow-mismatch", action="store_true", help="compare the tensors both hold; record the rest")
     add_checkpoint_options(p)
     add_output_options(
@@ -54,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         atol=args.atol,
         mode=args.mode,
         rank=args.rank,
+        spectral=args.spectral,
+        top_k=args.top_k,
         allow_mismatch=args.allow_mismatch,
         **loading_options(args),
     )
@@ -63,5 +79,6 @@ def _run(args: argparse.Namespace) -> int:
         args,
         lambda: results_json(results),
         lambda: format_summary(results),
-        "summary.json, tensors.jsonl, layers.csv, heatmap*.png, sparsity_vs_atol.png",
+        "summary.json, tensors.jsonl, layers.csv, heatmap*.png, sparsity_vs_atol.png"
+        + (", spectral.png" if args.spectral else ""),
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from rlsubnet._version import __version__
 from rlsubnet.checkpoint.align import Skipped
 from rlsubnet.diff.names import MODULE_KINDS, grouped
+from rlsubnet.diff.spectral_stream import SpectralSummary
 from rlsubnet.diff.stats import TensorStats, atol_record
 
 
@@ -47,6 +48,7 @@ class CompareResult:
     skipped: list[Skipped] = field(default_factory=list)
     rank: bool = False
     options: dict = field(default_factory=dict)
+    spectral: SpectralSummary | None = None  # with compare(..., spectral=True)
 
     # -- headline figures
     @property
@@ -156,6 +158,8 @@ class CompareResult:
         if self.rank:
             out["mean_rank_ratio"] = self.mean_rank_ratio
             out["n_rank_matrices"] = sum(1 for s in self.tensors if s.rank_ratio is not None)
+        if self.spectral is not None:
+            out["spectral"] = self.spectral.to_json()
         return _json_safe(out)
 
     def dumps(self, **kw) -> str:

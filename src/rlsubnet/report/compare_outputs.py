@@ -61,13 +61,32 @@ def render_compare_outputs(results: Sequence[CompareResult]) -> dict[str, bytes]
     ]
     fig = plots.sparsity_vs_atol(series, "Global sparsity vs tolerance", settings_line(results[0]))
     files["sparsity_vs_atol.png"] = plots.to_png(fig, prov)
+    spectral = [(f"[{k}] {Path(r.tuned).name}", r.spectral) for k, r in enumerate(results) if r.spectral is not None]
+    if spectral:
+        fig = plots.spectral_profile(
+            [(label, spec.layers()) for label, spec in spectral],
+            f"Where the update points: means per layer vs {Path(results[0].base).name}",
+            f"{settings_line(results[0])}, top-k {spectral[0][1].top_k}",
+        )
+        files["spectral.png"] = plots.to_png(fig, prov)
     return files
 
 
-OUTPUT_FILES = ("summary.json", "tensors.jsonl", "layers.csv", "heatmap.png", "heatmap-*.png", "sparsity_vs_atol.png")
+OUTPUT_FILES = (
+    "summary.json",
+    "tensors.jsonl",
+    "layers.csv",
+    "heatmap.png",
+    "heatmap-*.png",
+    "sparsity_vs_atol.png",
+    "spectral.png",
+)
 
 
 def write_compare_outputs(results: Sequence[CompareResult], out_dir: str | Path) -> list[Path]:
-    # All files or none; heatmaps of an earlier run with more tuned checkpoints would mislead: removed.
+    # All files or none; heatmaps of an earlier run with more tuned checkpoints, or the spectral figure of an
+    # earlier run with --spectral, would mislead: removed.
     with output_lock(out_dir, members=OUTPUT_FILES):
-        return write_file_set(out_dir, render_compare_outputs(results), stale=("heatmap.png", "heatmap-*.png"))
+        return write_file_set(
+            out_dir, render_compare_outputs(results), stale=("heatmap.png", "heatmap-*.png", "spectral.png")
+        )

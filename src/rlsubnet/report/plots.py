@@ -108,3 +108,50 @@ def sparsity_vs_atol(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+# (panel title, [(record key, line style, label suffix)], shown in %): the panels of spectral_profile
+_SPECTRAL_PANELS = (
+    (
+        "share of ‖Δ‖² in W0's top-k subspaces (%)",
+        [("principal_energy", "-", ""), ("principal_energy_chance", ":", " chance")],
+        True,
+    ),
+    (
+        "largest principal angle (°)",
+        [("principal_angle_left", "-", " left"), ("principal_angle_right", "--", " right")],
+        False,
+    ),
+    ("drift of W0's top-k singular values", [("spectral_drift", "-", "")], False),
+    ("rank of Δ (mean)", [("effective_rank", "-", " effective"), ("energy_rank_90", "--", " 90% energy")], False),
+)
+
+
+def spectral_profile(series: Sequence[tuple[str, Sequence[dict]]], title: str, settings: str):
+    """The spectral metrics per layer, one colour per series (label, the ``layers`` of a spectral summary). A
+    panel whose values are all positive has a log axis: RL and SFT updates differ by orders of magnitude."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10.0, 7.0))
+    for ax, (panel, lines, percent) in zip(axes.flat, _SPECTRAL_PANELS):
+        values = []
+        for n, (label, layers) in enumerate(series):
+            x = [g["layer"] for g in layers]
+            for key, style, suffix in lines:
+                y = np.array([np.nan if g[key] is None else g[key] * (100 if percent else 1) for g in layers], float)
+                values.append(y)
+                ax.plot(x, y, linestyle=style, marker="o", markersize=3, color=f"C{n}", label=label + suffix)
+        finite = np.concatenate(values)[np.isfinite(np.concatenate(values))] if values else np.array([])
+        if finite.size and (finite > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if values:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}\n{settings}", fontsize=9)
+    fig.tight_layout()
+    return fig

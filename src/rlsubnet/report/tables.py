@@ -109,6 +109,66 @@ def format_summary(results: Sequence[CompareResult], show_groups: bool = True) -
                 out.append(f"  ... and {len(r.skipped) - 20} more (all listed in summary.json)")
         if r.nonfinite:
             out += ["", f"[{k}] WARNING: non-finite values: " + ", ".join(f"{a}={b:,}" for a, b in r.nonfinite.items())]
+    for k, r in enumerate(results):
+        if r.spectral is not None:
+            out += ["", format_spectral(r, f"[{k}] " if len(results) > 1 else "", show_groups)]
+    return "\n".join(out)
+
+
+def _fmt_g(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+# (header, record key, format): the per-group means of the spectral metrics shown on the terminal
+_SPECTRAL_COLUMNS = (
+    ("rank", "numerical_rank", lambda x: _fmt_g(x, 4)),
+    ("stable", "stable_rank", _fmt_g),
+    ("effective", "effective_rank", lambda x: _fmt_g(x, 4)),
+    ("E90", "energy_rank_90", lambda x: _fmt_g(x, 4)),
+    ("E99", "energy_rank_99", lambda x: _fmt_g(x, 4)),
+    ("principal%", "principal_energy", lambda x: _fmt_g(None if x is None else 100 * x)),
+    ("chance%", "principal_energy_chance", lambda x: _fmt_g(None if x is None else 100 * x)),
+    ("angle L°", "principal_angle_left", _fmt_g),
+    ("angle R°", "principal_angle_right", _fmt_g),
+    ("drift", "spectral_drift", _fmt_g),
+)
+
+SPECTRAL_LEGEND = (
+    "Means over matrices. rank: numerical rank of Δ; stable: ‖Δ‖_F²/‖Δ‖_2²; effective: exp of the entropy of Δ's "
+    "normalised singular values; E90/E99: fewest directions of Δ holding 90%/99% of ‖Δ‖_F²; principal%: share of "
+    "‖Δ‖_F² inside W0's top-k left and right singular subspaces (chance%: a random Δ's); angle L°/R°: largest "
+    "principal angle between the top-k left/right singular subspaces of W0 and W1; drift: relative change of W0's "
+    "top-k singular values."
+)
+
+
+def _spectral_rows(groups: Sequence[dict], key: str) -> list[list[str]]:
+    rows = []
+    for g in groups:
+        label = g[key]
+        row = ["-" if label is None else str(label), str(g["matrices"])]
+        row += [fmt(g[metric]) for _, metric, fmt in _SPECTRAL_COLUMNS]
+        if g["nonfinite"]:
+            row[1] += f" (+{g['nonfinite']} skipped)"
+        rows.append(row)
+    return rows
+
+
+def format_spectral(r: CompareResult, tag: str = "", show_groups: bool = True) -> str:
+    """The terminal tables of ``compare --spectral``: per layer, per module kind and over all matrices."""
+    spec = r.spectral
+    assert spec is not None
+    headers = ["", "matrices", *(h for h, _, _ in _SPECTRAL_COLUMNS)]
+    out = [f"{tag}Where the update points (top-k {spec.top_k})", SPECTRAL_LEGEND, ""]
+    if show_groups:
+        out += ["Per layer", render_table(["layer", *headers[1:]], _spectral_rows(spec.layers(), "layer")), ""]
+        out += ["Per module kind", render_table(["module", *headers[1:]], _spectral_rows(spec.modules(), "module"))]
+        out.append("")
+    out.append(render_table(headers, _spectral_rows([{"": "all matrices", **spec.overall()}], "")))
+    skipped = spec.nonfinite
+    if skipped:
+        out += ["", f"{tag}WARNING: spectral metrics skipped for {len(skipped)} matrix(es) with NaN or Inf values: "]
+        out[-1] += ", ".join(skipped[:20]) + (f" ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
     return "\n".join(out)
 
 
