@@ -125,6 +125,11 @@ def attach_sparse(trainer, mask, **options) -> SparseTrainingCallback:
     args = trainer.args
     clip = float(args.max_grad_norm or 0.0)
     if isinstance(mask, SparseMaskedOptimizer):
+        if options:
+            raise UsageError(
+                f"attach_sparse options ({', '.join(sorted(options))}) apply when it builds the optimizer from a "
+                "mask; this optimizer is already built"
+            )
         opt = mask
         if current is not None and current is not opt:
             raise UsageError("the trainer holds another optimizer: pass this one as optimizers=(opt, None)")
