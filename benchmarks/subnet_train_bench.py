@@ -82,11 +82,11 @@ mask = random_mask(shapes, density=density, seed=1) if density < 1 else Mask.ful
 lr, wd = 1e-5, 0.1
 if variant in ("adamw", "dense-masked"):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    masked = MaskedOptimizer(opt, mask, model, compare_dtype=None, allow_full=True, verify_steps=0) \\
+    masked = MaskedOptimizer(opt, mask, model, compare_mode=None, allow_full=True, verify_steps=0) \\
         if variant == "dense-masked" else None
 else:
     opt = SparseMaskedOptimizer(model, mask, "adamw", lr=lr, weight_decay=wd, max_grad_norm=1.0,
-                                compare_dtype=None, allow_full=True)
+                                compare_mode=None, allow_full=True)
     masked = None
 del mask
 autocast = variant != "sparse-bf16"

@@ -22,6 +22,8 @@ _LAZY = {
     "identity": "rlsubnet.masks",
     "MaskedOptimizer": "rlsubnet.train",
     "attach_mask": "rlsubnet.train",
+    "SparseMaskedOptimizer": "rlsubnet.train",
+    "attach_sparse": "rlsubnet.train",
     "create_patch": "rlsubnet.patch",
     "apply_patches": "rlsubnet.patch",
     "apply_patch_": "rlsubnet.patch",

@@ -34,18 +34,21 @@ def _mask_file(base, path, **kw):
     return Mask.from_bool(t, {"kind": "changed", "atol": 1e-5, "dtype": "bf16"}).save(path)
 
 
-def test_masked_sft_stage(base, tmp_path, capsys):
+@pytest.mark.parametrize("state", ["sparse", "dense"])
+def test_masked_sft_stage(base, tmp_path, capsys, state):
     mask_path = _mask_file(base, tmp_path / "m.safetensors")
     out = tmp_path / "sub"
     rc = main(["train", "sft", "--base", str(base), "--out", str(out), "--mask", str(mask_path), "--lr", "1e-3",
-               "--steps", "2", "--batch-size", "8", "--weight-decay", "0.1", "-q"])
+               "--steps", "2", "--batch-size", "8", "--weight-decay", "0.1", "-q", "--optimizer-state", state])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "0 of" in text and "entries moved" in text
     report = json.loads((out / "mask.json").read_text())
     assert report["check"]["frozen_entries_moved"] == 0 and report["check"]["frozen_entries_checked"] > 0
     assert report["optimizer"]["steps"] == 2
+    assert ("state_bytes" in report["optimizer"]) == (state == "sparse")
     stage = json.loads((out / "stage.json").read_text())
+    assert stage["extra"]["mask"]["optimizer_state"] == state
     assert stage["extra"]["mask"]["bits_sha256"] == Mask.load(mask_path).bits_sha256()
     # trained inside the mask, bit-identical outside (fp32 masters against θ0 upcast)
     mask = Mask.load(mask_path)
@@ -67,6 +70,12 @@ def test_a_mask_for_another_model_fails_cleanly(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "rlsubnet: error:" in err and "does not fit this model" in err
     assert not out.exists()  # no half-written stage
+
+
+def test_model_options_do_not_apply_to_a_lab_stage(base, tmp_path, capsys):
+    rc = main(["train", "grpo", "--base", str(base), "--out", str(tmp_path / "x"), "--reward", "m:f", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--reward applies to --model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_needs_samples_for_own_data(base, tmp_path, capsys):

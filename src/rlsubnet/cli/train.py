@@ -1,13 +1,22 @@
-"""``rlsubnet train {grpo,dpo,sft}``: finetune a lab model with TRL, optionally restricted to a mask.
+"""``rlsubnet train {grpo,dpo,sft}``: finetune any Hugging Face causal LM, or a lab model, with TRL, optionally
+restricted to a mask.
 
+    rlsubnet train grpo --model my-model/ --dataset prompts.jsonl --reward my_rewards:exact --mask grpo.mask.safetensors --lr 1e-6 --steps 100 --out runs/grpo-sub
+    rlsubnet train dpo  --model my-model/ --dataset pairs.jsonl --out runs/dpo
     rlsubnet train grpo --base runs/demo/stages/pretrain/model --mask runs/demo/masks/grpo.mask.safetensors --lr 1e-6 --steps 100 --out runs/grpo-sub
-    rlsubnet train dpo  --base runs/demo/stages/pretrain/model --samples runs/demo/stages/samples/samples.jsonl --out runs/dpo-full
 
-The stage is the lab's (:func:`rlsubnet.lab.stages.run_stage`): the same spec (seed, data seed, learning rate,
+--model DIR: any causal-LM folder with its tokenizer; --dataset FILE.jsonl with the columns TRL reads (grpo:
+prompt, and any columns the reward takes; dpo: prompt, chosen, rejected; sft: prompt, completion), or without
+--dataset the training split of a lab --task. Writes OUT/model (a Hugging Face folder, in the input's dtype),
+OUT/train.json (the run's record, with the bit-for-bit check of the frozen entries) and OUT/log.jsonl.
+
+--base DIR: a lab stage (:func:`rlsubnet.lab.stages.run_stage`): the same spec (seed, data seed, learning rate,
 steps...) gives the same rows in the same order and the same sampling, so a masked re-run differs from the full
-run only by the mask. With ``--mask`` the trainer's optimizer is restricted to the mask (clip the full gradient,
-then mask; weight decay inside the mask), and after training the fp32 master weights outside the mask are
-checked bit for bit against θ0; the result goes to ``OUT/mask.json``.
+run only by the mask; the fp32 masters outside the mask are checked against θ0 in OUT/mask.json.
+
+With --mask only the mask's entries train (clip the full gradient, then mask; weight decay inside the mask).
+--optimizer-state sparse (the default) keeps optimizer state for those entries only and leaves the weights in
+their stored dtype; dense keeps fp32 state for every entry (any torch optimizer, --optim).
 """
 
 from __future__ import annotations
@@ -20,27 +29,91 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsubnet import limits
 from rlsubnet.cli.config_args import add_dataclass_arguments, from_args
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_write_text, output_lock
-from rlsubnet.lab.config import StageSpec, check_choices
+from rlsubnet.lab.config import StageSpec, check_choices, option
 from rlsubnet.lab.tasks import TASKS
 
 STAGE = "stage"
+MODEL = "any model (--model)"
+LAB = "lab model (--base)"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """What ``rlsubnet train`` needs beyond the stage's own settings (:class:`rlsubnet.lab.config.StageSpec`)."""
 
-    base: str = field(metadata={"help": "θ0: a lab model folder (bf16 weights, config, tokenizer)", "metavar": "DIR"})
-    out: str = field(metadata={"help": "stage folder to write (model/, master-fp32, stage.json...)", "metavar": "DIR"})
+    out: str = field(metadata={"help": "output folder (model/, train.json or stage.json...)", "metavar": "DIR"})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "any Hugging Face causal-LM folder with its tokenizer", "metavar": "DIR", "group": MODEL},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "training rows, one JSON object a line: prompt (grpo); prompt, chosen, rejected (dpo); prompt, "
+            "completion (sft)",
+            "metavar": "JSONL",
+            "default_help": "the training split of --task",
+            "group": MODEL,
+        },
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "grpo: the reward function, MODULE:FUNCTION (a module name or a .py file) with TRL's signature "
+            "f(completions, **kwargs) -> list[float]",
+            "metavar": "MODULE:FUNCTION",
+            "default_help": "exact match with --task's answers; required with --dataset",
+            "group": MODEL,
+        },
+    )
+    optim: str = field(
+        default="adamw",
+        metadata={"help": "torch optimizer (sparse state: adamw, adam, sgd; dense: any torch.optim)", "group": MODEL},
+    )
+    momentum: float | None = field(default=None, metadata={"help": "SGD momentum", "default_help": "0", "group": MODEL})
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "micro-batches per optimizer step",
+            "aliases": ("--grad-accum",),
+            "default_help": "1",
+            "group": MODEL,
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "dpo, sft: truncate sequences to this many tokens", "default_help": "512", "group": MODEL},
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "grpo: tokens generated per completion", "default_help": "64", "group": MODEL}
+    )
+    base: str | None = field(
+        default=None,
+        metadata={
+            "help": "θ0 of a lab stage: a lab model folder (bf16 weights, config, tokenizer)",
+            "metavar": "DIR",
+            "group": LAB,
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
     mask: str | None = field(
         default=None,
         metadata={
             "help": "train only this mask's entries (a file from `rlsubnet mask`)",
             "metavar": "FILE",
+            "group": "mask",
+        },
+    )
+    optimizer_state: str = field(
+        default="sparse",
+        metadata={
+            "help": "sparse: optimizer state (fp32 masters, moments) for the trained entries only, weights in their "
+            "stored dtype; dense: fp32 state for every entry",
+            "choices": ("sparse", "dense"),
             "group": "mask",
         },
     )
@@ -52,7 +125,8 @@ class TrainConfig:
         },
     )
     strict: bool = field(
-        default=False, metadata={"help": "also restore frozen entries after every step", "group": "mask"}
+        default=False,
+        metadata={"help": "dense state: also restore frozen entries after every step", "group": "mask"},
     )
     compare_mode: str = field(
         default="bf16",
@@ -72,7 +146,7 @@ class TrainConfig:
     )
     samples: str | None = field(
         default=None,
-        metadata={"help": "θ0's own samples (needed by own-pairs / own-correct)", "metavar": "JSONL", "group": STAGE},
+        metadata={"help": "θ0's own samples (needed by own-pairs / own-correct)", "metavar": "JSONL", "group": LAB},
     )
     eval_task: list[str] | None = field(
         default=None,
@@ -80,7 +154,7 @@ class TrainConfig:
             "help": "held-out task to evaluate; repeatable",
             "choices": tuple(TASKS),
             "default_help": "--task",
-            "group": STAGE,
+            "group": LAB,
         },
     )
     json: bool = field(default=False, metadata={"help": "print the stage record (and mask report) as JSON"})
@@ -88,24 +162,54 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
+        for name in ("gradient_accumulation_steps", "max_length", "max_completion_length"):
+            if getattr(self, name) is not None:
+                limits.integer(getattr(self, name), option(TrainConfig, name), 1, limits.MAX_STEPS)
+        if self.momentum is not None:
+            limits.real(self.momentum, "--momentum")
+
+
+# options of --model runs only (None unless given)
+MODEL_ONLY = ("dataset", "reward", "momentum", "gradient_accumulation_steps", "max_length", "max_completion_length")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="finetune a lab model with TRL (GRPO, DPO or SFT), optionally restricted to a mask",
-        description="Run one TRL finetuning stage on a lab model (a bf16 θ0 folder with its tokenizer, as the demo "
-        "writes). With --mask, only the mask's entries train; everything else stays bit-identical.",
+        help="finetune any causal LM (or a lab model) with TRL (GRPO, DPO or SFT), optionally on a mask only",
+        description="Finetune any Hugging Face causal LM (--model) or a lab model (--base) with one of TRL's "
+        "trainers. With --mask, only the mask's entries train; everything else stays bit-identical.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     add_dataclass_arguments(p, TrainConfig)
     add_dataclass_arguments(p, StageSpec, exclude=("name",), group=STAGE)
-    p.set_defaults(run=run)
+    # --model trains on --dataset or on the lab's --task: whether --task was given decides which (the
+    # namespace holds its default either way)
+    for action in p._actions:
+        if "--task" in action.option_strings:
+            action.__class__ = _NotedStore
+    p.set_defaults(run=run, task_given=False)
+
+
+class _NotedStore(argparse._StoreAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.task_given = True
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(TrainConfig, args)
+    if (cfg.model is None) == (cfg.base is None):
+        raise UsageError("give --model DIR (any causal LM) or --base DIR (a lab model), one of them")
+    if cfg.model is not None:
+        from rlsubnet.cli.train_model import run_model
+
+        with output_lock(cfg.out, members=("train.json",)):
+            return run_model(cfg, args)
+    given = [option(TrainConfig, n) for n in MODEL_ONLY if getattr(cfg, n) is not None]
+    if given or cfg.optim != "adamw":
+        raise UsageError(f"{(given or ['--optim'])[0]} applies to --model, not to a lab stage (--base)")
     with output_lock(cfg.out, members=("mask.json",)):  # one writer per output, for the whole run
         return _run(cfg, args)
 
@@ -120,7 +224,9 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
     name = cfg.name or (f"{args.algorithm}-sub" if cfg.mask else args.algorithm)
     spec = from_args(StageSpec, args, name=name)  # options first: a bad one is refused before any input is read
-    base_dir = Path(cfg.base)
+    if cfg.strict and cfg.optimizer_state == "sparse":
+        raise UsageError("--strict applies to --optimizer-state dense (sparse state never writes a frozen entry)")
+    base_dir = Path(cfg.base or "")
     if not (base_dir / "config.json").is_file():
         raise UsageError(f"{base_dir}: not a lab model folder (no config.json)")
     mask = Mask.load(cfg.mask) if cfg.mask else None
@@ -131,15 +237,16 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     extra: dict[str, Any] | None = None
     configure = None
     if mask is not None:
-        from rlsubnet.train import attach_mask
+        from rlsubnet.train import attach_mask, attach_sparse
 
         warn_if_other_base(mask, base_dir)
-        options = {
-            "strict": True if cfg.strict else None,
+        options: dict[str, Any] = {
             "mask_before_clip": cfg.mask_before_clip,
             "compare_mode": cfg.compare_mode,
             "allow_full": cfg.allow_full,
         }
+        if cfg.optimizer_state == "dense":
+            options["strict"] = True if cfg.strict else None
         extra = {
             "mask": {
                 "path": str(cfg.mask),
@@ -149,11 +256,13 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                 "density": mask.density,
                 "bits_sha256": mask.bits_sha256(),
                 "options": dict(options),
+                "optimizer_state": cfg.optimizer_state,
             }
         }
 
         def configure(trainer):
-            callbacks.append(attach_mask(trainer, mask, **options))
+            attach = attach_sparse if cfg.optimizer_state == "sparse" else attach_mask
+            callbacks.append(attach(trainer, mask, **options))
 
     result = run_stage(
         spec,
@@ -192,7 +301,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
         c = report["check"]
         print(
             f"  mask {cfg.mask}: trained {opt.get('trainable', 0):,} of {opt.get('numel', 0):,} entries "
-            f"(density {opt.get('density', 0):.4f}); {opt.get('order')}; {opt.get('mode')}"
+            f"(density {opt.get('density', 0):.4f}); {opt.get('order')}; {opt.get('mode') or opt.get('state')}"
         )
         print(
             f"  fp32 masters outside the mask: {c['frozen_entries_moved']} of {c['frozen_entries_checked']:,} "

@@ -417,8 +417,9 @@ def measure_subnetwork(
             "identity": "share of entries with |θ_full − θ_other| ≤ atol, on the bf16 checkpoints (and between the fp32 "
             "masters, identity_fp32_masters); 'inside the mask' = among the full run's subnetwork entries",
             "identity_atols": list(IDENTITY_ATOLS),
-            "masked_training": "rlsubnet.train.attach_mask on the stage's TRL trainer: clip the full gradient, then mask; "
-            "AdamW (single-tensor), no weight decay; same spec, seed and data order as the full run",
+            "masked_training": "rlsubnet.train.attach_sparse on the stage's TRL trainer (sparse optimizer state; "
+            "bit-identical to attach_mask's dense state on these fp32 masters): clip the full gradient, then mask; "
+            "AdamW (single-tensor arithmetic), no weight decay; same spec, seed and data order as the full run",
             "mask_options": dict(MASK_OPTIONS),
             "random_mask": f"{RANDOM_SCOPE.replace('_', '-')}: every tensor gets exactly the full run's count there "
             f"(so norms stay frozen), uniformly placed, seed {cfg.seed} (numpy PCG64)",

@@ -3,8 +3,8 @@ on which masks, and how a masked stage runs. Their measurements are in :mod:`rls
 
 - **Re-runs** (Table 3): for GRPO and DPO, the full run's mask M (entries of the bf16 checkpoint that changed
   against θ0, |Δ| > 1e-5) and a re-run from θ0 with the *same spec* (seed, data seed, hence the same rows in
-  the same order and the same sampling RNG), its optimizer restricted to M by :func:`rlsubnet.train.attach_mask`
-  (clip the full gradient, then mask, as the paper). Baselines: the same re-run with a random mask of M's
+  the same order and the same sampling RNG), its optimizer restricted to M by :func:`attach_masked_optimizer`
+  (clip the full gradient, then mask, as the paper; sparse optimizer state by default). Baselines: the same re-run with a random mask of M's
   density (per tensor: every tensor keeps M's count), and full runs with other seeds.
 - **Overlap** (Table 4): masks of GRPO under 3 seeds, GRPO on the second training set, DPO (2 seeds), SFT at the
   usual and at the RL learning rate, GRPO at the SFT learning rate, and the random mask.
@@ -28,6 +28,10 @@ RANDOM_SCOPE = "per_tensor"
 RERUN_OF = ("grpo", "dpo")  # full runs re-run on their own subnetwork (and on a random mask of equal density)
 EXTRA_SEEDS = {"grpo": 2, "dpo": 1}  # extra full runs with seeds seed + 1, seed + 2, ...
 MASK_OPTIONS = {"strict": None, "mask_before_clip": False, "compare_dtype": MASK_MODE}
+# Not in MASK_OPTIONS (the fingerprint): on the stages' fp32 weights, which are their own masters, sparse and dense
+# state give bit-identical weights, so a finished stage stays valid whichever state trained it.
+OPTIMIZER_STATES = ("sparse", "dense")
+OPTIMIZER_STATE = "sparse"
 
 
 def seed_name(name: str, seed: int) -> str:
@@ -160,24 +164,51 @@ def mask_extra_record(mask, role: str, of: str) -> dict:
     return {"mask": rec}
 
 
-def run_masked_stage(spec, *, mask_path: str | Path, mask_sha256: str, allow_full: bool = False, **run_stage_kwargs):
-    """:func:`rlsubnet.lab.stages.run_stage` with the optimizer restricted to the mask in ``mask_path``.
+def attach_masked_optimizer(trainer, mask, *, allow_full: bool = False, optimizer_state: str = OPTIMIZER_STATE):
+    """Restrict a stage's trainer (built by :func:`rlsubnet.lab.trainers.build_trainer`) to ``mask`` as every masked
+    stage is: clip the full gradient, then mask (:data:`MASK_OPTIONS`), the trainer's AdamW hyper-parameters.
+
+    ``optimizer_state="sparse"``: :func:`rlsubnet.train.attach_sparse` replaces the trainer's AdamW with a
+    :class:`~rlsubnet.train.SparseMaskedOptimizer` of the same settings (state for the mask's entries only; it
+    clips, the trainer does not). ``"dense"``: :func:`rlsubnet.train.attach_mask` wraps the AdamW in a
+    :class:`~rlsubnet.train.MaskedOptimizer`. Both give bit-identical weights on the stages' fp32 masters. Returns
+    the callback; its ``last_report`` (after training) is what stage.json records as ``after_train.mask``.
+    """
+    from rlsubnet.train import attach_mask, attach_sparse  # transformers: the train extra
+
+    # MASK_OPTIONS is recorded (and fingerprinted) under the option's older name, compare_dtype, so that
+    # stage fingerprints and results.json stay comparable across versions; the optimizers take compare_mode.
+    options = {("compare_mode" if k == "compare_dtype" else k): v for k, v in MASK_OPTIONS.items()}
+    if optimizer_state == "dense":
+        return attach_mask(trainer, mask, allow_full=allow_full, **options)
+    if optimizer_state != "sparse":
+        raise RlsubnetError(f"unknown optimizer state {optimizer_state!r} (choose from {', '.join(OPTIMIZER_STATES)})")
+    options.pop("strict")  # frozen entries are never written: there is nothing to restore
+    return attach_sparse(trainer, mask, allow_full=allow_full, **options)
+
+
+def run_masked_stage(
+    spec,
+    *,
+    mask_path: str | Path,
+    mask_sha256: str,
+    allow_full: bool = False,
+    optimizer_state: str = OPTIMIZER_STATE,
+    **run_stage_kwargs,
+):
+    """:func:`rlsubnet.lab.stages.run_stage` with the optimizer restricted to the mask in ``mask_path``
+    (:func:`attach_masked_optimizer`).
 
     The file's bits must hash to ``mask_sha256`` (what the fingerprint recorded). The masked optimizer's report
-    (trainable entries, steps, mode, order) is stored in stage.json as ``after_train.mask``.
+    (trainable entries, steps, order, state) is stored in stage.json as ``after_train.mask``.
     """
-    from rlsubnet.train import attach_mask  # transformers: the train extra
-
     mask = Mask.load(mask_path)
     if mask.bits_sha256() != mask_sha256:
         raise RlsubnetError(f"{mask_path}: its bits are not the mask this stage was planned with")
     holder = []
 
     def configure(trainer):
-        # MASK_OPTIONS is recorded (and fingerprinted) under the option's older name, compare_dtype, so that
-        # stage fingerprints and results.json stay comparable across versions; the optimizer takes compare_mode.
-        options = {("compare_mode" if k == "compare_dtype" else k): v for k, v in MASK_OPTIONS.items()}
-        holder.append(attach_mask(trainer, mask, allow_full=allow_full, **options))
+        holder.append(attach_masked_optimizer(trainer, mask, allow_full=allow_full, optimizer_state=optimizer_state))
 
     def after(trainer):
         return {"mask": holder[0].last_report if holder else None}

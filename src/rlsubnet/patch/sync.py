@@ -20,8 +20,10 @@ trainer's bf16 weights at that step.
 
 Memory on the trainer: one copy of the weights in ``dtype`` on the CPU (the snapshot) plus one block; the
 patch is computed block by block from the live parameters. Only the main process writes
-(``state.is_world_process_zero``); every parameter must be whole on it (single process or DDP; FSDP / ZeRO-3
-shards would need gathering first, and are refused).
+(``state.is_world_process_zero``); every parameter must be whole on it (single process or DDP). Sharded
+parameters are refused on every rank when training begins: FSDP2's DTensors (a patch is one file of whole
+tensors, and gathering the model onto one rank is what live sync avoids), and FSDP1 / ZeRO-3's empty
+placeholders.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class LiveCheckpoint(Checkpoint):
     def __init__(self, model, dtype: torch.dtype | None, label: str = "<live model>"):
         self._tensors = {}
         infos = {}
+        if isinstance(model, torch.nn.Module):
+            refuse_sharded(model)
         for name, t in model_tensors(model).items():
             if t.numel() == 0 and t.dim() == 1 and isinstance(model, torch.nn.Module):
                 raise UsageError(f"tensor {name!r} is empty on this process (sharded by FSDP/ZeRO-3?); gather it first")
@@ -76,6 +80,20 @@ class LiveCheckpoint(Checkpoint):
     def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
         t = self._tensors[name]
         return t.reshape(-1)[start:stop].to(device="cpu", dtype=self.infos[name].dtype, copy=True)
+
+
+def refuse_sharded(model) -> None:
+    """A one-line error if any of ``model``'s tensors is an FSDP2 shard (a DTensor): the sync writes whole tensors."""
+    from rlsubnet.train.sharding import is_dtensor
+
+    # before model_tensors: telling tied tensors apart reads storages, which a DTensor does not have
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    sharded = [name for name, t in named if is_dtensor(t)]
+    if sharded:
+        raise UsageError(
+            f"live sync does not support parameters sharded by FSDP2 ({len(sharded)} DTensors, e.g. {sharded[0]!r}): "
+            "train without fully_shard, or save a checkpoint and make a patch from it with `rlsubnet patch create`"
+        )
 
 
 def _snapshot(live: LiveCheckpoint) -> dict[str, torch.Tensor]:
@@ -229,6 +247,8 @@ class SparseSyncCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            refuse_sharded(model)  # on every rank: one rank failing alone would leave the others waiting
         if state.is_world_process_zero and model is not None:
             self.writer.start(model, state.global_step, anchor=self.initial_anchor)
 

@@ -24,6 +24,10 @@ def __getattr__(name):
         from rlsubnet.train import sparse_optim
 
         return getattr(sparse_optim, name)
+    if name in ("attach_sparse", "sparse_optimizer_for", "SparseTrainingCallback"):
+        from rlsubnet.train import sparse_trainers
+
+        return getattr(sparse_trainers, name)
     if name == "SubnetworkCallback":
         from rlsubnet.train.callbacks import SubnetworkCallback
 
@@ -39,12 +43,15 @@ __all__ = [
     "MaskedOptimizer",
     "MaskedTrainerMixin",
     "SparseMaskedOptimizer",
+    "SparseTrainingCallback",
     "SubnetworkCallback",
     "attach_mask",
+    "attach_sparse",
     "frozen_changes",
     "frozen_snapshot",
     "mask_optimizer",
     "masked_trainer_class",
     "resolve_parameter_masks",
     "sparse_optimizer",
+    "sparse_optimizer_for",
 ]

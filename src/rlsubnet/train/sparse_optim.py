@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -62,25 +62,8 @@ from rlsubnet.train.masking import (
     MaskModeWarning,
     resolve_parameter_masks,
 )
-from rlsubnet.train.sparse_rules import adam_update, sgd_update
+from rlsubnet.train.sparse_rules import SUPPORTED, adam_update, group_defaults, optimizer_kind, sgd_update
 from rlsubnet.train.sparse_state import _EXACT_DTYPES, SparseStateIO, _compute_dtype, _Slot
-
-SUPPORTED = ("adamw", "adam", "sgd")
-_ALIASES = {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
-_CLASSES = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
-
-
-def _kind(optimizer) -> str:
-    if isinstance(optimizer, type) and optimizer in _CLASSES:
-        return _CLASSES[optimizer]
-    if isinstance(optimizer, str) and optimizer.strip().lower() in _ALIASES:
-        return _ALIASES[optimizer.strip().lower()]
-    shown = getattr(optimizer, "__name__", optimizer)
-    raise UsageError(
-        f"optimizer {shown!r} is not supported with sparse optimizer state (supported: {', '.join(SUPPORTED)}); "
-        "use MaskedOptimizer around it for dense state"
-    )
-
 
 # a weak reference to the optimizer that owns a parameter, set on the parameter itself
 _OWNER_ATTR = "_rlsubnet_sparse_owner"
@@ -110,7 +93,8 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
     gradient must be in the mask. ``weight_decay=None`` takes torch's default for the optimizer (AdamW 0.01,
     Adam and SGD 0). ``accumulation_steps``: backward passes per step when clipping by the full gradient's norm
     (see the module docstring). ``reduce_grads``: "backward" (the hook), "step", or None to choose ("step" under
-    DDP).
+    DDP). ``no_decay(name, param) -> bool`` puts the parameters it selects in a second group with weight decay 0
+    (transformers and the lab exempt norms and biases: ``lambda name, p: p.ndim < 2``).
     """
 
     def __init__(
@@ -134,10 +118,11 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
         reduce_grads: str | None = None,
         compare_mode: str | None = "bf16",
         allow_full: bool = False,
+        no_decay: Callable[[str, torch.Tensor], bool] | None = None,
     ):
-        self.kind = _kind(optimizer)
-        defaults = self._defaults(
-            lr, betas, eps, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize
+        self.kind = optimizer_kind(optimizer)
+        defaults = group_defaults(
+            self.kind, lr, betas, eps, weight_decay, momentum, dampening, nesterov, decoupled_weight_decay, maximize
         )
         self.max_grad_norm = (
             None if max_grad_norm is None else limits.real(max_grad_norm, "max_grad_norm", lo_open=True)
@@ -182,10 +167,21 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
         # model order, the same on every rank: each all-reduce must be joined by all ranks in the same order
         self._norm_groups = list(dict.fromkeys(s.groups for s in self._order if s.groups))
         self._ready = False
-        super().__init__([s.param for s in self._order if s.n_trainable], defaults)
+        trained = [s for s in self._order if s.n_trainable]
+        exempt = {id(s.param) for s in trained if no_decay is not None and no_decay(s.name, s.param)}
+        groups = [
+            g
+            for g in (
+                {"params": [s.param for s in trained if id(s.param) not in exempt]},
+                {"params": [s.param for s in trained if id(s.param) in exempt], "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
+        super().__init__(groups, defaults)
         self._ready = True
         self.steps = 0
         self.last_grad_norm: float | None = None
+        self._norm_ahead: torch.Tensor | None = None
         self._handles = []
         me = weakref.ref(self)
         for s in self._order:
@@ -200,40 +196,6 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
             self._handles = [s.param.register_post_accumulate_grad_hook(hook) for s in self._order]
 
     # -- construction
-    def _defaults(self, lr, betas, eps, weight_decay, momentum, dampening, nesterov, decoupled, maximize) -> dict:
-        lr = limits.real(lr, "lr")
-        if weight_decay is None:
-            weight_decay = 1e-2 if self.kind == "adamw" else 0.0
-        weight_decay = limits.real(weight_decay, "weight_decay")
-        if self.kind == "sgd":
-            momentum = limits.real(momentum, "momentum")
-            dampening = limits.real(dampening, "dampening")
-            if nesterov and (momentum <= 0 or dampening != 0):
-                raise UsageError("nesterov momentum needs momentum > 0 and dampening 0")
-            return {
-                "lr": lr,
-                "momentum": momentum,
-                "dampening": dampening,
-                "weight_decay": weight_decay,
-                "nesterov": bool(nesterov),
-                "maximize": bool(maximize),
-            }
-        if len(betas) != 2:
-            raise UsageError(f"betas must be two numbers, got {betas!r}")
-        b1 = limits.real(betas[0], "betas[0]", 0.0, 1.0)
-        b2 = limits.real(betas[1], "betas[1]", 0.0, 1.0)
-        if b1 >= 1 or b2 >= 1:
-            raise UsageError(f"betas must be below 1, got {betas!r}")
-        return {
-            "lr": lr,
-            "betas": (b1, b2),
-            "eps": limits.real(eps, "eps"),
-            "weight_decay": weight_decay,
-            "maximize": bool(maximize),
-            "amsgrad": False,
-            "decoupled_weight_decay": self.kind == "adamw" or bool(decoupled),
-        }
-
     def _check_mask(self, compare_mode: str | None, allow_full: bool) -> None:
         m = self.mask
         src = m.meta.get("path") or "the mask"
@@ -295,6 +257,7 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
     def _on_grad(self, p) -> None:
         slot = self._slots[id(p)]
         slot.passes += 1
+        self._norm_ahead = None
         if self._dense_norm and slot.passes < self.accumulation_steps:
             return  # autograd sums the next micro-batch into the dense gradient: the norm needs that sum
         with torch.no_grad():
@@ -364,13 +327,25 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
             self._step()
         return loss
 
-    def _step(self) -> None:
+    def grad_norm(self) -> float:
+        """The gradient norm the next ``step()`` clips by, computed now (a trainer logs it before stepping): the full
+        gradient's, or with ``mask_before_clip`` or no clipping the norm of the trainable entries' gradient."""
+        with torch.no_grad():
+            self._reduce_pending()
+            self._norm_ahead = self._total_norm()
+        self.last_grad_norm = float(self._norm_ahead)
+        return self.last_grad_norm
+
+    def _reduce_pending(self) -> None:
         for s in self._order:  # what the hook left dense: accumulation, or reduce_grads="step"
             if s.param.grad is not None:
                 self._reduce(s)
+
+    def _step(self) -> None:
+        self._reduce_pending()
         coef = None
         if self.max_grad_norm is not None:
-            total = self._total_norm()
+            total = self._norm_ahead if self._norm_ahead is not None else self._total_norm()
             self.last_grad_norm = float(total)
             coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         for group in self.param_groups:
@@ -384,6 +359,7 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
                 self._update(s, g, group)
         for s in self._order:
             s.grad, s.norm, s.passes = None, None, 0
+        self._norm_ahead = None
         self.steps += 1
 
     def _update(self, s: _Slot, g: torch.Tensor, group: dict) -> None:
@@ -419,6 +395,7 @@ class SparseMaskedOptimizer(SparseStateIO, torch.optim.Optimizer):
                 else:
                     s.param.grad.detach_().zero_()
             s.grad, s.norm, s.passes = None, None, 0
+        self._norm_ahead = None
 
     def remove(self) -> None:
         """Remove the gradient hooks (the optimizer then reduces gradients in ``step()``)."""
