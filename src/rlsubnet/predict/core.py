@@ -1,9 +1,9 @@
 """``rlsubnet.predict(base, plan, probe=None)``: the per-entry probability that training changes a stored weight.
 
-θ0 is read tensor by tensor in flat chunks; for each entry the rounding distances (:mod:`.rounding`) meet the
-drift models (:mod:`.models`): *budget* from the plan alone, *probe* from K recorded steps, *calibrated* a
-logistic rule over both (:mod:`.calibrate`) fitted on another run. Entries a probe already changed count as
-changed (probability 1) for the probe and calibrated predictors.
+θ0 is read in flat blocks of about CHUNK entries (small tensors share one, large ones are cut); for each entry
+the rounding distances (:mod:`.rounding`) meet the drift models (:mod:`.models`): *budget* from the plan alone,
+*probe* from K recorded steps, *calibrated* a logistic rule over both (:mod:`.calibrate`) fitted on another run.
+Entries a probe already changed count as changed (probability 1) for the probe and calibrated predictors.
 """
 
 from __future__ import annotations
