@@ -3,10 +3,11 @@ and applied only to other runs.
 
 Features per entry, all scale-free (distances and drifts in units of the run's Σ lr_t, so a rule fitted at one
 learning rate reads another): log₂ of the nearer and the farther rounding distance, log₂|w|, the budget
-predictor's logit, the module kind (one-hot); with a probe also the probe predictor's logit, the steadiness
-|μ̂|/rms of the probe's gradients, log₂ of the predicted drift and of the drift after K steps over the distance
-in their direction, and whether the entry saw no gradient at all. Entries the probe already changed are left
-out of the fit (they are predicted changed outright).
+predictor's logit, the module kind (one-hot); with a probe also the probe predictor's logit, the two z-scores
+of its normal drift against the boundaries above and below, log₂ of its mean drift over the distance in that
+direction and of its spread over the nearer distance, and the steadiness |ĉ| of the probe's gradients. Entries
+the probe already changed are left out of the fit (they are predicted changed outright). The fit is Newton's
+method on the L2-regularised log-loss over a seeded sample of at most ``max_entries`` entries: deterministic.
 
 A calibration records the run it was fitted on (the probe's run id and the SHA-256 of the realized mask's
 bits): predicting that run with it, or scoring a prediction against that mask, is refused.
@@ -28,18 +29,7 @@ from rlsubnet.predict.models import finite_or, logit, safe_log2
 
 FORMAT = "rlsubnet.calibration"
 BUDGET_FEATURES = ("log_dist_near", "log_dist_far", "log_abs_w", "budget_logit")
-PROBE_FEATURES = (
-    "probe_logit",
-    "steadiness",
-    "log_reach",
-    "log_drift_k",
-    "dead",
-    "row_steadiness",
-    "col_steadiness",
-    "steadiness_x_row",
-    "steadiness_x_col",
-    "log_reach_adam",
-)
+PROBE_FEATURES = ("probe_logit", "z_up", "z_down", "log_reach", "log_spread", "steadiness")
 KIND_FEATURES = tuple(f"kind:{k}" for k in MODULE_KINDS)
 
 
@@ -61,20 +51,15 @@ def features(t, plan, use_probe: bool) -> torch.Tensor:
         logit(p_budget),
     ]
     if use_probe:
-        toward = lambda x: torch.where(x >= 0, t.up, t.down).clamp_min(1e-300)  # noqa: E731
-        l1f = plan.budget(start=t.probe_steps)[0]
-        adam_reach = t.drift_k - t.adam_step * l1f
+        std = t.std.clamp_min(1e-300)
+        toward = torch.where(t.mean >= 0, t.up, t.down).clamp_min(1e-300)
         cols += [
             logit(t.p_probe),
+            ((t.mean - t.up) / std).clamp(-40.0, 40.0),
+            ((-t.mean - t.down) / std).clamp(-40.0, 40.0),
+            safe_log2(t.mean / toward),
+            safe_log2(t.std / near.clamp_min(1e-300)),
             t.steadiness,
-            safe_log2(t.mean / toward(t.mean)),
-            safe_log2(t.drift_k / toward(t.drift_k)),
-            t.dead.to(torch.float64),
-            t.row_steadiness,
-            t.col_steadiness,
-            t.steadiness * t.row_steadiness,
-            t.steadiness * t.col_steadiness,
-            safe_log2(adam_reach / toward(adam_reach)),
         ]
     kind = module_kind(t.name)
     onehot = torch.zeros(up.numel(), len(KIND_FEATURES), dtype=torch.float64)
@@ -183,7 +168,7 @@ def fit_calibration(
     probe=None,
     *,
     run_id: str | None = None,
-    max_entries: int = 500_000,
+    max_entries: int = 200_000,
     l2: float = 1e-3,
     seed: int = 0,
     allow_pickle: bool = False,
@@ -191,7 +176,7 @@ def fit_calibration(
 ) -> Calibration:
     """Fit the logistic rule on one finished run: θ0 ``base``, its ``plan``, its ``probe`` (optional: without
     one the rule reads the budget features only) and its ``realized`` mask. ``run_id`` names the run (default:
-    the probe's); at most ``max_entries`` entries (a seeded sample) enter the fit."""
+    the probe's); a seeded sample of at most ``max_entries`` entries enters the fit."""
     from rlsubnet.masks import as_mask
     from rlsubnet.predict.core import as_plan, as_probe, iter_terms, open_base, resolve_predictor
 
@@ -205,25 +190,30 @@ def fit_calibration(
         diff = [n for n in shapes if n not in realized or realized.shape(n) != shapes[n]]
         if diff or len(realized) != len(shapes):
             raise UsageError(f"the realized mask {realized.meta.get('path') or ''} covers other tensors than the base")
+        offsets, total = {}, 0
+        for name in ck.names():
+            offsets[name] = total
+            total += ck.info(name).numel
+        # the sample is drawn over the whole model's entries at once, so it does not depend on the chunking
+        sample = torch.zeros(total, dtype=torch.bool)
+        sample[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_entries]] = True
         xs, ys = [], []
         for t in iter_terms(ck, plan, probe):
-            x = features(t, plan, use_probe)
+            at = offsets[t.name] + t.start
+            keep = sample[at : at + t.w0.numel()]
+            if use_probe and t.already is not None:
+                keep = keep & ~t.already
             y = torch.from_numpy(realized.flat_block(t.name, t.start, t.start + t.w0.numel()).copy())
-            keep = ~t.already if (use_probe and t.already is not None) else torch.ones_like(y)
-            xs.append(x[keep])
+            xs.append(features(t, plan, use_probe)[keep])
             ys.append(y[keep])
         base_rec = ck.source
     finally:
         ck.close()
-    x, y = torch.cat(xs), torch.cat(ys).to(torch.float32)
-    if x.shape[0] > max_entries:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(x.shape[0], generator=g)[:max_entries]
-        x, y = x[idx], y[idx]
+    x, y = torch.cat(xs).to(torch.float64), torch.cat(ys).to(torch.float64)
     if x.shape[0] == 0 or float(y.sum()) in (0.0, float(x.shape[0])):
         raise UsageError("the realized mask gives nothing to fit: every entry left is changed, or none is")
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    w, b, loss = _logistic(((x - mean) / std), y, l2)
+    w, b, loss = _logistic((x - mean) / std, y, l2)
     return Calibration(
         names=feature_names(use_probe),
         mean=mean.tolist(),
@@ -238,23 +228,41 @@ def fit_calibration(
             "base": str(base_rec),
             "plan": plan.to_json(),
         },
-        fit={"entries": int(x.shape[0]), "positives": int(y.sum()), "log_loss": loss, "l2": l2},
+        fit={"entries": int(x.shape[0]), "positives": int(y.sum()), "log_loss": loss, "l2": l2, "seed": seed},
     )
 
 
-def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float, float]:
-    """Weights, bias and final mean log-loss of an L2-regularised logistic regression (L-BFGS, full batch)."""
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float, iters: int = 50) -> tuple[torch.Tensor, float, float]:
+    """Weights, bias and final mean log-loss of an L2-regularised logistic regression (the bias unpenalised),
+    by Newton's method: the loss is convex, so a few damped steps from zero reach its minimum."""
+    n, f = x.shape
+    xb = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    xt = xb.T.contiguous()
+    penalty = torch.full((f + 1,), 2 * l2, dtype=x.dtype)
+    penalty[-1] = 0.0
+    theta = torch.zeros(f + 1, dtype=x.dtype)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
+    def loss_at(th: torch.Tensor) -> float:
+        z = xb @ th
+        return float(torch.nn.functional.softplus(z).mean() - (y * z).mean() + l2 * (th[:-1] ** 2).sum())
 
-    opt.step(closure)
-    with torch.no_grad():
-        loss = float(torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y))
-    return w.detach(), float(b.detach()), loss
+    current = loss_at(theta)
+    for _ in range(iters):
+        p = torch.sigmoid(xb @ theta)
+        grad = xt @ (p - y) / n + penalty * theta
+        hess = (xt * (p * (1 - p))) @ xb / n + torch.diag(penalty) + 1e-9 * torch.eye(f + 1, dtype=x.dtype)
+        step = torch.linalg.solve(hess, grad)
+        scale = 1.0
+        while True:  # damping: a full Newton step can overshoot where the curvature is tiny
+            trial = loss_at(theta - scale * step)
+            if trial <= current or scale < 1e-4:
+                break
+            scale /= 2
+        if trial > current:
+            break
+        theta, improved, current = theta - scale * step, current - trial, trial
+        if float(step.abs().max()) * scale < 1e-7 or improved < 1e-12:
+            break
+    z = xb @ theta
+    loss = float(torch.nn.functional.binary_cross_entropy_with_logits(z, y))
+    return theta[:-1].to(torch.float32), float(theta[-1]), loss

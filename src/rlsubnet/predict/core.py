@@ -1,9 +1,9 @@
 """``rlsubnet.predict(base, plan, probe=None)``: the per-entry probability that training changes a stored weight.
 
-θ0 is read tensor by tensor in flat chunks; for each entry the rounding distances (:mod:`.rounding`) meet the
-drift models (:mod:`.models`): *budget* from the plan alone, *probe* from K recorded steps, *calibrated* a
-logistic rule over both (:mod:`.calibrate`) fitted on another run. Entries a probe already changed count as
-changed (probability 1) for the probe and calibrated predictors.
+θ0 is read in flat blocks of about CHUNK entries (small tensors share one, large ones are cut); for each entry
+the rounding distances (:mod:`.rounding`) meet the drift models (:mod:`.models`): *budget* from the plan alone,
+*probe* from K recorded steps, *calibrated* a logistic rule over both (:mod:`.calibrate`) fitted on another run.
+Entries a probe already changed count as changed (probability 1) for the probe and calibrated predictors.
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ from rlsubnet.checkpoint.hashing import combine_hashes, hash_tensor
 from rlsubnet.diff.changed import ChangedTest
 from rlsubnet.errors import MismatchError, UsageError, listing
 from rlsubnet.predict.choices import PREDICTORS
-from rlsubnet.predict.models import SteadinessPosterior, UniformSteadinessTail, budget_changed, fit_prior_beta
+from rlsubnet.predict.models import (
+    SteadinessPosterior,
+    UniformSteadinessTail,
+    budget_changed,
+    fit_prior_beta,
+    normal_changed,
+)
 from rlsubnet.predict.plan import Plan
 from rlsubnet.predict.prediction import Prediction
 from rlsubnet.predict.probe import ProbeError, ProbeStats
 from rlsubnet.predict.rounding import change_distances
 
-CHUNK = 1 << 21  # entries per chunk: a few float64 temporaries of this size are alive at once
+CHUNK = 1 << 21  # entries per block (a multiple of 8, as mask blocks need): a few float64 temporaries of it live
 
 
 @dataclass
@@ -41,16 +47,10 @@ class Terms:
     p_budget: torch.Tensor | None
     p_probe: torch.Tensor | None = None
     already: torch.Tensor | None = None  # bool: changed after the probe's K steps
-    drift_k: torch.Tensor | None = None
     mean: torch.Tensor | None = None  # predicted total drift at T
     std: torch.Tensor | None = None
     steadiness: torch.Tensor | None = None  # |μ̂| / rms
-    dead: torch.Tensor | None = None  # bool: no gradient in any probe step
-    row_steadiness: torch.Tensor | None = None  # mean steadiness of the entry's row (its tensor's, for vectors)
-    col_steadiness: torch.Tensor | None = None  # ... of its column
-    adam_step: torch.Tensor | None = None  # signed m̂ / (√v̂ + eps) at the probe's end (0 without moments)
     probe_steps: int = 0
-    prior_beta: float = 1.0  # the probe's empirical prior on the steadiness, per tensor
 
 
 def as_plan(plan) -> Plan:
@@ -88,30 +88,55 @@ def resolve_predictor(predictor: str | None, plan: Plan, probe: ProbeStats | Non
     return predictor
 
 
+def _blocks(ck) -> Iterator[list[tuple[str, int, int]]]:
+    """Runs of (tensor, start, stop) pieces in storage order, about CHUNK entries each: small tensors share a
+    block (the per-call work of the rounding search is paid once per block), large ones are cut."""
+    pending: list[tuple[str, int, int]] = []
+    size = 0
+    for name in ck.names():
+        numel = ck.info(name).numel
+        for start in range(0, numel, CHUNK):
+            stop = min(numel, start + CHUNK)
+            if pending and size + stop - start > CHUNK:
+                yield pending
+                pending, size = [], 0
+            pending.append((name, start, stop))
+            size += stop - start
+    if pending:
+        yield pending
+
+
 def iter_terms(ck, plan: Plan, probe: ProbeStats | None, *, need_budget: bool = True) -> Iterator[Terms]:
     """Terms of every chunk of every tensor of the open checkpoint ``ck``, in its storage order."""
     l1, l2 = plan.budget()
     tail = UniformSteadinessTail(l1, l2) if need_budget and plan.optimizer != "sgd" else None
     decay_all = plan.decay_factor() - 1.0 if plan.optimizer == "adamw" else 0.0
-    for name in ck.names():
-        info = ck.info(name)
-        numel = info.numel
-        decay = decay_all if len(info.shape) >= 2 else 0.0
-        groups = _group_steadiness(probe, name) if probe is not None else None
-        beta = fit_prior_beta(_signed_steadiness(probe, name).reshape(-1), probe.steps) if probe is not None else 1.0
-        for start in range(0, numel, CHUNK):
-            stop = min(numel, start + CHUNK)
-            w0 = ck.read_flat(name, start, stop).to(plan.storage)
-            up, down = change_distances(w0, plan.storage, plan.atol, plan.mode)
-            w64 = w0.to(torch.float64)
-            decay_drift = torch.nan_to_num(w64 * decay, nan=0.0, posinf=0.0, neginf=0.0)
-            t = Terms(name, start, w0, up, down, decay_drift, None)
-            if tail is not None:
-                t.p_budget = budget_changed(tail, up, down, decay_drift)
+    posteriors: dict[str, SteadinessPosterior] = {}
+    for block in _blocks(ck):
+        w0 = torch.cat([ck.read_flat(name, start, stop).to(plan.storage) for name, start, stop in block])
+        up, down = change_distances(w0, plan.storage, plan.atol, plan.mode)
+        decay = torch.cat(
+            [
+                torch.full((stop - start,), decay_all if len(ck.info(name).shape) >= 2 else 0.0, dtype=torch.float64)
+                for name, start, stop in block
+            ]
+        )
+        decay_drift = torch.nan_to_num(w0.to(torch.float64) * decay, nan=0.0, posinf=0.0, neginf=0.0)
+        p_budget = budget_changed(tail, up, down, decay_drift) if tail is not None else None
+        at = 0
+        for name, start, stop in block:
+            piece = slice(at, at + stop - start)
+            at = piece.stop
+            t = Terms(name, start, w0[piece], up[piece], down[piece], decay_drift[piece], None)
+            if p_budget is not None:
+                t.p_budget = p_budget[piece]
             if probe is not None:
-                _probe_terms(t, plan, probe, start, stop, decay > 0 or decay < 0, beta)
-                if groups is not None:
-                    t.row_steadiness, t.col_steadiness = (g.reshape(-1)[start:stop] for g in groups)
+                if name not in posteriors:
+                    posteriors.clear()  # one tensor at a time: pieces of a tensor are consecutive
+                    beta = fit_prior_beta(_signed_steadiness(probe, name).reshape(-1), probe.steps)
+                    posteriors[name] = SteadinessPosterior(probe.steps, prior_beta=beta)
+                decayed = bool(decay[piece.start]) if stop > start else False
+                _probe_terms(t, plan, probe, start, stop, decayed, posteriors[name])
             yield t
 
 
@@ -122,25 +147,8 @@ def _signed_steadiness(probe: ProbeStats, name: str) -> torch.Tensor:
     return torch.where(rms > 0, (s1 / probe.steps) / rms.clamp_min(1e-300), torch.zeros_like(rms)).clamp(-1, 1)
 
 
-def _steadiness(probe: ProbeStats, name: str) -> torch.Tensor:
-    return _signed_steadiness(probe, name).abs()
-
-
-def _group_steadiness(probe: ProbeStats, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean steadiness over each entry's row and column (over the tensor for vectors): a prior for the entry
-    from hundreds of its neighbours, which share its input or its output unit."""
-    c = _steadiness(probe, name)
-    if c.ndim < 2:
-        m = c.mean() if c.numel() else torch.zeros((), dtype=c.dtype)
-        return m.expand(c.shape), m.expand(c.shape)
-    flat = c.reshape(c.shape[0], -1)
-    rows = flat.mean(1, keepdim=True).expand_as(flat).reshape(c.shape)
-    cols = flat.mean(0, keepdim=True).expand_as(flat).reshape(c.shape)
-    return rows, cols
-
-
 def _probe_terms(
-    t: Terms, plan: Plan, probe: ProbeStats, start: int, stop: int, decayed: bool, beta: float = 1.0
+    t: Terms, plan: Plan, probe: ProbeStats, start: int, stop: int, decayed: bool, posterior: SteadinessPosterior
 ) -> None:
     """The probe predictor's drift distribution for one chunk (see :mod:`.models`)."""
     k = t.probe_steps = probe.steps
@@ -157,30 +165,18 @@ def _probe_terms(
     # the unit step's scale: Adam's normalised step is ≈ rms / (rms + eps) ≤ 1; SGD's is rms / (1 − momentum)
     scale = rms / (rms + plan.eps) if plan.optimizer != "sgd" else rms / (1.0 - plan.momentum)
     l1f, l2f = plan.budget(start=k)
-    drift_k = master - w0
-    base_mean = drift_k.clone()
+    base_mean = master - w0  # the drift so far
     if decayed and plan.optimizer == "adamw":
         base_mean = base_mean + w0 * (plan.decay_factor(start=k) - 1.0)
     c_hat = torch.where(rms > 0, mu / rms.clamp_min(1e-300), torch.zeros_like(rms)).clamp(-1, 1)
-    posterior = SteadinessPosterior(k, prior_beta=beta)
-    t.prior_beta = beta
-    c_post = posterior.posterior_mean(c_hat)
-    mean = base_mean - c_post * scale * l1f  # descent: against the mean gradient
-    std = scale * torch.sqrt((1 - c_post**2).clamp_min(0)) * l2f
+    # descent: the drift goes against the mean gradient
+    t.mean, t.std = posterior.drift(c_hat, base_mean, scale * l1f, scale * l2f)
     test = ChangedTest(plan.storage, plan.storage, plan.atol, plan.mode)
     stored_k = master.to(torch.float32).to(plan.storage)
-    already = torch.from_numpy(test.changed(t.w0, stored_k)[0].copy())
-    p = posterior.changed(c_hat, base_mean, scale * l1f, scale * l2f, t.up, t.down)
-    t.p_probe = torch.where(already, torch.ones_like(p), p)
-    t.already, t.drift_k, t.mean, t.std = already, drift_k, mean, std
+    t.already = torch.from_numpy(test.changed(t.w0, stored_k)[0].copy())
+    p = normal_changed(t.mean, t.std, t.up, t.down)
+    t.p_probe = torch.where(t.already, torch.ones_like(p), p)
     t.steadiness = c_hat.abs()
-    if probe.exp_avg:
-        m = piece(probe.exp_avg) / (1 - plan.betas[0] ** k)
-        v = piece(probe.exp_avg_sq) / (1 - plan.betas[1] ** k)
-        t.adam_step = m / (v.clamp_min(0).sqrt() + plan.eps)
-    else:
-        t.adam_step = torch.zeros_like(c_hat)
-    t.dead = rms == 0
 
 
 def open_base(base, plan: Plan, probe: ProbeStats | None, **opts):
