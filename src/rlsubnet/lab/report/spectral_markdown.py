@@ -116,13 +116,20 @@ def spectral_markdown(results: dict) -> list[str]:
     if not pairs:
         return []
     k = st[pairs[0][0]]["spectral"]["top_k"]
+    blocks = [min(r["shape"]) for r in st[pairs[0][0]]["spectral"]["matrices"] if r.get("layer") is not None]
+    side = min(blocks) if blocks else None
     ref = ((results.get("spectral_reference") or {}).get("random_delta") or {}).get("overall")
     md = ["", "## Where the update points", ""]
     md.append(
         f"For every 2-D non-norm matrix (W0 from θ0, W1 from the stage's bf16 checkpoint, Δ = W1 − W0 rounded in bf16, "
-        f"as `rlsubnet compare --spectral` computes them), with top-k = {k}: about 6% of the 128-wide side of the "
-        "block matrices, so that the chance share of a one-sided principal subspace (k/m) stays at 6.25% or less. "
-        "Numerical rank: singular values of Δ above torch.linalg.matrix_rank's tolerance; stable rank ‖Δ‖_F²/‖Δ‖_2²; "
+        f"as `rlsubnet compare --spectral` computes them), with top-k = {k}"
+        + (
+            f": {k / side:.0%} of the {side}-wide side of the block matrices, so that the chance share of a one-sided "
+            f"principal subspace (k/m, k/n) is at most {k / side:.2%} there. "
+            if side
+            else ". "
+        )
+        + "Numerical rank: singular values of Δ above torch.linalg.matrix_rank's tolerance; stable rank ‖Δ‖_F²/‖Δ‖_2²; "
         "effective rank exp(entropy of σ_i/Σσ); 90% / 99%-energy rank: the fewest singular directions holding that "
         "share of ‖Δ‖_F²; principal energy: the share of ‖Δ‖_F² inside W0's top-k left and right singular subspaces, "
         "as a multiple of what an update of i.i.d. entries puts there (k²/(m·n)); angle: the largest principal angle "
