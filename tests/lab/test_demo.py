@@ -12,11 +12,12 @@ from rlsubnet.lab.config import DemoConfig
 from rlsubnet.lab.pipeline import stage_order
 from rlsubnet.lab.runfolder import RunFolder
 
-STAGES = ["grpo", "grpo-kl", "grpo-noclip", "grpo-sftlr", "dpo", "sft", "sft-matched", "rft", "rft-matched", "grpo-task-sub"]
+STAGES = ["grpo", "grpo-kl", "grpo-noclip", "grpo-sftlr", "dpo", "sft", "sft-matched", "rft", "rft-matched", "grpo-sgd",
+          "sft-sgd", "grpo-task-sub"]
 EXTRA = ["grpo-seed1", "grpo-seed2", "dpo-seed1", "grpo-subnet", "grpo-random", "dpo-subnet", "dpo-random"]
 FIGURES = ["sparsity_vs_paper", "sft_vs_rl", "sparsity_vs_step", "sparsity_vs_atol", "p_changed_vs_magnitude",
            "dynamics", "bf16_vs_fp32", "accuracy", "pretrain", "heatmap_grpo", "subnetwork_identity", "overlap_o1",
-           "overlap_o1_over_chance", "overlap_o1_over_magnitude_chance"]
+           "overlap_o1_over_chance", "overlap_o1_over_magnitude_chance", "where_the_update_points"]
 MASKS = ["grpo", "grpo-seed1", "grpo-seed2", "grpo-task-sub", "dpo", "dpo-seed1", "sft", "sft-matched", "grpo-sftlr",
          "random-like-grpo", "random-like-dpo"]
 
@@ -45,7 +46,35 @@ def test_outputs(micro_demo):
     report = (out / "report.md").read_text()
     assert "## The paper's claims, checked" in report and "figures/sparsity_vs_paper.png" in report
     assert "## Subnetwork re-runs (the paper's Table 3)" in report and "## Subnetwork overlap (the paper's Table 4)" in report
+    assert "## The optimizer as a cause" in report and "## Where the update points" in report
     assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
+
+
+def test_sgd_stages_and_spectra(micro_demo):
+    """The SGD stages train with torch's plain SGD at the configured lr; every stage's spectral record is
+    spectral_stats on its bf16 matrices, as `compare --spectral` takes them."""
+    from safetensors.torch import load_file
+
+    from rlsubnet.diff.spectral import spectral_stats
+
+    out, results = micro_demo
+    st = results["stages"]
+    for name in ("grpo-sgd", "sft-sgd"):
+        assert st[name]["optimizer"]["class"] == "torch.optim.sgd.SGD"
+        assert st[name]["spec"]["optimizer"] == "sgd" and st[name]["spec"]["learning_rate"] == results["config"]["sgd_lr"]
+    assert st["grpo"]["optimizer"]["class"] == "torch.optim.adamw.AdamW" and "optimizer" not in st["grpo"]["spec"]
+    w0 = load_file(out / "stages" / "pretrain" / "model" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    for stage in ("grpo-sftlr", "sft", "sft-sgd"):
+        spec = st[stage]["spectral"]
+        rec = next(r for r in spec["matrices"] if r["name"] == name)
+        w1 = load_file(out / "stages" / stage / "model" / "model.safetensors")[name]
+        want = spectral_stats(w0[name], w1, (w1 - w0[name]).float(), spec["top_k"], name=name).to_record()
+        assert rec == want
+        assert spec["overall"]["matrices"] == len(spec["matrices"]) == 2 * 7 + 1  # 2 blocks × 7, the embedding
+    ids = {c["id"] for c in results["claims"]}
+    assert {"sgd-sparser", "pnt-rotation", "pnt-drift", "pnt-off-principal", "effective-low-rank"} <= ids
+    assert results["spectral_reference"]["random_delta"]["overall"]["matrices"] == 15
 
 
 def test_every_sparsity_comes_from_the_engine(micro_demo):

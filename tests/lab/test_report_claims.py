@@ -341,3 +341,99 @@ def test_criteria_state_the_reach_of_the_papers_rows_as_stored(results):
     assert "the paper's Table 4 rows" not in criteria.criteria_sentence(results)  # not measured: not stated
     results["subnetwork"]["paper"] = {"table4": [{"reach": 0.38}, {"reach": 0.48}, {"reach": 0.41}]}
     assert "reach is ≥ 0.25 (the paper's Table 4 rows: 0.38–0.48)" in criteria.criteria_sentence(results)
+
+
+# later work: where the update points, and the optimizer as a cause
+
+
+def _spectral(angle, drift, pe, nr=1.0, er90=0.1):
+    overall = {"principal_angle_left": angle, "principal_angle_right": angle, "spectral_drift": drift,
+               "principal_energy_over_chance": pe, "numerical_rank_ratio": nr, "energy_rank_90_ratio": er90,
+               "energy_rank_99_ratio": er90 * 2, "effective_rank_ratio": er90 * 2, "stable_rank": 3.0,
+               "principal_energy_left": 0.2}
+    modules = [{"module": "q", "principal_energy": pe * 0.004, "principal_energy_chance": 0.004,
+                "principal_angle_left": angle, "principal_angle_right": angle}]
+    return {"top_k": 8, "overall": overall, "modules": modules, "layers": [], "matrices": []}
+
+
+@pytest.fixture
+def spectral_results(results):
+    st = results["stages"]
+    st["grpo"]["spectral"] = _spectral(0.01, 1e-6, 0.8)
+    st["sft-matched"]["spectral"] = _spectral(0.05, 5e-6, 3.0)
+    st["grpo-sftlr"]["spectral"] = _spectral(0.2, 2e-5, 1.5)
+    st["sft"]["spectral"] = _spectral(0.3, 3e-5, 2.0)
+    st["dpo"]["spectral"] = _spectral(0.01, 1e-6, 0.8)
+    for n in ("grpo", "grpo-sftlr", "sft", "sft-matched", "dpo"):
+        st[n]["spec"].update(beta=0.0, max_grad_norm=1.0)
+    results["spectral_reference"] = {"random_delta": {"overall": {**_spectral(0, 0, 1.0, 1.0, 0.6)["overall"]}}}
+    return results
+
+
+def _later(results, cid):
+    from rlsubnet.lab.report.spectral_claims import assess_optimizer, assess_spectral
+
+    return next(c for c in assess_optimizer(results) + assess_spectral(results) if c["id"] == cid)
+
+
+def test_path_not_taken_verdicts_follow_the_pairs_at_each_learning_rate(spectral_results):
+    r = spectral_results
+    # at the RL lr RL rotates 0.2× SFT's, at the SFT lr 0.67×: the criterion (≤ 0.5×) holds at one lr of two
+    assert _later(r, "pnt-rotation")["verdict"] == "partly agrees"
+    assert "at lr 1e-06: grpo 0.01° vs sft-matched 0.05°" in _later(r, "pnt-rotation")["ours"]
+    r["stages"]["sft"]["spectral"]["overall"]["principal_angle_left"] = 0.5
+    r["stages"]["sft"]["spectral"]["overall"]["principal_angle_right"] = 0.5
+    assert _later(r, "pnt-rotation")["verdict"] == "agrees"
+    r["stages"]["grpo"]["spectral"]["overall"].update(principal_angle_left=0.04, principal_angle_right=0.04)
+    r["stages"]["grpo-sftlr"]["spectral"]["overall"].update(principal_angle_left=0.4, principal_angle_right=0.4)
+    assert _later(r, "pnt-rotation")["verdict"] == "differs"
+    assert _later(r, "pnt-drift")["verdict"] == "partly agrees"
+    # off the principal directions: RL at most 1× a random update's share AND at most 0.5× SFT's
+    assert _later(r, "pnt-off-principal")["verdict"] == "partly agrees"  # lr 1e-6: 0.8× vs 3.0×; lr 1e-5: 1.5×
+    r["stages"]["grpo"]["spectral"]["overall"]["principal_energy_over_chance"] = 1.6
+    assert _later(r, "pnt-off-principal")["verdict"] == "differs"
+
+
+def test_effective_low_rank_needs_full_numerical_rank_and_few_energy_directions(spectral_results):
+    r = spectral_results
+    assert _later(r, "effective-low-rank")["verdict"] == "agrees"
+    assert "an i.i.d. update 60.0%" in _later(r, "effective-low-rank")["ours"]
+    r["stages"]["dpo"]["spectral"]["overall"]["energy_rank_90_ratio"] = 0.4
+    assert _later(r, "effective-low-rank")["verdict"] == "partly agrees"
+    for n in ("grpo", "dpo"):
+        r["stages"][n]["spectral"]["overall"].update(numerical_rank_ratio=0.5, energy_rank_90_ratio=0.4)
+    assert _later(r, "effective-low-rank")["verdict"] == "differs"
+
+
+def test_sgd_claim_needs_far_fewer_updates_at_equal_gain(spectral_results):
+    r = spectral_results
+    sgd = _stage("grpo-sgd", "grpo", 1e-3, 0.98, acc=0.66)
+    sgd["spec"]["optimizer"] = "sgd"
+    r["stages"]["grpo-sgd"] = sgd
+    c = _later(r, "sgd-sparser")
+    assert c["verdict"] == "agrees"  # density 2% ≤ 0.1 × 27.7%, gain +1.9 vs +1.5 points
+    sgd["sparsity"]["bf16"]["1e-05"] = 0.9  # 10% updated: more than a tenth of AdamW's
+    assert _later(r, "sgd-sparser")["verdict"] == "partly agrees"
+    sgd["accuracy"][TASK]["bf16"]["accuracy"] = 0.55  # far below AdamW's gain
+    assert _later(r, "sgd-sparser")["verdict"] == "differs"
+
+
+def test_sgd_stages_change_none_of_the_papers_claims(spectral_results, monkeypatch):
+    import rlsubnet.lab.report as report
+
+    monkeypatch.setattr(report, "render_figures", lambda results, executor=None: {})  # synthetic: no figure data
+    r = spectral_results
+    before = claims.assess(records.adamw_view(copy.deepcopy(r)))
+    for name, algo, data in (("grpo-sgd", "grpo", "prompts"), ("sft-sgd", "sft", "gold")):
+        s = _stage(name, algo, 1e-3, 0.3, data=data, fp32=0.5, acc=0.2)
+        s["spec"]["optimizer"] = "sgd"
+        r["stages"][name] = s
+    assert claims.assess(records.adamw_view(r)) == before
+    assert "grpo-sgd" not in records.rl_stages(records.adamw_view(r))
+    report.prepare_report(r)
+    ids = [c["id"] for c in r["claims"]]
+    assert ids[: len(before)] == [c["id"] for c in before]
+    assert {"sgd-sparser", "pnt-rotation", "pnt-drift", "pnt-off-principal", "effective-low-rank"} <= set(ids)
+    md = markdown.render_markdown(r, r["claims"], list(r["figures"]))
+    assert "## The optimizer as a cause" in md and "## Where the update points" in md
+    assert "| `grpo-sgd` | sgd | 0.001 |" in md

@@ -132,13 +132,14 @@ def test_overlap_section_matches_a_recomputation(micro_demo):
 
 
 def test_worker_processes_give_the_same_bits(micro_demo, micro_args, tmp_path):
-    """--jobs 2 redoes some stages in spawned workers, in parallel: the same bytes and the same tables as --jobs 1."""
+    """--jobs 2 redoes some stages (and θ0's samples) in spawned workers, in parallel, which also measure them and
+    draw part of the figures: the same bytes and the same tables as --jobs 1."""
     from rlsubnet.cli.main import main
 
     src, first = micro_demo
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    redo = ["dpo", "grpo-subnet", "dpo-seed1", "sft"]  # dpo's re-runs are then re-planned from the new dpo
+    redo = ["samples", "dpo", "grpo-subnet", "dpo-seed1", "sft"]  # dpo's re-runs are then re-planned from the new dpo
     for name in redo:
         shutil.rmtree(out / "stages" / name)
     args = [a for a in micro_args if a not in ("--jobs", "1")]
@@ -147,12 +148,19 @@ def test_worker_processes_give_the_same_bits(micro_demo, micro_args, tmp_path):
     ran = {k for k, t in again["timings"].items() if "worker_pid" in t}
     assert ran == set(redo)
     assert len({again["timings"][k]["worker_pid"] for k in ran}) >= 1
-    for name in redo + ["dpo-subnet", "dpo-random"]:
+    for name in [n for n in redo if n != "samples"] + ["dpo-subnet", "dpo-random"]:
         for f in ("master-fp32.safetensors", "model/model.safetensors"):
             assert (out / "stages" / name / f).read_bytes() == (src / "stages" / name / f).read_bytes(), (name, f)
     assert again["subnetwork"]["reruns"] == first["subnetwork"]["reruns"]
     drop = lambda ov: {k: v for k, v in ov.items() if k != "settings"}  # noqa: E731 - settings name the folders
     assert drop(again["subnetwork"]["overlap"]) == drop(first["subnetwork"]["overlap"])
+    assert (out / "stages" / "samples" / "samples.jsonl").read_bytes() == (src / "stages" / "samples" / "samples.jsonl").read_bytes()
+    assert set(again["timings"]["measure"]["in_workers"]) == {"dpo", "sft"}
+    for name in ("dpo", "sft"):
+        for key in ("sparsity", "bf16", "fp32", "spectral", "decomposition_every_step", "magnitude_bf16"):
+            assert again["stages"][name][key] == first["stages"][name][key], (name, key)
+    for f in first["figures"]:
+        assert (out / "figures" / f).read_bytes() == (src / "figures" / f).read_bytes(), f
 
 
 def test_empty_subnetwork_is_skipped_not_an_error(micro_demo, tmp_path):

@@ -74,6 +74,10 @@ SIZE_DEFAULTS: dict[str, SizedSettings] = {
 }
 
 ALGORITHMS = ("grpo", "dpo", "sft")
+OPTIMIZERS = ("adamw", "sgd")
+# The learning rate of the demo's plain-SGD stages, chosen by a trial on another seed and the validation split
+# (docs/demo.md: "Choosing the SGD learning rate"), never on the scored run.
+SGD_LR = 3e-4
 DATA_SOURCES = {
     "grpo": ("prompts",),
     "dpo": ("own-pairs",),
@@ -156,6 +160,10 @@ class DemoConfig:
         default=1e-6, metadata={"help": "learning rate of GRPO and DPO (TRL's default)", "group": TRAINING}
     )
     sft_lr: float = field(default=1e-5, metadata={"help": "usual SFT learning rate", "group": TRAINING})
+    sgd_lr: float = field(
+        default=SGD_LR,
+        metadata={"help": "learning rate of the plain-SGD stages grpo-sgd and sft-sgd", "group": TRAINING},
+    )
     kl_beta: float = field(default=0.04, metadata={"help": "KL coefficient of grpo-kl", "group": TRAINING})
     dpo_beta: float = field(default=0.1, metadata={"help": "β of the DPO stages", "group": TRAINING})
     clip: float = field(
@@ -198,6 +206,7 @@ class DemoConfig:
         for name, positive in (
             ("rl_lr", True),
             ("sft_lr", True),
+            ("sgd_lr", True),
             ("dpo_beta", True),
             ("pretrain_lr", True),
             ("kl_beta", False),
@@ -239,7 +248,7 @@ class DemoConfig:
         ):
             if getattr(self, name) is not None:
                 limits.integer(getattr(self, name), option(DemoConfig, name), 1, hi)
-        for name in ("rl_lr", "sft_lr", "pretrain_lr"):
+        for name in ("rl_lr", "sft_lr", "sgd_lr", "pretrain_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UsageError(f"{option(DemoConfig, name)} must be positive, got {v}")
@@ -324,9 +333,14 @@ class StageSpec:
     loss_type: str | None = field(
         default=None, metadata={"help": "GRPO: grpo (default); DPO: sigmoid (default)", "cli": False}
     )
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (masked runs: inside the mask only)"}
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "adamw (torch AdamW, β 0.9/0.999, ε 1e-8) or sgd (plain SGD: no momentum)",
+            "choices": OPTIMIZERS,
+        },
     )
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (masked runs: inside the mask only)"})
     snapshot_every: int = field(default=10, metadata={"help": "steps between bf16 snapshots"})
     description: str = field(default="", metadata={"cli": False})
 
@@ -386,6 +400,10 @@ class StageSpec:
         d = dataclasses.asdict(self)
         d["data_seed"] = self.effective_data_seed
         d["loss_type"] = self.resolved_loss_type
+        # The default optimizer is left out, so that an AdamW stage keeps the spec record and the fingerprint it had
+        # before the optimizer could be chosen (its finished results stay reusable).
+        if d["optimizer"] == "adamw":
+            del d["optimizer"]
         return d
 
     def settings_line(self) -> str:
@@ -401,6 +419,8 @@ class StageSpec:
             parts += [f"β {self.beta:g}", f"{self.num_generations} completions/prompt"]
         if self.algorithm == "dpo":
             parts.append(f"β {self.beta:g}")
+        if self.optimizer != "adamw":
+            parts.append(f"optimizer {self.optimizer}")
         parts.append(f"clip {self.max_grad_norm:g}" if self.max_grad_norm > 0 else "no clipping")
         if self.weight_decay:
             parts.append(f"weight decay {self.weight_decay:g}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 from pathlib import Path
 from typing import TypedDict
 
@@ -27,13 +28,23 @@ from rlsubnet import limits
 from rlsubnet._version import __version__
 from rlsubnet.lab import subnet
 from rlsubnet.lab.config import DemoConfig, StageSpec
-from rlsubnet.lab.measure import commuted_twins, measure_stage, measure_subnetwork
-from rlsubnet.lab.pretrain import PretrainSpec, SampleSpec, run_pretrain, run_samples
+from rlsubnet.lab.measure import commuted_twins, measure_subnetwork
+from rlsubnet.lab.pretrain import PretrainSpec, SampleSpec, run_pretrain
 from rlsubnet.lab.progress import say
 from rlsubnet.lab.report import prepare_report, summary_lines, write_report
 from rlsubnet.lab.runfolder import RunFolder
-from rlsubnet.lab.scheduler import PlannedStage, StageContext, StageJob, Stopwatch, default_jobs, time_note
-from rlsubnet.lab.stages import file_digest, fingerprint, model_digest, quiet_libraries
+from rlsubnet.lab.scheduler import (
+    PlannedStage,
+    SamplesJob,
+    StageContext,
+    StageJob,
+    Stopwatch,
+    WorkerPool,
+    default_jobs,
+    time_note,
+)
+from rlsubnet.lab.spectrum import measure_finished, random_reference
+from rlsubnet.lab.stages import fingerprint, model_digest, quiet_libraries
 
 # -- what runs
 
@@ -77,7 +88,9 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
         num_generations=s.num_generations,
     )
 
-    def grpo(name: str, description: str, *, lr=c.rl_lr, beta=0.0, clip=c.clip, task=c.task) -> StageSpec:
+    def grpo(
+        name: str, description: str, *, lr=c.rl_lr, beta=0.0, clip=c.clip, task=c.task, optimizer="adamw"
+    ) -> StageSpec:
         settings: _CommonSettings = {**common, "task": task}
         return StageSpec(
             name,
@@ -86,13 +99,21 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
             learning_rate=lr,
             beta=beta,
             max_grad_norm=clip,
+            optimizer=optimizer,
             description=description,
             **settings,
         )
 
-    def sft(name: str, data: str, lr: float, description: str) -> StageSpec:
+    def sft(name: str, data: str, lr: float, description: str, optimizer: str = "adamw") -> StageSpec:
         return StageSpec(
-            name, "sft", data=data, learning_rate=lr, max_grad_norm=c.clip, description=description, **common
+            name,
+            "sft",
+            data=data,
+            learning_rate=lr,
+            max_grad_norm=c.clip,
+            optimizer=optimizer,
+            description=description,
+            **common,
         )
 
     specs = [
@@ -116,6 +137,9 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
         sft("sft-matched", "gold", c.rl_lr, "SFT on reference answers at the RL learning rate (matched-lr control)"),
         sft("rft", "own-correct", c.sft_lr, "rejection-sampling FT: SFT on θ0's own correct samples, usual SFT lr"),
         sft("rft-matched", "own-correct", c.rl_lr, "rejection-sampling FT at the RL learning rate"),
+        # The optimizer as a cause of the sparsity: GRPO and SFT with plain SGD at one learning rate (config.SGD_LR)
+        grpo("grpo-sgd", "GRPO with plain SGD (no momentum) instead of AdamW", lr=c.sgd_lr, optimizer="sgd"),
+        sft("sft-sgd", "gold", c.sgd_lr, "SFT on reference answers with plain SGD, at grpo-sgd's learning rate", "sgd"),
     ]
     if c.second_task:
         second = c.second_task
@@ -123,16 +147,24 @@ def finetune_specs(cfg: DemoConfig) -> list[StageSpec]:
     return specs
 
 
-def stage_plan(specs: list[StageSpec], prepare_rerun) -> list[PlannedStage]:
+def stage_plan(specs: list[StageSpec], prepare_rerun, samples: SamplesJob | None = None) -> list[PlannedStage]:
     """Every finetuning stage of the run, in the order they start: the stages above, the extra-seed full runs and
-    the masked re-runs (``prepare_rerun(of, kind, done)`` makes their jobs once the full run ``of`` has finished).
+    the masked re-runs (``prepare_rerun(of, kind, done)`` makes their jobs once the full run ``of`` has finished),
+    and, given ``samples``, θ0's samples, which the stages trained on them wait for.
 
-    GRPO stages come first (they are the long ones), ``grpo`` and ``dpo`` before all (the re-runs wait for
-    them), SFT stages last, so that with two workers the short stages fill the end; with one, order does not
-    matter. No stage's result depends on the order or on which process ran it."""
+    Longest first, the stages others wait for before their kind: ``grpo``, θ0's samples (short, and DPO and RFT
+    need them), ``dpo``, the other GRPO stages (the long ones), DPO, SFT last, so that with two workers the short
+    stages fill the end; with one, order does not matter. No stage's result depends on the order or on which
+    process ran it."""
     spec_by_name = {s.name: s for s in specs}
     full_runs = [*specs, *subnet.extra_seed_specs(spec_by_name)]
-    plan = [PlannedStage(s.name, job=StageJob(s)) for s in full_runs]
+    own = ("samples",) if samples is not None else ()
+    plan = [
+        PlannedStage(s.name, job=StageJob(s, measure=s.name in spec_by_name), needs=own if s.uses_own_samples else ())
+        for s in full_runs
+    ]
+    if samples is not None:
+        plan.insert(0, PlannedStage("samples", job=samples))
     algo = {s.name: s.algorithm for s in full_runs}
     for of in subnet.RERUN_OF:
         if of in spec_by_name:
@@ -143,15 +175,17 @@ def stage_plan(specs: list[StageSpec], prepare_rerun) -> list[PlannedStage]:
                 algo[f"{of}-{kind}"] = spec_by_name[of].algorithm
 
     def priority(node):
+        if node.name == "samples":
+            return 0.5
         if node.name in subnet.RERUN_OF:
-            return 0
-        return {"grpo": 1, "dpo": 2, "sft": 3}[algo[node.name]]
+            return subnet.RERUN_OF.index(node.name)
+        return {"grpo": 2, "dpo": 3, "sft": 4}[algo[node.name]]
 
     return sorted(plan, key=priority)
 
 
 def stage_order(cfg: DemoConfig) -> list[str]:
-    """The names of :func:`stage_plan`, in order (for tests and docs)."""
+    """The names of :func:`stage_plan`'s finetuning stages, in order (for tests and docs)."""
     return [n.name for n in stage_plan(finetune_specs(cfg), lambda *a: "")]
 
 
@@ -191,164 +225,187 @@ def run_demo(
     jobs = default_jobs(cfg.threads) if jobs is None else limits.integer(jobs, "--jobs", 1, limits.MAX_JOBS)
     run_clock = Stopwatch()
     load_start = os.getloadavg()
+    children_start = _children_cpu()
     # One thread by default: on a shared 2-core machine two OpenMP threads wait on each other far longer than they
     # save (we measured 3-7x slower steps under load), and a fixed count keeps the numbers reproducible.
     torch.set_num_threads(cfg.threads)
     quiet_libraries()
-    with RunFolder(out, cfg, fresh) as folder:
-        pre_spec, smp_spec, specs = pretrain_spec(cfg), sample_spec(cfg), finetune_specs(cfg)
-        spec_by_name = {s.name: s for s in specs}
-        n_plan = len(stage_order(cfg))
-        n_total = 2 + n_plan
-        timings: dict[str, dict] = {}
-        say(
-            f"rlsubnet demo: size {cfg.size}, task {cfg.task}"
-            + (f" (+ {cfg.second_task})" if cfg.second_task else "")
-            + f", seed {cfg.seed}, {n_plan} finetuning stages of {cfg.steps} steps, {jobs} at a time -> {folder.out}",
-            progress,
-        )
+    workers = WorkerPool(jobs, cfg.threads) if jobs > 1 else None
+    try:
+        with RunFolder(out, cfg, fresh) as folder:
+            return _run(cfg, folder, fresh, progress, jobs, workers, run_clock, load_start, children_start)
+    except BaseException:
+        if workers is not None:
+            workers.stop()
+        raise
+    finally:
+        if workers is not None:
+            workers.close()
 
-        # 1. θ0
-        say(f"[1/{n_total}] pretrain: {pre_spec.settings_line()}", progress)
-        pre = folder.finished("pretrain", fingerprint({"pretrain": pre_spec.to_json()}))
-        clock = Stopwatch()
-        if pre is None:
-            pre = run_pretrain(pre_spec, folder.stage_dir("pretrain"), progress=progress)
-            timings["pretrain"] = clock.record(reused=False)
-        else:
-            timings["pretrain"] = {"reused": True}
-        acc = ", ".join(f"{t} {v['bf16']['accuracy']:.1%}" for t, v in pre.record["accuracy"].items())
-        status = "reached" if pre.record["target_reached"] else "NOT reached"
-        say(
-            f"    θ0 after {pre.record['steps_done']} steps (target {status}); held-out accuracy {acc}"
-            + time_note(timings["pretrain"]),
-            progress,
-        )
-        theta0 = pre.model_dir
-        base_digest = model_digest(theta0)
 
-        # 2. θ0's own samples (for DPO and rejection-sampling FT)
-        say(
-            f"[2/{n_total}] samples: {smp_spec.k} samples/prompt from θ0 at temperature 1 on {cfg.task} training prompts",
-            progress,
-        )
-        smp = folder.finished("samples", fingerprint({"samples": smp_spec.to_json(), "base": base_digest}))
-        clock = Stopwatch()
-        if smp is None:
-            smp = run_samples(smp_spec, theta0, folder.stage_dir("samples"), progress=progress)
-            timings["samples"] = clock.record(reused=False)
-        else:
-            timings["samples"] = {"reused": True}
-        say(
-            f"    sample accuracy {smp.record['sample_accuracy']:.1%}; {smp.record['prompts_with_a_correct_sample']} prompts "
-            f"with a correct sample, {smp.record['prompts_with_correct_and_incorrect']} with both"
-            + time_note(timings["samples"]),
-            progress,
-        )
-        samples_path = smp.dir / "samples.jsonl"
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished (joined) child processes: the workers."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
-        # 3. the finetuning stages, then the extra seeds and the masked re-runs (the paper's Tables 3, 4)
-        ctx = StageContext(
-            folder=folder,
-            theta0=theta0,
-            base_digest=base_digest,
-            samples_path=samples_path,
-            samples_digest=file_digest(samples_path),
-            eval_tasks=cfg.tasks,
-            theta0_accuracy=pre.record["accuracy"],
-            timings=timings,
-            fresh=fresh,
-            progress=progress,
-            jobs=jobs,
-            threads=cfg.threads,
-        )
-        store = subnet.MaskStore(folder.out, theta0, cfg.seed)
-        clock = Stopwatch()
-        plan = stage_plan(specs, functools.partial(plan_rerun, store, spec_by_name))
-        done, skipped = ctx.run_plan(plan, first_number=3, total=n_total)
-        timings["finetuning_phase"] = clock.record(jobs=jobs, phase=True)
-        stages = {s.name: done[s.name] for s in specs}
-        extra = {n.name: done[n.name] for n in plan if n.name in done and n.name not in stages}
 
-        # 4. measurements
-        say(f"[measure] compare engine on {len(stages)} stages (bf16 and fp32, snapshots, dynamics)", progress)
-        clock = Stopwatch()
-        measured = {name: measure_stage(theta0, res) for name, res in stages.items()}
-        timings["measure"] = clock.record(reused=False)
-        say("[subnetworks] masks, identity with θ_full, frozen fp32 masters, overlap against both chances", progress)
-        clock = Stopwatch()
-        extra_specs = {n.name: n.job.spec for n in plan if isinstance(n.job, StageJob)}
-        subnetwork = measure_subnetwork(theta0, folder.out, stages, extra, extra_specs, store, skipped, cfg)
-        timings["subnetwork"] = clock.record(reused=False)
+def _run(
+    cfg: DemoConfig,
+    folder: RunFolder,
+    fresh: bool,
+    progress: bool,
+    jobs: int,
+    workers,
+    run_clock,
+    load_start,
+    children_start: float,
+) -> dict:
+    """The run inside its folder (:func:`run_demo`)."""
+    pre_spec, smp_spec, specs = pretrain_spec(cfg), sample_spec(cfg), finetune_specs(cfg)
+    spec_by_name = {s.name: s for s in specs}
+    n_plan = len(stage_order(cfg))
+    n_total = 2 + n_plan
+    timings: dict[str, dict] = {}
+    say(
+        f"rlsubnet demo: size {cfg.size}, task {cfg.task}"
+        + (f" (+ {cfg.second_task})" if cfg.second_task else "")
+        + f", seed {cfg.seed}, {n_plan} finetuning stages of {cfg.steps} steps, {jobs} at a time -> {folder.out}",
+        progress,
+    )
 
-        results = {
-            "rlsubnet_version": __version__,
-            "config": cfg.to_json(),
-            "theta0": {
-                "dir": str(theta0),
-                "digest": base_digest,
-                **{
-                    k: pre.record[k]
-                    for k in (
-                        "settings",
-                        "parameters",
-                        "steps_done",
-                        "target_reached",
-                        "reached_at_step",
-                        "curve",
-                        "accuracy",
-                        "spec",
-                    )
-                },
-            },
-            "samples": {
-                k: smp.record[k]
+    # 1. θ0. The workers start now: they import their libraries and run pretraining's validation checks while
+    # pretraining, which everything else waits for, keeps one core busy.
+    say(f"[1/{n_total}] pretrain: {pre_spec.settings_line()}", progress)
+    pre = folder.finished("pretrain", fingerprint({"pretrain": pre_spec.to_json()}))
+    clock = Stopwatch()
+    if pre is None:
+        pool = workers.get() if workers is not None else None
+        pre = run_pretrain(pre_spec, folder.stage_dir("pretrain"), progress=progress, pool=pool)
+        timings["pretrain"] = clock.record(reused=False)
+    else:
+        timings["pretrain"] = {"reused": True}
+    acc = ", ".join(f"{t} {v['bf16']['accuracy']:.1%}" for t, v in pre.record["accuracy"].items())
+    status = "reached" if pre.record["target_reached"] else "NOT reached"
+    say(
+        f"    θ0 after {pre.record['steps_done']} steps (target {status}); held-out accuracy {acc}"
+        + time_note(timings["pretrain"]),
+        progress,
+    )
+    theta0 = pre.model_dir
+    base_digest = model_digest(theta0)
+
+    # 2. θ0's own samples (for DPO and rejection-sampling FT), then the finetuning stages, the extra seeds and
+    # the masked re-runs (the paper's Tables 3, 4): one plan, each stage as soon as what it needs is done
+    ctx = StageContext(
+        folder=folder,
+        theta0=theta0,
+        base_digest=base_digest,
+        samples_path=None,
+        samples_digest=None,
+        eval_tasks=cfg.tasks,
+        theta0_accuracy=pre.record["accuracy"],
+        timings=timings,
+        fresh=fresh,
+        progress=progress,
+        jobs=jobs,
+        threads=cfg.threads,
+        pool=workers,
+    )
+    store = subnet.MaskStore(folder.out, theta0, cfg.seed)
+    clock = Stopwatch()
+    plan = stage_plan(specs, functools.partial(plan_rerun, store, spec_by_name), SamplesJob(smp_spec))
+    done, skipped = ctx.run_plan(plan, first_number=2, total=n_total)
+    timings["finetuning_phase"] = clock.record(jobs=jobs, phase=True)
+    smp = done["samples"]
+    stages = {s.name: done[s.name] for s in specs}
+    extra = {n.name: done[n.name] for n in plan if n.name in done and n.name not in stages and n.name != "samples"}
+
+    # 3. measurements (those a worker made right after its stage are kept)
+    say(f"[measure] compare engine on {len(stages)} stages (bf16 and fp32, snapshots, dynamics, spectra)", progress)
+    clock = Stopwatch()
+    measured = {
+        name: ctx.measured[name] if name in ctx.measured else measure_finished(theta0, res)
+        for name, res in stages.items()
+    }
+    spectral_random = random_reference(theta0)
+    timings["measure"] = clock.record(reused=False, in_workers=sorted(ctx.measured))
+    say("[subnetworks] masks, identity with θ_full, frozen fp32 masters, overlap against both chances", progress)
+    clock = Stopwatch()
+    extra_specs = {n.name: n.job.spec for n in plan if isinstance(n.job, StageJob)}
+    subnetwork = measure_subnetwork(theta0, folder.out, stages, extra, extra_specs, store, skipped, cfg)
+    timings["subnetwork"] = clock.record(reused=False)
+
+    results = {
+        "rlsubnet_version": __version__,
+        "config": cfg.to_json(),
+        "theta0": {
+            "dir": str(theta0),
+            "digest": base_digest,
+            **{
+                k: pre.record[k]
                 for k in (
                     "settings",
-                    "prompts",
-                    "sample_accuracy",
-                    "prompts_with_a_correct_sample",
-                    "prompts_with_correct_and_incorrect",
+                    "parameters",
+                    "steps_done",
+                    "target_reached",
+                    "reached_at_step",
+                    "curve",
+                    "accuracy",
+                    "spec",
                 )
             },
-            "stages": {
-                name: {
-                    "spec": res.record["spec"],
-                    "settings": res.record["settings"],
-                    "description": spec_by_name[name].description,
-                    "trainer": res.record["trainer"],
-                    "optimizer": res.record["optimizer"],
-                    "data": res.record["data"],
-                    "accuracy": res.record["accuracy"],
-                    "train_summary": res.record["train_summary"],
-                    "stage_timings": res.record["timings"],
-                    **measured[name],
-                }
-                for name, res in stages.items()
-            },
-            "subnetwork": subnetwork,
-            "commuted_twins": commuted_twins(cfg.tasks),
-            "versions": pre.record["versions"],
-            "timings": timings,
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "jobs": jobs,
-                "threads_per_stage": cfg.threads,
-                "loadavg_start": list(load_start),
-            },
-        }
+        },
+        "samples": {
+            k: smp.record[k]
+            for k in (
+                "settings",
+                "prompts",
+                "sample_accuracy",
+                "prompts_with_a_correct_sample",
+                "prompts_with_correct_and_incorrect",
+            )
+        },
+        "stages": {
+            name: {
+                "spec": res.record["spec"],
+                "settings": res.record["settings"],
+                "description": spec_by_name[name].description,
+                "trainer": res.record["trainer"],
+                "optimizer": res.record["optimizer"],
+                "data": res.record["data"],
+                "accuracy": res.record["accuracy"],
+                "train_summary": res.record["train_summary"],
+                "stage_timings": res.record["timings"],
+                **measured[name],
+            }
+            for name, res in stages.items()
+        },
+        "subnetwork": subnetwork,
+        "commuted_twins": commuted_twins(cfg.tasks),
+        "spectral_reference": {"random_delta": spectral_random},
+        "versions": pre.record["versions"],
+        "timings": timings,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "jobs": jobs,
+            "threads_per_stage": cfg.threads,
+            "loadavg_start": list(load_start),
+        },
+    }
 
-        # 5. the report: it renders results.json
-        say("[report] figures, results.json, report.md", progress)
-        clock = Stopwatch()
-        figures = prepare_report(results)
-        timings["report"] = clock.record(reused=False)
-        worker_cpu = sum(t.get("cpu_s", 0.0) for t in timings.values() if "worker_pid" in t)
-        total = run_clock.record()
-        timings["total"] = {"wall_s": total["wall_s"], "cpu_s": total["cpu_s"] + worker_cpu}
-        results["machine"]["loadavg_end"] = list(os.getloadavg())
-        write_report(results, folder.out, figures)
-        for line in summary_lines(results, results["claims"]):
-            say(line, progress)
-        say(f"done in {timings['total']['wall_s']:.0f} s: {folder.out / 'report.md'}", progress)
-        return results
+    # 5. the report: it renders results.json
+    say("[report] figures, results.json, report.md", progress)
+    clock = Stopwatch()
+    # the workers, if they ran stages, are still there: they draw part of the figures
+    figures = prepare_report(results, workers.executor if workers is not None else None)
+    timings["report"] = clock.record(reused=False)
+    if workers is not None:
+        workers.close()  # joined, so that their CPU time (stages, checks, figures) is counted below
+    total = run_clock.record()
+    timings["total"] = {"wall_s": total["wall_s"], "cpu_s": total["cpu_s"] + _children_cpu() - children_start}
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    write_report(results, folder.out, figures)
+    for line in summary_lines(results, results["claims"]):
+        say(line, progress)
+    say(f"done in {timings['total']['wall_s']:.0f} s: {folder.out / 'report.md'}", progress)
+    return results

@@ -13,8 +13,12 @@ import dataclasses
 import json
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text
@@ -22,6 +26,7 @@ from rlsubnet.lab.config import model_size
 from rlsubnet.lab.data import sft_features
 from rlsubnet.lab.evaluate import generate, greedy_accuracy
 from rlsubnet.lab.model import build_model, count_parameters, load_model
+from rlsubnet.lab.prefill import dedupe_prefill
 from rlsubnet.lab.progress import StageProgress
 from rlsubnet.lab.rewards import is_correct, normalise_completion
 from rlsubnet.lab.stages import (
@@ -87,8 +92,11 @@ def pretrain_rows(spec: PretrainSpec) -> list[dict]:
     return [{"prompt": p.prompt, "completion": p.answer} for p in mixed]
 
 
-def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False):
-    """Train θ0 and write ``out_dir`` (model/ in bf16 with the tokenizer, master-fp32, curve, stage.json)."""
+def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False, pool=None):
+    """Train θ0 and write ``out_dir`` (model/ in bf16 with the tokenizer, master-fp32, curve, stage.json).
+
+    ``pool``: an executor (the demo's worker processes, torch threads as here) that runs the validation checks
+    beside the training; None checks inline. Either way θ0, its step and its curve are the same."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -105,31 +113,66 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
     fp = fingerprint({"pretrain": spec.to_json()})
 
     class StopAtTarget(TrainerCallback):
+        """Validation accuracy every ``eval_every`` steps; training stops at the first check that reaches the target.
+
+        With a worker ``pool`` the check runs there on a copy of the weights while training goes on; when a check
+        comes back at the target, training stops and θ0 is the copy: the same weights, step and curve as checking
+        inline, since training never depends on the checks. The pool's process runs the same model code with the
+        same weights and thread count, so it computes the same accuracies."""
+
         def __init__(self) -> None:
             self.curve: list[dict] = []
             self.reached_at: int | None = None
+            self.reached_state: dict | None = None
             self.last_loss = None
+            self.pending: list[tuple[int, Any, dict, Future]] = []
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.last_loss = logs["loss"]
 
+        def record(self, step: int, loss, acc: dict) -> bool:
+            self.curve.append({"step": step, "validation_accuracy": acc, "loss": loss})
+            if min(acc.values()) >= spec.target_accuracy:
+                self.reached_at = step
+                return True
+            return False
+
+        def collect(self, block: bool) -> None:
+            while self.pending and self.reached_at is None and (block or self.pending[0][3].done()):
+                step, loss, weights, future = self.pending.pop(0)
+                if self.record(step, loss, future.result()):
+                    self.reached_state = weights
+            if self.reached_at is not None:
+                for *_, future in self.pending:
+                    future.cancel()
+                self.pending.clear()
+
         def on_step_end(self, args, state, control, model=None, **kw):
             step = state.global_step
+            if self.reached_at is None and (step % spec.eval_every == 0 or step == spec.max_steps):
+                if pool is None:
+                    acc = {
+                        t.name: greedy_accuracy(model, tokenizer, t.split("validation"), t.max_answer_chars + 1)[
+                            "accuracy"
+                        ]
+                        for t in tasks
+                    }
+                    self.record(step, self.last_loss, acc)
+                else:
+                    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    future = pool.submit(
+                        validation_accuracy, model.config, model.generation_config, weights, list(spec.tasks)
+                    )
+                    self.pending.append((step, self.last_loss, weights, future))
+            # At the last step every check must be in; otherwise wait only when checks pile up (memory).
+            self.collect(block=step >= spec.max_steps or len(self.pending) > 2)
+            if self.reached_at is not None:
+                control.should_training_stop = True
             logs = {"loss": self.last_loss} if self.last_loss is not None else {}
             if self.curve:
                 logs["val_acc"] = min(self.curve[-1]["validation_accuracy"].values())
-            if step % spec.eval_every == 0 or step == spec.max_steps:
-                acc = {
-                    t.name: greedy_accuracy(model, tokenizer, t.split("validation"), t.max_answer_chars + 1)["accuracy"]
-                    for t in tasks
-                }
-                self.curve.append({"step": step, "validation_accuracy": acc, "loss": self.last_loss})
-                logs["val_acc"] = min(acc.values())
-                if min(acc.values()) >= spec.target_accuracy:
-                    self.reached_at = step
-                    control.should_training_stop = True
-            bar.update(step, logs)
+            bar.update(min(step, self.reached_at or step), logs)
 
     stopper = StopAtTarget()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -147,8 +190,17 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
             **sft_settings(spec.batch_size),
         )
         trainer = make_trainer(SFTTrainer, model, args, dataset, tokenizer, [stopper], default_optimizer(model, args))
-        train_seconds = train_timed(trainer, tmp / "trainer", bar)
+        try:
+            train_seconds = train_timed(trainer, tmp / "trainer", bar)
+        finally:
+            for *_, future in stopper.pending:
+                future.cancel()
         model = trainer.model
+        assert model is not None
+        if stopper.reached_state is not None:
+            # Training ran on while the check of step reached_at was out; θ0 is the weights that were checked.
+            model.load_state_dict(stopper.reached_state)
+        steps_done = stopper.reached_at if stopper.reached_at is not None else trainer.state.global_step
         theta0 = save_trained(model, tmp, tokenizer, "pretrain", fp)
         accuracy = {t.name: heldout_accuracy(theta0, model, tokenizer, t) for t in tasks}
         record = {
@@ -158,7 +210,7 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
             "spec": spec.to_json(),
             "settings": spec.settings_line(),
             "parameters": count_parameters(model),
-            "steps_done": trainer.state.global_step,
+            "steps_done": steps_done,
             "target_reached": stopper.reached_at is not None,
             "reached_at_step": stopper.reached_at,
             "curve": stopper.curve,
@@ -171,6 +223,25 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
     return StageResult(name="pretrain", dir=out_dir, record=record)
 
 
+def validation_accuracy(config, generation_config, weights: dict, task_names: list[str]) -> dict[str, float]:
+    """Greedy accuracy on each task's validation split of a lab model given by its config and weights (run in a
+    worker process during pretraining)."""
+    from transformers import LlamaForCausalLM
+
+    quiet_libraries()
+    with torch.random.fork_rng(devices=[]):
+        model = LlamaForCausalLM(config)
+    model.generation_config = generation_config
+    model.load_state_dict(weights)
+    model.float()
+    tokenizer = build_tokenizer()
+    out = {}
+    for name in task_names:
+        t = get_task(name)
+        out[name] = greedy_accuracy(model, tokenizer, t.split("validation"), t.max_answer_chars + 1)["accuracy"]
+    return out
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     task: str
@@ -180,6 +251,9 @@ class SampleSpec:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def settings_line(self) -> str:
+        return f"{self.k} samples/prompt from θ0 at temperature 1 on {self.task} training prompts"
 
 
 def run_samples(
@@ -193,6 +267,7 @@ def run_samples(
     problems = ordered(task.split("train"), min(spec.max_prompts, len(task.split("train"))), spec.seed)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir)
+    dedupe_prefill(model)  # k samples of each prompt: prefill each prompt once (same bits)
     base_digest = model_digest(base_dir)
     fp = fingerprint({"samples": spec.to_json(), "base": base_digest})
     bar = StageProgress("samples", len(problems), enabled=progress)

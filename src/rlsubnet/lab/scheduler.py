@@ -1,6 +1,11 @@
 """Running the finetuning stages of a plan: each once the stages it needs are done, reusing finished ones, ``jobs``
 at a time in spawned worker processes (one torch thread count each). Which process runs a stage never changes a
 number: same spec, same inputs, same thread count, same bits.
+
+θ0's samples are a node of the plan too (only the stages trained on them wait for them), and a worker that has
+trained a stage also measures it (:func:`rlsubnet.lab.spectrum.measure_finished`), so that neither waits for a
+core while the other one idles. The workers (:class:`WorkerPool`) can be started before the plan, during
+pretraining, which uses one core and hands its validation checks to them.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +24,7 @@ import torch
 from rlsubnet.errors import RlsubnetError
 from rlsubnet.lab import stages
 from rlsubnet.lab.config import StageSpec
+from rlsubnet.lab.pretrain import SampleSpec, run_samples
 from rlsubnet.lab.progress import say
 from rlsubnet.lab.runfolder import RunFolder
 from rlsubnet.lab.subnet import run_masked_stage
@@ -50,10 +56,20 @@ class StageJob:
     mask_path: str | None = None
     mask_sha256: str | None = None
     allow_full: bool = False
+    measure: bool = False  # a worker that ran it also measures it against θ0
 
 
-def execute_job(job: StageJob, kwargs: dict):
+@dataclass(frozen=True)
+class SamplesJob:
+    """θ0's own samples (:func:`rlsubnet.lab.pretrain.run_samples`) as a node of the plan."""
+
+    spec: SampleSpec
+
+
+def execute_job(job: StageJob | SamplesJob, kwargs: dict):
     """Run ``job`` in this process (``kwargs``: the rest of :func:`rlsubnet.lab.stages.run_stage`'s arguments)."""
+    if isinstance(job, SamplesJob):
+        return run_samples(job.spec, kwargs["base_dir"], kwargs["out_dir"], progress=kwargs["progress"])
     if job.mask_path is not None:
         if job.mask_sha256 is None:
             raise ValueError(f"stage {job.spec.name}: a masked job must carry the SHA-256 of its mask's bits")
@@ -74,7 +90,7 @@ class PlannedStage:
     it ``needs`` have finished (a masked re-run needs the full run's mask); a str means skipped, and says why."""
 
     name: str
-    job: StageJob | str | None = None
+    job: StageJob | SamplesJob | str | None = None
     needs: tuple[str, ...] = ()
     prepare: Callable[[dict], StageJob | str] | None = None
 
@@ -91,8 +107,8 @@ class StageContext:
     folder: RunFolder
     theta0: Path
     base_digest: str
-    samples_path: Path
-    samples_digest: str
+    samples_path: Path | None
+    samples_digest: str | None
     eval_tasks: list
     theta0_accuracy: dict
     timings: dict
@@ -100,23 +116,40 @@ class StageContext:
     progress: bool = True
     jobs: int = 1
     threads: int = 1
+    pool: WorkerPool | None = None  # started by the caller (else here, when a stage first needs it)
+    measured: dict = field(default_factory=dict)  # name -> measurements made by the worker that ran the stage
 
-    def _kwargs(self, spec: StageSpec, progress: bool) -> dict:
-        own = spec.uses_own_samples
+    def _kwargs(self, job: StageJob | SamplesJob, progress: bool) -> dict:
+        name = "samples" if isinstance(job, SamplesJob) else job.spec.name
+        own = isinstance(job, StageJob) and job.spec.uses_own_samples
         return dict(
             base_dir=self.theta0,
-            out_dir=self.folder.stage_dir(spec.name),
+            out_dir=self.folder.stage_dir(name),
             samples_path=self.samples_path if own else None,
             eval_tasks=list(self.eval_tasks),
             progress=progress,
         )
 
-    def lookup(self, spec: StageSpec, extra_record: dict | None = None):
+    def lookup(self, spec: StageSpec | SampleSpec, extra_record: dict | None = None):
         """The finished stage if its folder holds this spec's result for these inputs, else None."""
+        if isinstance(spec, SampleSpec):
+            return self.folder.finished("samples", samples_fingerprint(spec, self.base_digest))
         sdig = self.samples_digest if spec.uses_own_samples else None
         return self.folder.finished(spec.name, stages.stage_fingerprint(spec, self.base_digest, sdig, extra_record))
 
+    def _finished(self, job, res) -> None:
+        if isinstance(job, SamplesJob):
+            self.samples_path = res.dir / "samples.jsonl"
+            self.samples_digest = stages.file_digest(self.samples_path)
+
     def _result_line(self, res, label: str = "") -> str:
+        if res.name == "samples":
+            r = res.record
+            return (
+                f"    {label}sample accuracy {r['sample_accuracy']:.1%}; {r['prompts_with_a_correct_sample']} prompts "
+                f"with a correct sample, {r['prompts_with_correct_and_incorrect']} with both"
+                + time_note(self.timings[res.name])
+            )
         accs = ", ".join(
             f"{t} {self.theta0_accuracy[t]['bf16']['accuracy']:.1%} -> {v['bf16']['accuracy']:.1%}"
             for t, v in res.record["accuracy"].items()
@@ -132,7 +165,9 @@ class StageContext:
         pending = list(plan)
         number = {node.name: first_number + i for i, node in enumerate(plan)}
         running: dict = {}
-        pool = None
+        own_pool = self.pool is None and self.jobs > 1
+        if own_pool:
+            self.pool = WorkerPool(self.jobs, self.threads)
 
         def header(node, note=""):
             say(f"[{number[node.name]}/{total}] {node.name}: {node.job.spec.settings_line()}{note}", self.progress)
@@ -156,13 +191,14 @@ class StageContext:
                     if self.jobs == 1:
                         pending.remove(node)
                         header(node)
-                        done[node.name] = self._run_here(job)
+                        done[node.name] = self._run_here(node.name, job)
                         progressed = True
                         break  # rescan in plan order: the stage may have unblocked others
-                    res = self.lookup(job.spec, job.extra_record)
+                    res = self.lookup(job.spec, getattr(job, "extra_record", None))
                     if res is not None:
                         pending.remove(node)
                         done[node.name] = res
+                        self._finished(job, res)
                         self.timings[node.name] = {"reused": True}
                         header(node)
                         say(self._result_line(res), self.progress)
@@ -170,11 +206,10 @@ class StageContext:
                         continue
                     if len(running) >= self.jobs:
                         continue
-                    if pool is None:
-                        pool = _worker_pool(self.jobs, self.threads)
+                    assert self.pool is not None
                     pending.remove(node)
                     header(node, f"  (started in a worker process; {len(running) + 1} running)")
-                    running[pool.submit(_worker_run, job, self._kwargs(job.spec, False))] = node
+                    running[self.pool.get().submit(_worker_run, job, self._kwargs(job, False))] = node
                     progressed = True
                 if self.jobs == 1 or not running:
                     if pending and not progressed:
@@ -183,30 +218,38 @@ class StageContext:
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for fut in finished:
                     node = running.pop(fut)
-                    res, timing = fut.result()
+                    res, timing, measured = fut.result()
                     done[node.name] = res
+                    self._finished(node.job, res)
                     self.timings[node.name] = timing
+                    if measured is not None:
+                        self.measured[node.name] = measured
                     say(self._result_line(res, f"{node.name}: "), self.progress)
         except BaseException:
-            if pool is not None:
-                _stop_pool(pool)
-                pool = None
+            if self.pool is not None:
+                self.pool.stop()
             raise
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+            if own_pool and self.pool is not None:
+                self.pool.close()
+                self.pool = None
         return done, skipped
 
-    def _run_here(self, job: StageJob):
-        res = self.lookup(job.spec, job.extra_record)
+    def _run_here(self, name: str, job: StageJob | SamplesJob):
+        res = self.lookup(job.spec, getattr(job, "extra_record", None))
         clock = Stopwatch()
         if res is None:
-            res = execute_job(job, self._kwargs(job.spec, self.progress))
-            self.timings[job.spec.name] = clock.record(reused=False)
+            res = execute_job(job, self._kwargs(job, self.progress))
+            self.timings[name] = clock.record(reused=False)
         else:
-            self.timings[job.spec.name] = {"reused": True}
+            self.timings[name] = {"reused": True}
+        self._finished(job, res)
         say(self._result_line(res), self.progress)
         return res
+
+
+def samples_fingerprint(spec: SampleSpec, base_digest: str) -> str:
+    return stages.fingerprint({"samples": spec.to_json(), "base": base_digest})
 
 
 # -- worker processes (jobs > 1)
@@ -214,11 +257,37 @@ class StageContext:
 _IN_JOB = False
 
 
-def _worker_pool(jobs: int, threads: int):
-    # spawn, not fork: the parent has torch (and its thread pools) initialised, which fork does not survive safely.
-    return ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
-    )
+class WorkerPool:
+    """The worker processes of a run, started on first use and kept for every later job (spawned workers import
+    torch and TRL once, seconds each); ``get`` starts them all at once so that their imports overlap."""
+
+    def __init__(self, jobs: int, threads: int) -> None:
+        self.jobs, self.threads = jobs, threads
+        self.executor: ProcessPoolExecutor | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self.executor is None:
+            # spawn, not fork: the parent has torch (and its thread pools) initialised, which fork does not survive.
+            self.executor = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.threads,),
+            )
+            # A process is spawned per task submitted while the others are busy: one no-op each starts them all.
+            for _ in range(self.jobs):
+                self.executor.submit(int)
+        return self.executor
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            _stop_pool(self.executor)
+            self.executor = None
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+            self.executor = None
 
 
 def _worker_init(threads: int) -> None:
@@ -230,6 +299,9 @@ def _worker_init(threads: int) -> None:
         os.environ.setdefault(k, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(threads)
+    # Imported now, while the parent pretrains or plans, rather than by the first stage.
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
 
 
 def _worker_stop(signum, frame):
@@ -238,16 +310,21 @@ def _worker_stop(signum, frame):
     os._exit(1)
 
 
-def _worker_run(job: StageJob, kwargs: dict):
+def _worker_run(job: StageJob | SamplesJob, kwargs: dict):
     global _IN_JOB
     stages.quiet_libraries()
     clock = Stopwatch()
     _IN_JOB = True
     try:
         res = execute_job(job, kwargs)
+        measured = None
+        if isinstance(job, StageJob) and job.measure:
+            from rlsubnet.lab.spectrum import measure_finished
+
+            measured = measure_finished(Path(kwargs["base_dir"]), res)
     finally:
         _IN_JOB = False
-    return res, clock.record(reused=False, worker_pid=os.getpid())
+    return res, clock.record(reused=False, worker_pid=os.getpid()), measured
 
 
 def _stop_pool(pool) -> None:

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlsubnet._version import __version__
-from rlsubnet.diff.changed import changed_masks
+from rlsubnet.diff.changed import ChangedTest
 from rlsubnet.diff.dynamics import DecompositionTracker
 from rlsubnet.diff.stats import atol_record
 from rlsubnet.errors import UsageError
@@ -40,6 +41,7 @@ from rlsubnet.lab.config import StageSpec
 from rlsubnet.lab.data import load_samples, stage_rows
 from rlsubnet.lab.evaluate import greedy_accuracy
 from rlsubnet.lab.model import load_model, save_model, save_weights_file, unique_state
+from rlsubnet.lab.prefill import dedupe_prefill
 from rlsubnet.lab.progress import StageProgress
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.lab.tokenizer import load_tokenizer
@@ -137,28 +139,32 @@ def make_callbacks(
             save_weights_file(_bf16_state(model), snapshot_dir / name, {"step": step, "dtype": "bfloat16"})
             self.saved.append((step, name))
 
+    named = dict(model.named_parameters())
+    tracked = [named[n] for n in base_state]
+
+    def flat_bf16() -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in tracked]).to(torch.bfloat16)
+
     class StepTracker(TrainerCallback):
         """After every optimizer step: the engine's changed-test against the previous step's bf16 weights, and the
         never / returned / final decomposition at one-step resolution (the last step is the final model)."""
 
         def __init__(self) -> None:
-            self.prev = base_state
-            self.decomposition = DecompositionTracker(base_state, step_atols)
+            # All parameters as one flat bf16 vector: the test is elementwise and the counts are pooled, so this
+            # gives the per-tensor loop's numbers in a quarter of its time (16 -> 4.6 ms a step on the small model,
+            # where an SFT step takes ~100 ms).
+            base = torch.cat([t.reshape(-1) for t in base_state.values()])
+            self.test = ChangedTest(base.dtype, base.dtype, step_atols, "bf16")
+            self.prev = base
+            self.decomposition = DecompositionTracker({"": base}, step_atols)
+            self.numel = base.numel()
             self.records: list[dict] = []
 
         def on_step_end(self, args, state, control, **kw):
-            # The engine's changed-test per tensor (no file reads, no norms): this runs after every optimizer step
-            # of every stage, where the full compare cost ~40 ms a step on the small model, ~10% of a GRPO step.
-            cur = _bf16_state(model)
-            changed = [0] * len(step_atols)
-            numel = 0
-            for name in base_state:
-                c = cur[name]
-                numel += c.numel()
-                for k, m in enumerate(changed_masks(self.prev[name], c, step_atols)):
-                    changed[k] += int(m.sum())
-            self.decomposition.update(cur)
-            recs = [atol_record(a, numel, n) for a, n in zip(step_atols, changed)]
+            cur = flat_bf16()
+            changed = [int(np.count_nonzero(m)) for m in self.test.changed(self.prev, cur)]
+            self.decomposition.update({"": cur})
+            recs = [atol_record(a, self.numel, n) for a, n in zip(step_atols, changed)]
             self.records.append(
                 {
                     "step": state.global_step,
@@ -311,6 +317,8 @@ def run_stage(
             callbacks=[snaps, tracker, logs, *callbacks],
             optimizer_factory=optimizer_factory,
         )
+        if spec.algorithm == "grpo":
+            dedupe_prefill(trainer.model)  # 8 completions per prompt: prefill each prompt once (same bits)
         if configure_trainer is not None:
             configure_trainer(trainer)
         train_seconds = train_timed(trainer, tmp / "trainer", bar)

@@ -49,6 +49,20 @@ def default_optimizer(model, args):
     )
 
 
+def sgd_optimizer(model, args):
+    """Plain SGD (no momentum, no Nesterov) with the TrainingArguments' learning rate and weight decay (norms and
+    biases get none), single-tensor path like :func:`default_optimizer`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
+    return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.0, foreach=False)
+
+
 def common_args(
     output_dir: str,
     *,
@@ -194,5 +208,9 @@ def build_trainer(
         args = SFTConfig(**base, **sft_settings(spec.batch_size))
         dataset = Dataset.from_dict(sft_features(rows, tokenizer))
         trainer_cls = SFTTrainer
-    optimizer = (optimizer_factory or default_optimizer)(model, args)
+    if optimizer_factory is not None and spec.optimizer != "adamw":
+        raise UsageError(
+            f"stage {spec.name}: a custom optimizer factory wraps AdamW; --optimizer {spec.optimizer} has none"
+        )
+    optimizer = (optimizer_factory or (sgd_optimizer if spec.optimizer == "sgd" else default_optimizer))(model, args)
     return make_trainer(trainer_cls, model, args, dataset, tokenizer, callbacks, optimizer, **extra)

@@ -7,8 +7,10 @@ labelled as the paper's. Verdicts follow fixed, stated criteria (:mod:`~rlsubnet
 
 - ``records``: accessors and formatting over the results dict;
 - ``criteria``: the thresholds behind every verdict;
-- ``claims``, ``subnetwork_claims``: the paper's claims checked, each with its verdict and why;
-- ``figures``, ``subnetwork_figures``: the PNG figures; ``markdown``, ``subnetwork_markdown``: report.md.
+- ``claims``, ``subnetwork_claims``: the paper's claims checked, each with its verdict and why; ``spectral_claims``:
+  later work's (where the update points, the optimizer as a cause);
+- ``figures``, ``subnetwork_figures``: the PNG figures; ``markdown``, ``subnetwork_markdown``,
+  ``spectral_markdown``: report.md (the last also draws its figure).
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ from rlsubnet.lab.report.claims import assess
 from rlsubnet.lab.report.criteria import CRITERIA
 from rlsubnet.lab.report.figures import render_figures
 from rlsubnet.lab.report.markdown import render_markdown, summary_lines
-from rlsubnet.lab.report.records import json_safe
+from rlsubnet.lab.report.records import adamw_view, json_safe
+from rlsubnet.lab.report.spectral_claims import assess_optimizer, assess_spectral
 
 __all__ = ["prepare_report", "summary_lines", "write_report"]
 
 
-def prepare_report(results: dict) -> dict[str, tuple[bytes, dict]]:
-    """Assess the claims and render every figure (in memory); adds "claims", "criteria" and "figures" to ``results``."""
-    figures = render_figures(results)
-    results["claims"] = assess(results)
+def prepare_report(results: dict, executor=None) -> dict[str, tuple[bytes, dict]]:
+    """Assess the claims and render every figure (in memory); adds "claims", "criteria" and "figures" to ``results``.
+
+    The paper's claims are checked on the AdamW stages (:func:`~rlsubnet.lab.report.records.adamw_view`); the
+    SGD stages enter the claims about the optimizer and where the update points. ``executor``: running worker
+    processes that draw part of the figures (:func:`~rlsubnet.lab.report.figures.render_figures`)."""
+    figures = render_figures(results, executor)
+    results["claims"] = assess(adamw_view(results)) + assess_optimizer(results) + assess_spectral(results)
     results["criteria"] = CRITERIA
     results["figures"] = {name: rec for name, (_, rec) in figures.items()}
     return figures

@@ -45,6 +45,19 @@ CRITERIA = {
     # overlap beyond |w| "follows the task data, not the RL algorithm" when the two-task ratio o1 / magnitude-matched
     # chance is below every same-task ratio and SFT-vs-GRPO at the same lr is within this margin of GRPO-vs-DPO
     "same_algorithm_margin": 0.10,
+    # the optimizer as a cause: SGD updates "far fewer" parameters when its bf16 density (atol 1e-5) is at most this
+    # fraction of AdamW's for the same GRPO run; "equal gains" when its held-out gain over θ0 is not lower than
+    # AdamW's by more than two standard errors of the difference
+    "far_fewer_at_most": 0.1,
+    # where the update points, RL against SFT at one learning rate: RL's principal-subspace rotation (mean of the
+    # left and right largest angles) and spectral drift are "small, and larger under SFT" when at most this fraction
+    # of SFT's; RL's update is "off the principal directions" when its share of ‖Δ‖² inside W0's top-k subspaces is at
+    # most this multiple of a random update's (k²/(m·n)) and SFT's share is larger than RL's by the fraction above
+    "spectral_smaller_at_most": 0.5,
+    "off_principal_at_most": 1.0,
+    # "effectively low rank": 90% of ‖Δ‖² in at most this share of min(m, n) singular directions (mean over matrices);
+    # "full rank" is the numerical rank's share of min(m, n), at least CRITERIA["full_rank"]
+    "energy_rank_90_at_most": 0.25,
 }
 
 

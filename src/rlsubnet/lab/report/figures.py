@@ -8,7 +8,9 @@ import math
 
 from rlsubnet._version import __version__
 from rlsubnet.lab import paper_numbers as paper
-from rlsubnet.lab.report.records import RL_ALGOS, se, settings_of, sp, trained
+from rlsubnet.lab.report.records import RL_ALGOS, adamw_view, se, settings_of, sp, trained
+from rlsubnet.lab.report.spectral_claims import spectral_pairs
+from rlsubnet.lab.report.spectral_markdown import SPECTRAL_FIGURE_DATA, SPECTRAL_FIGURES
 from rlsubnet.lab.report.subnetwork_figures import SUBNETWORK_FIGURE_DATA, SUBNETWORK_FIGURES, FigureFn
 from rlsubnet.report import plots
 from rlsubnet.report.plots import pyplot
@@ -380,6 +382,7 @@ FIGURE_DATA = {
     "pretrain": "theta0.curve",
     "heatmap": "stages.<name>.grid",
     **SUBNETWORK_FIGURE_DATA,
+    **SPECTRAL_FIGURE_DATA,
 }
 
 
@@ -398,21 +401,35 @@ FIGURES: dict[str, tuple[str, FigureFn]] = {
 HEATMAP_STAGES = ("grpo", "dpo", "sft")
 
 
-def render_figures(results: dict) -> dict[str, tuple[bytes, dict]]:
-    """file name -> (PNG bytes, record for results.json)."""
-    prov = {"rlsubnet_version": __version__, "config": results["config"]}
-    out = {}
-    todo: list[tuple[str, str, FigureFn]] = [(k, title, fn) for k, (title, fn) in FIGURES.items()]
+def figure_plan(results: dict) -> list[tuple[str, str, FigureFn]]:
+    """(key, title, figure function of the results dict) of every figure this run has, in report order."""
+    full, view = results, adamw_view(results)  # the paper's figures show the AdamW stages
+
+    def on(data, fn):
+        return functools.partial(lambda _, data, fn: fn(data), data=data, fn=fn)
+
+    todo: list[tuple[str, str, FigureFn]] = [(k, title, on(view, fn)) for k, (title, fn) in FIGURES.items()]
     todo += [
-        (f"heatmap_{n}", f"Layer × module sparsity: {n}", functools.partial(_fig_heatmap, name=n))
+        (f"heatmap_{n}", f"Layer × module sparsity: {n}", on(view, functools.partial(_fig_heatmap, name=n)))
         for n in HEATMAP_STAGES
-        if n in results["stages"]
+        if n in view["stages"]
     ]
     sub = results.get("subnetwork") or {}
     for key, (title, fn) in SUBNETWORK_FIGURES.items():
         if (key == "subnetwork_identity" and sub.get("reruns")) or (key.startswith("overlap") and sub.get("overlap")):
-            todo.append((key, title, fn))
-    for key, title, fn in todo:
+            todo.append((key, title, on(view, fn)))
+    if spectral_pairs(full):
+        todo += [(k, title, on(full, fn)) for k, (title, fn) in SPECTRAL_FIGURES.items()]
+    return todo
+
+
+def render_some(results: dict, keys: list[str] | None = None) -> dict[str, tuple[bytes, dict]]:
+    """file name -> (PNG bytes, record for results.json) of the figures ``keys`` (default: all), in plan order."""
+    prov = {"rlsubnet_version": __version__, "config": results["config"]}
+    out = {}
+    for key, title, fn in figure_plan(results):
+        if keys is not None and key not in keys:
+            continue
         fig = fn(results)
         # The settings are part of every figure's title; the record repeats them for readers of results.json.
         caption = fig._suptitle.get_text() if fig._suptitle is not None else fig.axes[0].get_title()
@@ -422,3 +439,18 @@ def render_figures(results: dict) -> dict[str, tuple[bytes, dict]]:
             {"title": title, "caption": caption, "data": data},
         )
     return out
+
+
+def render_figures(results: dict, executor=None) -> dict[str, tuple[bytes, dict]]:
+    """file name -> (PNG bytes, record for results.json), in report order. With ``executor`` (worker processes that
+    are already running) its workers draw a share of the figures beside this process: the same bytes, sooner."""
+    keys = [k for k, _, _ in figure_plan(results)]
+    if executor is None or len(keys) < 2:
+        return render_some(results)
+    shares = executor._max_workers + 1
+    groups = [keys[i::shares] for i in range(shares)]
+    futures = [executor.submit(render_some, results, g) for g in groups[1:] if g]
+    done = render_some(results, groups[0])
+    for f in futures:
+        done.update(f.result())
+    return {f"{k}.png": done[f"{k}.png"] for k in keys}

@@ -7,12 +7,14 @@ import math
 from collections.abc import Sequence
 
 from rlsubnet.lab.report.criteria import CRITERIA, criteria_sentence, fp32_dense, fp32_explains_sparsity
-from rlsubnet.lab.report.records import acc_diff, ident, md_table, pct, pts, rows_of, se, sp, trained
+from rlsubnet.lab.report.records import acc_diff, adamw_view, ident, md_table, pct, pts, rows_of, se, sp, trained
+from rlsubnet.lab.report.spectral_markdown import optimizer_markdown, sgd_summary_lines, spectral_markdown
 from rlsubnet.lab.report.subnetwork_markdown import subnetwork_markdown
 
 
 def summary_lines(results: dict, claims: list[dict]) -> list[str]:
     """A few measured facts, each with its settings; no number here is not also in the tables below."""
+    full, results = results, adamw_view(results)  # the SGD stages have their own line, at the end
     st = results["stages"]
     c = results["config"]
     out = []
@@ -90,6 +92,7 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
                 + ", ".join(pct(x["magnitude_chance_o1"]) for x in seeds)
                 + " (paper, DPO seeds: 60.5% vs 36.7%)."
             )
+    out += sgd_summary_lines(full)
     verdicts: dict[str, list[str]] = {}
     for cl in claims:
         verdicts.setdefault(cl["verdict"], []).append(cl["id"])
@@ -227,6 +230,8 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
             md.append(f"- {c_['claim']} Ours: {c_['ours']}. {c_['why'][0].upper() + c_['why'][1:]}")
 
     md += subnetwork_markdown(results)
+    md += optimizer_markdown(results)
+    md += spectral_markdown(results)
 
     md += ["", "## Figures", ""]
     for f in figure_files:

@@ -53,6 +53,17 @@ def rl_stages(results: dict, lr: str = "rl") -> list[str]:
     return out
 
 
+def optimizer_of(stage: dict) -> str:
+    """The stage's optimizer ("adamw" when its spec names none: the specs of AdamW stages leave it out)."""
+    return stage["spec"].get("optimizer", "adamw")
+
+
+def adamw_view(results: dict) -> dict:
+    """``results`` with only the AdamW stages: the paper's claims, and the figures and summary around them, are
+    about AdamW runs (its drift bound of ~lr per step, for one); the SGD stages have a section of their own."""
+    return {**results, "stages": {n: s for n, s in results["stages"].items() if optimizer_of(s) == "adamw"}}
+
+
 COMPARABLE_KEYS = ("task", "learning_rate", "steps", "batch_size", "data_seed")
 
 
