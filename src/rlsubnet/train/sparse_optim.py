@@ -16,7 +16,8 @@ Memory per trainable entry, and what it is exact to: ``docs/masks-and-training.m
 (``register_post_accumulate_grad_hook``) and the dense gradient is dropped (``p.grad = None``), so dense gradient
 memory lives for about one tensor at a time, not the whole model. Read the gradient norm from
 :attr:`last_grad_norm`, not from ``p.grad``, and clip here (``max_grad_norm``), not with
-``clip_grad_norm_``: after backward the parameters hold no gradient.
+``clip_grad_norm_``: after backward the parameters hold no gradient. In TRL's trainers,
+:func:`rlsubnet.train.attach_sparse` moves the clipping from the trainer into the optimizer.
 
 **Clipping** uses the norm of the full gradient, frozen entries included, then masks (the paper's order): the hook
 records each dense gradient's norm before dropping it. ``mask_before_clip=True`` clips by the norm of the masked
