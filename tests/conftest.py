@@ -9,9 +9,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
-import torch
+from hypothesis import HealthCheck, Phase, settings
 
 from rlsubnet.testing import llama_specs, write_synthetic_pair
+
+# Property-based tests: the same examples on every run and machine (derandomize), no wall-clock deadline (the
+# machine may be shared and loaded), and no example database (no run depends on an earlier one). Each fuzz test
+# sets its own max_examples (tests/fuzzing.py); RLSUBNET_FUZZ_SCALE multiplies them for a longer search by hand.
+settings.register_profile(
+    "rlsubnet",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    max_examples=50,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+# `make mutate`: a failing example is enough to kill a mutant; shrinking it would only cost time.
+settings.register_profile(
+    "mutation", parent=settings.get_profile("rlsubnet"), phases=[Phase.explicit, Phase.reuse, Phase.generate]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rlsubnet"))
 
 SMALL_SHARD = 16 << 10  # 16 KiB: the tiny model below spans several shards
 

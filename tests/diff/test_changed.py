@@ -98,3 +98,14 @@ def test_the_mode_keyword_and_its_old_name(sharded_pair):
         rlsubnet.compare(base, tuned, colour="fp32")
     with pytest.raises(rlsubnet.UsageError, match="unknown comparison mode 'fp8'"):
         rlsubnet.compare(base, tuned, mode="fp8")
+
+
+def test_changed_mask_defaults_mode_and_integers():
+    base = torch.tensor([1.0, 1.0, 1.0])
+    tuned = torch.tensor([1.0 + 2**-6, 1.0 + 2**-12, 1.0])
+    assert changed_mask(base, tuned).tolist() == [True, False, False]  # default: atol 1e-5 in bf16
+    assert changed_mask(base, tuned, 1e-5, "fp32").tolist() == [True, True, False]  # fp32 sees the small step
+    ids_b, ids_t = torch.tensor([1, 2, 3]), torch.tensor([1, 7, 3])
+    assert changed_mask(ids_b, ids_t, 10.0).tolist() == [False, True, False]  # integers: bitwise, atol ignored
+    with pytest.raises(ValueError, match=r"^shapes differ: \[3\] vs \[2\]$"):
+        changed_mask(base, tuned[:2])

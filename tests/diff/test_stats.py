@@ -238,3 +238,91 @@ def test_grouping_by_layer_and_module(sharded_pair):
 def test_name_parsing(name, layer, kind):
     assert layer_of(name) == layer
     assert module_kind(name) == kind
+
+
+def test_tensors_larger_than_a_sub_block_are_reduced_in_pieces_exactly():
+    """Above SUB_BLOCK entries a block is cut into pieces reduced on the thread pool: counts, non-finite counts,
+    the maximum, the norms and the rank's Δ buffer must come out as for the whole tensor, wherever the cuts fall."""
+    from rlsubnet._threads import single_threaded_torch
+    from rlsubnet.diff.stats import SUB_BLOCK, DeltaAccumulator
+
+    g = torch.Generator().manual_seed(8)
+    rows, cols = 1031, 300  # 309,300 entries: more than one sub-block
+    assert rows * cols > SUB_BLOCK
+    base = torch.randint(-8, 8, (rows, cols), generator=g).to(torch.bfloat16)
+    u = torch.randint(-2, 3, (rows, 2), generator=g).float()
+    v = torch.randint(-2, 3, (2, cols), generator=g).float()
+    tuned = (base.float() + u @ v).to(torch.bfloat16)  # small integers: Δ is exactly rank 2 in bf16
+    flat_uv = (u @ v).view(-1)
+    # one non-finite Δ in each sub-block, where the low-rank update is 0 (the rank zeroes non-finite entries)
+    spots = [int(torch.nonzero(flat_uv[lo:] == 0)[0]) + lo for lo in (5, SUB_BLOCK + 7)]
+    assert spots[0] < SUB_BLOCK <= spots[1]
+    tuned.view(-1)[spots] = float("inf")
+    d = tuned.float() - base.float()
+    finite = torch.isfinite(d)
+    want_changed = int((d != 0).sum())
+    for block in (rows * cols, 100_000):  # one update, or several updates of their own sub-blocks
+        acc = DeltaAccumulator("model.layers.0.mlp.up_proj.weight", (rows, cols), base.dtype, tuned.dtype, (0.0, 1.5),
+                               rank=True)
+        with single_threaded_torch():
+            for start in range(0, rows * cols, block):
+                acc.update(base.view(-1)[start : start + block], tuned.view(-1)[start : start + block])
+        s = acc.finish()
+        assert s.changed == (want_changed, int(((d.abs() > 1.5) | ~finite).sum())), block
+        assert s.nonfinite == {"tuned_inf": 2, "delta_nonfinite": 2}, block
+        assert s.max_abs_delta == float(d[finite].abs().max()), block
+        assert s.delta_norm == pytest.approx(float(d[finite].double().norm()), rel=1e-6), block
+        assert s.base_norm == pytest.approx(float(base.double()[finite].norm()), rel=1e-6), block
+        assert s.mean_abs_delta == pytest.approx(float(d[finite].double().abs().mean()), rel=1e-6), block
+        assert s.rank == 2, block  # the infinities are zeroed for the rank, the rest of Δ is in place
+
+
+def test_accumulator_bookkeeping_and_messages():
+    from rlsubnet.diff.changed import atol_threshold, comparison_dtype
+    from rlsubnet.diff.stats import DeltaAccumulator
+    from rlsubnet.errors import UsageError
+
+    with pytest.raises(UsageError, match="^at least one atol is needed$"):
+        DeltaAccumulator("w", (2,), torch.float32, torch.float32, atols=())
+    acc = DeltaAccumulator("w", (2, 3), torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^w: block sizes differ \(2 vs 3\)$"):
+        acc.update(torch.zeros(2), torch.zeros(3))
+    acc.update(torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="^w: more elements than the tensor's 6$"):
+        acc.update(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="^w: saw 4 of 6 elements$"):
+        acc.finish()
+    acc.update(torch.zeros(2), torch.zeros(2))
+    s = acc.finish()
+    assert (s.base_dtype, s.tuned_dtype, s.compare_dtype, s.rank) == ("float32", "bfloat16", "bfloat16", None)
+    assert tensor_stats("w", torch.zeros(4, 4), torch.ones(4, 4)).rank is None  # rank only when asked
+    # integer tensors: bitwise, no hidden changes and no float figures
+    s = tensor_stats("ids", torch.tensor([1, 2, 3]), torch.tensor([1, 5, 3]), atols=(0.0, 10.0))
+    assert (s.changed, s.hidden, s.max_abs_delta, s.delta_norm, s.mean_abs_delta) == ((1, 1), 0, None, None, None)
+    # the comparison dtype of a float/int pair is their promotion, whatever the mode
+    assert comparison_dtype("bf16", torch.float32, torch.int64) == torch.float32
+    with pytest.raises(UsageError, match=r"^unknown comparison mode 'fp8' \(choose from bf16, fp32, native\)$"):
+        comparison_dtype("fp8", torch.float32, torch.float32)
+    # the tolerance as the comparison dtype holds it, and the refusals name the reason
+    assert atol_threshold(1e-5, torch.bfloat16) == 1.0013580322265625e-05
+    assert atol_threshold(1e-5, torch.float32) == float(torch.tensor(1e-5, dtype=torch.float32))
+    assert atol_threshold(1e-5, torch.int64) == 1e-5
+    with pytest.raises(UsageError, match="^atol must be a finite, non-negative number, got inf$"):
+        atol_threshold(float("inf"), torch.float32)
+    with pytest.raises(UsageError, match="^atol 3.40282e\\+38 is beyond the largest bfloat16 value$"):
+        atol_threshold(3.4028234663852886e38, torch.bfloat16)  # a finite fp32 value, infinite in bf16
+
+
+def test_a_tolerance_of_one_subnormal_step():
+    """atol = the smallest subnormal: its threshold pattern is 1, so a Δ of exactly that size is unchanged and
+    only larger ones count (no shortcut may treat threshold 1 like threshold 0)."""
+    for dtype, tiny in ((torch.bfloat16, 2.0**-133), (torch.float32, 2.0**-149), (torch.float16, 2.0**-24)):
+        base = torch.zeros(3, dtype=dtype)
+        tuned = torch.tensor([0.0, tiny, 2 * tiny], dtype=dtype)
+        s = tensor_stats("w", base, tuned, atols=(0.0, tiny), mode="native")
+        assert s.changed == (2, 1), dtype
+
+
+def test_an_empty_tensor_has_no_changes_and_no_figures_to_fail_on():
+    s = tensor_stats("w", torch.empty(0, 4), torch.empty(0, 4), atols=(0.0, 1e-5))
+    assert (s.numel, s.changed, s.hidden, s.max_abs_delta, s.mean_abs_delta) == (0, (0, 0), 0, 0.0, None)

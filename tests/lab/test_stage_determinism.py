@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -67,7 +71,17 @@ def test_fingerprint_covers_spec_inputs_and_hooks():
 
     spec = _specs()["grpo"]
     fp = stage_fingerprint(spec, "base0", None)
-    assert fp == stage_fingerprint(spec, "base0", None)
+    # the documented recipe, computed here: SHA-256 of the sorted-key JSON of spec, θ0, samples and extra
+    doc = {"spec": spec.to_json(), "base": "base0", "samples": None, "extra": {}}
+    assert fp == hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # and the same in a fresh interpreter with another hash seed (a set or an id in the spec would show here),
+    # which is what lets a later run recognise a finished stage
+    code = ("from rlsubnet.lab.pipeline import DemoConfig, finetune_specs; from rlsubnet.lab.stages import "
+            "stage_fingerprint; s = {x.name: x for x in finetune_specs(DemoConfig(size='micro', steps=4))}['grpo']; "
+            "print(stage_fingerprint(s, 'base0', None))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == fp, out.stderr
     assert fp != stage_fingerprint(dataclasses.replace(spec, seed=1), "base0", None)
     assert fp != stage_fingerprint(spec, "base1", None)  # another θ0
     # what an optimizer hook changes (the mask of a re-run) must be described in extra_record, which is fingerprinted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -173,13 +174,19 @@ def test_exact_bytes_of_a_tiny_mask(tmp_path):
     assert header["w"] == {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}
     assert header["b"] == {"dtype": "U8", "shape": [1], "data_offsets": [2, 3]}
     md = header["__metadata__"]
-    assert md["format"] == "rlsubnet.mask" and md["format_version"] == "1" and md["bitorder"] == "big"
+    assert md["format"] == "rlsubnet.mask" and md["format_version"] == "2" and md["bitorder"] == "big"
     assert md["rlsubnet_version"] == rlsubnet.__version__
     assert json.loads(md["atol"]) == 1e-5 and json.loads(md["dtype"]) == "bf16"
     assert md["density"] == repr(4 / 11) and md["numel"] == "11" and md["changed"] == "4"
     assert json.loads(md["tensors"]) == {"w": {"shape": [3, 3], "changed": 4}, "b": {"shape": [2], "changed": 0}}
     assert np.array_equal(np.packbits(flags.numpy()), np.frombuffer(data[:2], dtype=np.uint8))
     assert torch.equal(Mask.load(path).tensor("w"), flags.reshape(3, 3))
+    # the metadata checksum: SHA-256 over one JSON line [key, value] per covered field, in this order
+    keys = ["format", "format_version", "rlsubnet_version", "kind", "atol", "dtype", "density", "numel", "changed",
+            "bitorder", "tensors", "base", "tuned", "extra", "bits_sha256"]
+    lines = "".join(json.dumps([k, md[k]]) + "\n" for k in keys)
+    assert md["meta_sha256"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert sorted(md) == sorted(keys + ["meta_sha256"])
 
 
 def test_breakdowns():
@@ -326,6 +333,24 @@ def test_corrupt_metadata_fails_at_load_in_one_line(saved_mask, tmp_path, capsys
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("fields", [
+    {"atol": "2e-05"}, {"dtype": '"fp32"'}, {"kind": "random"}, {"extra": '{"skipped":[1]}'},
+    {"base": '{"source":"elsewhere"}'}, {"format_version": "1"}, {"meta_sha256": "0" * 64}, {"meta_sha256": None},
+])
+def test_valid_but_changed_metadata_is_detected(saved_mask, tmp_path, fields):
+    """Metadata that parses and type-checks but is not what was written: another atol, mode or kind would
+    silently change what the mask means."""
+    bad = _with_metadata(saved_mask, tmp_path, **fields)
+    with pytest.raises(MaskError, match="corrupt mask metadata"):
+        Mask.load(bad)
+
+
+def test_version_1_masks_without_a_metadata_checksum_are_still_read(saved_mask, tmp_path):
+    old = _with_metadata(saved_mask, tmp_path, format_version="1", meta_sha256=None)
+    m = Mask.load(old)
+    assert m.same_bits(Mask.load(saved_mask)) and m.atol == 1e-5 and m.mode == "bf16"
 
 
 def test_in_memory_constructors_validate():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from patch.patch_helpers import assert_same_checkpoint
+from rlsubnet.checkpoint import open_checkpoint
+from rlsubnet.checkpoint.hashing import hash_checkpoint
 from rlsubnet.cli.main import main
 from rlsubnet.testing import llama_specs, write_synthetic_pair
 
@@ -19,7 +22,12 @@ def test_create_info_apply(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["totals"]["changed"] == changed
     assert info["metadata"] == {"step": "12"}
-    assert info["files"] == [{"name": "config.json", "nbytes": 8, "sha256": info["files"][0]["sha256"], "source": "base"}]
+    assert info["files"] == [
+        {"name": "config.json", "nbytes": 8, "sha256": hashlib.sha256(b'{"a": 1}').hexdigest(), "source": "base"}
+    ]
+    for side, folder in (("base", b), ("target", t)):  # the content hashes, computed here from the checkpoints
+        with open_checkpoint(folder) as ck:
+            assert info[side]["hash"] == hash_checkpoint(ck).digest, side
     assert {m["group"] for m in info["modules"]} >= {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm"}
     norm = next(m for m in info["modules"] if m["group"] == "norm")
     assert norm["changed"] == 0 and norm["patch_nbytes"] == 0

@@ -13,6 +13,7 @@ import zstandard
 from rlsubnet.checkpoint import open_checkpoint, save_state_dict
 from rlsubnet.checkpoint.hashing import HASH_SCHEME, TensorHasher, combine_hashes, hash_checkpoint, hash_state_dict, hash_tensor
 from rlsubnet.patch.codec import RecordCursor, TensorEncoder, encode_positions, join_planes, split_planes, varint
+from rlsubnet.patch.errors import PatchError
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +161,163 @@ def test_record_streams_exact_bytes():
         # values, byte planes per block: low bytes then high bytes
         lo, hi = bytes(w & 0xFF for w in words), bytes(w >> 8 for w in words)
         assert val == lo[:2] + hi[:2] + lo[2:] + hi[2:], coding
+
+
+@pytest.mark.parametrize("gap", [254, 255, 256, 257, 258])
+def test_gap_width_at_the_one_byte_limit(gap):
+    """A gap of 255 is the widest a one-byte gap holds; 256 needs two bytes. Positions [3, 3 + gap + 1] must
+    decode as themselves (a gap of 256 written in one byte would come back as 0: [3, 4])."""
+    from rlsubnet.patch.codec import _Stream, decode_positions
+
+    block = 1000
+    rel = np.array([3, 3 + gap + 1])
+    record = encode_positions(rel, block)
+    width = 1 if gap <= 255 else 2
+    gaps = [3, gap]
+    planes = bytes(g & 0xFF for g in gaps) + (bytes(g >> 8 for g in gaps) if width == 2 else b"")
+    assert record == b"\x02" + bytes([width]) + planes
+    frame = zstandard.ZstdCompressor().compress(record)
+    assert decode_positions(_Stream(frame, "t"), block).tolist() == rel.tolist()
+    # and through the encoder and cursor, in every word width
+    for esize, kind in ((1, np.uint8), (2, np.uint16), (4, np.uint32), (8, np.uint64)):
+        xor = np.zeros(block, dtype=kind)
+        xor[rel] = [0x5A, 0xA5]
+        comp = (zstandard.ZstdCompressor(level=3), zstandard.ZstdCompressor(level=3))
+        enc = TensorEncoder(block, esize, comp, block)
+        enc.add_delta(0, xor, None)
+        pos, vals = RecordCursor(*enc.finish(), block, esize, block, False, "t").take(0, block)
+        assert pos.tolist() == rel.tolist() and vals.tolist() == [0x5A, 0xA5], esize
+
+
+def test_gap_width_at_the_two_byte_limit():
+    from rlsubnet.patch.codec import _Stream, decode_positions
+
+    block = 1 << 17
+    for gap, width in ((65535, 2), (65536, 4), (65537, 4)):
+        rel = np.array([0, gap + 1])
+        record = encode_positions(rel, block)
+        assert record[:2] == bytes([2, width]), gap
+        frame = zstandard.ZstdCompressor().compress(record)
+        assert decode_positions(_Stream(frame, "t"), block).tolist() == rel.tolist(), gap
+
+
+def test_bitmap_only_above_one_seventh():
+    """Exactly 1/7 of a block changed keeps the gap coding; one more change switches to the bitmap (the
+    documented rule: a bitmap when count * 7 > block length), in encode_positions and in the encoder alike."""
+    from rlsubnet.patch.codec import BITMAP_RATIO
+
+    block = 14
+    two, three = np.array([1, 9]), np.array([1, 5, 9])
+    assert len(two) * BITMAP_RATIO == block
+    assert encode_positions(two, block) == b"\x02\x01" + bytes([1, 7])
+    assert encode_positions(three, block) == b"\x03\x00" + bytes([0b00100010, 0b00000010])
+    for rel, record in ((two, b"\x02\x01" + bytes([1, 7])), (three, b"\x03\x00" + bytes([0b00100010, 0b00000010]))):
+        xor = np.zeros(block, dtype=np.uint8)
+        xor[rel] = 1
+        enc = TensorEncoder(block, 1, (zstandard.ZstdCompressor(), zstandard.ZstdCompressor()), block)
+        enc.add_delta(0, xor, None)
+        pos, _ = enc.finish()
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(pos) == record
+
+
+def test_encoder_bookkeeping_and_empty_frames():
+    comp = (zstandard.ZstdCompressor(), zstandard.ZstdCompressor())
+    # nothing changed: no frames at all (the patch then stores no record)
+    enc = TensorEncoder(100, 2, comp, 16)
+    enc.add_delta(0, np.zeros(100, dtype=np.uint16), None)
+    assert enc.finish() == (b"", b"") and enc.changed == 0
+    # a tensor stored whole, in two calls: every element counted, and no positions frame
+    words = np.arange(100, dtype=np.uint16)
+    enc = TensorEncoder(100, 2, comp, 16, full=True)
+    enc.add_full(0, words[:64])
+    enc.add_full(64, words[64:])
+    pos, val = enc.finish()
+    assert enc.changed == 100 and pos == b""
+    assert RecordCursor(pos, val, 100, 2, 16, True, "t").take(0, 100)[1].tolist() == words.tolist()
+    # blocks must be consecutive and whole coding blocks; every element must be encoded
+    enc = TensorEncoder(100, 2, comp, 16)
+    with pytest.raises(ValueError, match="consecutive and whole coding blocks"):
+        enc.add_delta(16, np.zeros(16, dtype=np.uint16), None)  # skips [0, 16)
+    with pytest.raises(ValueError, match="consecutive and whole coding blocks"):
+        enc.add_delta(0, np.zeros(10, dtype=np.uint16), None)  # not a whole coding block
+    enc.add_delta(0, np.zeros(32, dtype=np.uint16), None)
+    with pytest.raises(ValueError, match="only 32 of 100 elements were encoded"):
+        enc.finish()
+
+
+def test_byte_planes_never_alias_the_input():
+    """planes() returns new memory for every width, one-byte words included: the encoder reuses its buffers while
+    the compression of the previous block may still be reading the planes."""
+    from rlsubnet.patch.codec import planes
+
+    for kind in (np.uint8, np.uint16, np.uint32, np.uint64):
+        words = np.arange(1, 9, dtype=kind)
+        out = planes(words)
+        before = out.copy()
+        words[:] = 0
+        assert out.tobytes() == before.tobytes() and not np.shares_memory(out, words), kind
+
+
+def test_stream_errors_name_the_stream():
+    """A damaged positions or values stream is refused naming the tensor and the stream; data after the last
+    block, and a frame cut short after the data a block needed, are refused too."""
+    block, numel = 16, 32
+    xor = np.zeros(numel, dtype=np.uint16)
+    xor[[3, 20]] = 7
+    enc = TensorEncoder(numel, 2, (zstandard.ZstdCompressor(), zstandard.ZstdCompressor()), block)
+    enc.add_delta(0, xor, None)
+    pos, val = enc.finish()
+    plain_pos = zstandard.ZstdDecompressor().decompressobj().decompress(pos)
+    plain_val = zstandard.ZstdDecompressor().decompressobj().decompress(val)
+    compress = zstandard.ZstdCompressor().compress
+
+    def decode(p, v):
+        return RecordCursor(p, v, numel, 2, block, False, "w").take(0, numel)
+
+    assert decode(pos, val)[0].tolist() == [3, 20]
+    with pytest.raises(PatchError, match=r"^w \(positions\): unexpected data after the last block"):
+        decode(compress(plain_pos + b"\x00"), val)
+    with pytest.raises(PatchError, match=r"^w \(values\): unexpected data after the last block"):
+        decode(pos, compress(plain_val + b"\x01\x02"))
+    with pytest.raises(PatchError, match=r"^w \(values\): stream ends early"):
+        decode(pos, compress(plain_val[:-1]))
+    with pytest.raises(PatchError, match=r"^w \(positions\): cannot decompress"):
+        decode(b"\0" * 16, val)
+    # a frame whose end is damaged after the last byte a block needed: only the end-of-stream check sees it
+    big = zstandard.ZstdCompressor(write_checksum=True).compress(plain_pos)
+    damaged = big[:-1] + bytes([big[-1] ^ 0xFF])  # the content checksum
+    with pytest.raises(PatchError, match=r"^w \(positions\): cannot decompress"):
+        decode(damaged, val)
+
+
+@pytest.mark.parametrize("record,needle", [
+    (b"\x0b", "block claims 11 changes in 10 elements"),
+    (b"\x02\x00" + bytes([0b00000001, 0b00000000]), "bitmap holds 1 changes, header says 2"),
+    (b"\x02\x03" + bytes([1, 2, 3, 4, 5, 6]), "unknown position mode 3"),
+    (b"\x02\x01" + bytes([3, 5]), "position 9 past a 9-element block"),  # the last position is the block length
+    (b"\x02\x01" + bytes([3, 200]), "position 204 past a 9-element block"),
+    (b"\xff" * 12, "malformed count"),
+])
+def test_malformed_position_records_are_refused_by_name(record, needle):
+    from rlsubnet.patch.codec import _Stream, decode_positions
+
+    block = 10 if needle.startswith(("block", "bitmap", "unknown")) else 9
+    frame = zstandard.ZstdCompressor().compress(record)
+    with pytest.raises(PatchError, match=rf"^t \(positions\): {needle} \(corrupt patch\)$"):
+        decode_positions(_Stream(frame, "t (positions)"), block)
+
+
+def test_bitmap_padding_bits_are_not_positions():
+    """A 10-element block's bitmap has 6 padding bits; set ones there are not changes past the block."""
+    from rlsubnet.patch.codec import _Stream, decode_positions
+
+    record = b"\x01\x00" + bytes([0b00000001, 0b00010000])  # bit 0, and bit 12: padding
+    assert decode_positions(_Stream(zstandard.ZstdCompressor().compress(record), "t"), 10).tolist() == [0]
+
+
+def test_join_planes_refuses_a_partial_word():
+    with pytest.raises(ValueError, match="^3 bytes are not a whole number of 2-byte words$"):
+        join_planes(b"abc", 2)
+    comp = (zstandard.ZstdCompressor(), zstandard.ZstdCompressor())
+    with pytest.raises(ValueError, match=r"\(got \[0, 10\)\)$"):
+        TensorEncoder(100, 2, comp, 16).add_delta(0, np.zeros(10, dtype=np.uint16), None)

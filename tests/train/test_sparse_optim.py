@@ -255,6 +255,47 @@ def test_fp32_weights_bit_identical_to_dense_masked_optimizer(case):
             assert rec["identity"] == 1.0, (dtype, rec)
 
 
+UNMASKED_TWINS = {  # sparse optimizer settings -> the plain torch optimizer an unmasked run would use
+    "adam-decoupled": ({"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+                       lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                                                   foreach=False)),
+    "adamw": ({"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+              lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)),
+    "adam-l2": ({"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.1},
+                lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, foreach=False)),
+    "sgd-momentum": ({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1},
+                     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1, foreach=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(UNMASKED_TWINS))
+def test_trainable_entries_move_exactly_as_in_an_unmasked_run(case):
+    """Fed the same gradients, the sparse optimizer's trainable fp32 entries follow a plain, unmasked torch
+    optimizer bit for bit, weight decay included (decoupled for AdamW and Adam with decoupled_weight_decay, L2
+    otherwise): every rule here is element-wise, so what happens to the frozen entries cannot change them."""
+    hp, plain_cls = UNMASKED_TWINS[case]
+    sparse_model, plain_model = Net(), Net()
+    mask = _mask_for(sparse_model)
+    start = _weights(sparse_model)
+    opt = SparseMaskedOptimizer(sparse_model, mask, compare_mode=None, **hp)
+    plain = plain_cls(plain_model.parameters())
+    g = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        for (n, p), q in zip(sparse_model.named_parameters(), plain_model.parameters()):
+            grad = torch.randn(p.shape, generator=g) * 0.1
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+        opt.zero_grad()
+    got, want = _weights(sparse_model), _weights(plain_model)
+    for n, w in got.items():
+        t = mask.tensor(n)
+        assert torch.equal(_bits(w)[t], _bits(want[n])[t]), n
+        assert torch.equal(_bits(w)[~t], _bits(start[n])[~t]), n
+        if t.any():
+            assert not torch.equal(w[t], start[n][t]), n  # the trainable entries did move
+
+
 def test_bf16_weights_against_the_dense_fp32_autocast_run_measured():
     """What cannot be bit-identical: the dense MaskedOptimizer on fp32 weights under bf16 autocast (TRL's bf16=True)
     runs norms, embeddings and the loss on unrounded fp32 weights, the sparse run on bf16 ones. Measured, compared in

@@ -89,6 +89,21 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _not_utf8(header: dict) -> str | None:
+    """A name or metadata string of a parsed header that UTF-8 cannot encode, or None. JSON's \\ud800 escapes
+    decode to lone surrogates, which the safetensors library refuses and no file name or writer can hold."""
+    metadata = header.get("__metadata__")
+    strings = [*header, *(metadata.items() if isinstance(metadata, dict) else ())]
+    for s in strings:
+        for v in s if isinstance(s, tuple) else (s,):
+            if isinstance(v, str) and not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return v
+    return None
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one safetensors file's header; return its tensors (in data order) and metadata."""
     path = Path(path)
@@ -110,12 +125,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header (key {exc.args[0]!r} appears twice)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also a number too long for int()
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    bad = _not_utf8(header)
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({bad!r} is not valid UTF-8)")
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
@@ -167,8 +185,10 @@ def read_index_json(index_path: Path) -> dict[str, Path]:
             index = json.load(f)
     except OSError as exc:
         raise CheckpointError(f"{index_path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also a number too long for int()
         raise CheckpointError(f"{index_path}: corrupt index ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{index_path}: corrupt index (nested too deeply)") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: corrupt index (no weight_map)")

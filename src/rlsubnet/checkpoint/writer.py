@@ -30,6 +30,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return t.view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class SafetensorsWriter(StagedFile):
     """Stream tensors into one safetensors file, in the order of ``specs``.
 
@@ -53,6 +61,11 @@ class SafetensorsWriter(StagedFile):
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
         for name, dtype, shape in self.specs:
+            # The header is a JSON object keyed by name: a repeated name or "__metadata__" would overwrite an
+            # entry, and a name UTF-8 cannot encode makes a header no reader accepts.
+            if name in header or name == "__metadata__" or not _utf8(name):
+                what = "repeated" if name in header and name != "__metadata__" else "not storable in safetensors"
+                raise UsageError(f"{self.path}: tensor name {name!r} is {what}")
             if dtype not in TORCH_TO_ST:
                 raise UsageError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
             nbytes = math.prod(shape) * element_size(dtype)

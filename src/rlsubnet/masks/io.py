@@ -4,12 +4,12 @@ Each tensor's mask is its flattened boolean array packed 8 entries per byte with
 bitorder="big")`` (entry 0 is the most significant bit of byte 0; the unused bits of the last byte are zero),
 so a mask costs ~1 bit per parameter, in memory and on disk.
 
-File format (``format = "rlsubnet.mask"``, ``format_version = 1``): a safetensors file holding one 1-D uint8
+File format (``format = "rlsubnet.mask"``, ``format_version = 2``): a safetensors file holding one 1-D uint8
 tensor per checkpoint tensor, under the checkpoint tensor's own name, plus these ``__metadata__`` strings:
 
 ===================  =================================================================================
 ``format``           ``rlsubnet.mask``
-``format_version``   ``1``
+``format_version``   ``2`` (version 1 had no ``meta_sha256``; such files are still read)
 ``rlsubnet_version`` version that wrote the file
 ``kind``             ``changed`` (built from a pair), ``random`` (a baseline) or ``union`` /
                      ``intersection`` / ``difference`` (combined)
@@ -23,15 +23,18 @@ tensor per checkpoint tensor, under the checkpoint tensor's own name, plus these
 ``base``, ``tuned``  JSON record of each checkpoint (see :func:`rlsubnet.masks.build.checkpoint_record`)
 ``extra``            JSON: everything else (random-mask settings, operands of a combination, skipped tensors)
 ``bits_sha256``      SHA-256 over (name, shape, packed bytes) of every tensor: any flipped bit is detected
+``meta_sha256``      SHA-256 over every field above (:func:`metadata_sha256`): a changed digit of ``atol`` is
+                     detected too, not read as another tolerance
 ===================  =================================================================================
 
 Loading checks everything: format, dtype and length of every packed tensor, zero padding bits, the recorded
-per-tensor counts and the checksum, so a corrupt or truncated mask file is an error, never a silently
+per-tensor counts and both checksums, so a corrupt or truncated mask file is an error, never a silently
 different mask.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -49,8 +52,13 @@ from rlsubnet.errors import CheckpointError, listing
 from rlsubnet.masks.errors import MaskError
 
 FORMAT = "rlsubnet.mask"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BITORDER: Final = "big"
+# The metadata fields meta_sha256 covers, in this order: every field a reader uses, and the informational ones.
+META_KEYS = (
+    "format", "format_version", "rlsubnet_version", "kind", "atol", "dtype", "density", "numel", "changed",
+    "bitorder", "tensors", "base", "tuned", "extra", "bits_sha256",
+)  # fmt: skip
 
 
 def packed_size(numel: int) -> int:
@@ -84,10 +92,29 @@ def pad_bits_clear(packed: np.ndarray, numel: int) -> bool:
     return int(packed[-1]) & ((1 << (8 - rem)) - 1) == 0
 
 
+def metadata_sha256(md: dict[str, str]) -> str:
+    """SHA-256 over the :data:`META_KEYS` fields of a mask file's metadata (a missing field counts as null).
+    Fields other tools add are not covered: rlsubnet does not read them."""
+    h = hashlib.sha256()
+    for key in META_KEYS:
+        h.update(json.dumps([key, md.get(key)]).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def check_metadata_sha256(path: Path, md: dict[str, str]) -> None:
+    """Refuse metadata that type-checks but is not what was written (another atol, kind or mode)."""
+    if int(md["format_version"]) < 2 and "meta_sha256" not in md:
+        return  # written before the metadata had a checksum
+    if "meta_sha256" not in md:
+        raise MaskError(f"{path}: corrupt mask metadata (no meta_sha256 checksum)")
+    if md["meta_sha256"] != metadata_sha256(md):
+        raise MaskError(f"{path}: corrupt mask metadata (checksum of the metadata does not match meta_sha256)")
+
+
 def file_metadata(mask) -> dict[str, str]:
     """The safetensors ``__metadata__`` strings ``mask`` is saved with (deterministic: no timestamps)."""
     dump = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"))  # noqa: E731
-    return {
+    md = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "rlsubnet_version": __version__,
@@ -107,6 +134,8 @@ def file_metadata(mask) -> dict[str, str]:
         "extra": dump(mask.meta.get("extra", {})),
         "bits_sha256": mask.bits_sha256(),
     }
+    md["meta_sha256"] = metadata_sha256(md)
+    return md
 
 
 def write_mask_file(mask, path: Path) -> Path:
@@ -119,10 +148,10 @@ def write_mask_file(mask, path: Path) -> Path:
     return path
 
 
-def read_mask_file(path: Path) -> tuple[dict, dict, dict, dict, str | None]:
-    """(shapes, packed bytes, meta, recorded per-tensor counts, recorded checksum) of a mask file, after every
+def read_mask_file(path: Path) -> tuple[dict, dict, dict, dict, dict[str, str]]:
+    """(shapes, packed bytes, meta, recorded per-tensor counts, the metadata strings) of a mask file, after every
     check that needs no unpacking: format, version, metadata types, the tensors stored against those described.
-    The caller checks the bits against the counts and the checksum."""
+    The caller checks the bits against the counts and ``bits_sha256``, then :func:`check_metadata_sha256`."""
     path = Path(path)
     if path.is_dir():
         raise MaskError(f"{path}: is a folder, not a mask file (masks are single .safetensors files)")
@@ -185,7 +214,7 @@ def read_mask_file(path: Path) -> tuple[dict, dict, dict, dict, str | None]:
                 raise MaskError(f"corrupt mask: {exc}") from None
     finally:
         ck.close()
-    return shapes, packed, meta, counts, md.get("bits_sha256")
+    return shapes, packed, meta, counts, md
 
 
 def _dim(v: object) -> int:
@@ -196,7 +225,8 @@ def _dim(v: object) -> int:
 
 
 def _check_meta_types(meta: dict) -> None:
-    # The checksum covers the bits only: a metadata field of the wrong type must fail here, not deep in a report.
+    # A field of the wrong type must fail here, naming it, not deep in a report (a version-1 file has no checksum
+    # of its metadata).
     atol = meta["atol"]
     if atol is not None and (not isinstance(atol, (int, float)) or isinstance(atol, bool) or not 0 <= atol < math.inf):
         raise ValueError(f"atol is {atol!r}")

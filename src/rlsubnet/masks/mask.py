@@ -27,6 +27,7 @@ from rlsubnet.masks.errors import MaskError, MaskMismatchError
 from rlsubnet.masks.io import (
     FORMAT,
     FORMAT_VERSION,
+    check_metadata_sha256,
     pack_bool,
     packed_size,
     pad_bits_clear,
@@ -78,6 +79,10 @@ class Mask:
         self._packed: dict[str, np.ndarray] = {}
         self._counts: dict[str, int] = {}
         for name, shape in self._shapes.items():
+            try:
+                name.encode("utf-8")  # it goes into the checksum and the file's header
+            except (AttributeError, UnicodeEncodeError):
+                raise MaskError(f"mask tensor name {name!r} is not a valid UTF-8 string") from None
             bits = np.ascontiguousarray(packed[name])
             numel = math.prod(shape)
             if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != packed_size(numel):
@@ -366,7 +371,8 @@ class Mask:
     def load(cls, path: str | Path) -> Mask:
         """Read and verify a mask file; any inconsistency raises :class:`MaskError` naming the file."""
         path = Path(path)
-        shapes, packed, meta, counts, checksum = read_mask_file(path)
+        shapes, packed, meta, counts, md = read_mask_file(path)
+        checksum = md.get("bits_sha256")
         try:
             mask = cls(shapes, packed, meta)
         except MaskError as exc:
@@ -382,6 +388,9 @@ class Mask:
             raise MaskError(f"{path}: corrupt mask metadata (no bits_sha256 checksum)")
         if checksum != mask.bits_sha256():
             raise MaskError(f"{path}: corrupt mask: checksum of the packed bits does not match bits_sha256")
+        # last, so that the checks above name what is wrong; this one sees what they cannot (a valid atol with a
+        # digit changed, another kind or mode)
+        check_metadata_sha256(path, md)
         mask.meta["path"] = str(path)
         return mask
 
