@@ -2,8 +2,9 @@
 
     python tools/mutation_summary.py [NAME_GLOB ...]      # the mutant-name globs `make mutate` ran (default: all)
 
-Counts every mutant whose name matches a glob: killed (a test failed, or it timed out), survived, and not run
-(no test reached it, or the run was cut short). Lists the survivors, which docs/development.md examines.
+Counts every mutant whose name matches a glob, by mutmut's own status of its exit code: killed (a test failed,
+timed out or crashed), survived (every test passed, or no test reached it), and not run (not yet checked, or
+interrupted). Lists the survivors; docs/development.md examines them (`mutmut show NAME` prints the change).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-KILLED = {1, 3, 36, -24, 24, 152, 255}  # mutmut's exit codes for "killed" and "timeout"
-SURVIVED = {0}
+from mutmut.stats import status_by_exit_code
+
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+SURVIVED = {"survived", "no tests", "suspicious"}
 
 
 def main(globs: list[str]) -> int:
-    root = Path("mutants")
-    metas = sorted(root.rglob("*.py.meta"))
+    metas = sorted(Path("mutants").rglob("*.py.meta"))
     if not metas:
         print("no mutmut results under mutants/ (run `make mutate` first)", file=sys.stderr)
         return 1
@@ -31,11 +33,12 @@ def main(globs: list[str]) -> int:
         for name, code in sorted(codes.items()):
             if globs and not any(fnmatch.fnmatch(name, g) for g in globs):
                 continue
-            module = name.split(".x")[0].split(".xǁ")[0]
-            status = "killed" if code in KILLED else "survived" if code in SURVIVED else "not run"
-            by_module[module][status] += 1
-            if status == "survived":
-                survivors.append(name)
+            module = name.split(".xǁ")[0].split(".x_")[0]
+            status = status_by_exit_code[code]
+            kind = "killed" if status in KILLED else "survived" if status in SURVIVED else "not run"
+            by_module[module][kind] += 1
+            if kind == "survived":
+                survivors.append(f"{name} ({status})")
     print(f"{'module':32} {'mutants':>8} {'killed':>7} {'survived':>9} {'not run':>8} {'kill rate':>10}")
     for module, c in sorted(by_module.items()):
         tested = c["killed"] + c["survived"]

@@ -109,3 +109,25 @@ def test_changed_mask_defaults_mode_and_integers():
     assert changed_mask(ids_b, ids_t, 10.0).tolist() == [False, True, False]  # integers: bitwise, atol ignored
     with pytest.raises(ValueError, match=r"^shapes differ: \[3\] vs \[2\]$"):
         changed_mask(base, tuned[:2])
+
+
+def test_defaults_and_float8():
+    """The test's default tolerance, and float8 (no arithmetic in torch) compared in bfloat16, which holds it."""
+    assert ChangedTest(torch.bfloat16, torch.bfloat16).atols == (1e-5,)
+    for f8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        assert comparison_dtype("native", f8, f8) == torch.bfloat16
+        # torch promotes float8 with nothing: it enters as bfloat16 (bf16 with fp16 is fp32)
+        assert comparison_dtype("native", f8, torch.float16) == torch.float32
+        assert comparison_dtype("native", torch.bfloat16, f8) == torch.bfloat16
+        assert comparison_dtype("bf16", torch.int64, f8) == torch.bfloat16
+    base = torch.tensor([1.0, 2.0, 0.5]).to(torch.float8_e4m3fn)
+    tuned = torch.tensor([1.0, 2.5, 0.5]).to(torch.float8_e4m3fn)
+    assert changed_mask(base, tuned, 0.0, "native").tolist() == [False, True, False]
+    r = rlsubnet.compare({"w": base}, {"w": tuned.to(torch.bfloat16)}, atol=0.0, mode="native")
+    assert r.changed(0.0) == 1
+
+
+def test_the_old_keyword_warns_in_words():
+    with pytest.warns(DeprecationWarning) as caught:
+        changed_mask(torch.zeros(2), torch.ones(2), 0.0, dtype="fp32")
+    assert [str(w.message) for w in caught] == ["the comparison mode is passed as mode=...; dtype=... is deprecated"]

@@ -558,3 +558,59 @@ def test_group_magnitude_chance_against_an_independent_computation():
     assert r.expected_intersection_magnitude == pytest.approx(mm, rel=1e-12)
     # and the groups do differ from the pooled estimate, so pooling by mistake would show
     assert any(abs(row["magnitude_chance_o1"] - mm / ca) > 0.01 for row in r.layers)
+
+
+def test_an_empty_tensor_between_others_leaves_the_rest_counted():
+    """A tensor with no entries (a zero-size dimension) is skipped in the base's stream, not the end of it."""
+    a = Mask.from_bool({"w": _flags(4, [0, 1]), "e": torch.zeros(0, 3, dtype=torch.bool), "z": _flags(4, [0, 1])})
+    b = Mask.from_bool({"w": _flags(4, [1, 2]), "e": torch.zeros(0, 3, dtype=torch.bool), "z": _flags(4, [0, 1])})
+    base = {"w": torch.ones(4), "e": torch.zeros(0, 3), "z": torch.full((4,), 4.0)}
+    p = overlap(a, b, base=base)
+    # one bucket per tensor: w: 2·2/4 = 1, z: 2·2/4 = 1
+    assert p.expected_intersection_magnitude == pytest.approx(2.0)
+    assert [(row["bucket"], row["numel"]) for row in p.buckets] == [("[1, 2)", 4), ("[4, 8)", 4)]
+
+
+def test_option_ranges_and_masks_over_nothing_are_refused():
+    a = Mask.from_bool({"w": _flags(8, [1, 2])})
+    with pytest.raises(UsageError, match="^bins_per_octave must be at most 128, got 129$"):
+        overlap_many([a, a], bins_per_octave=129)
+    empty = Mask.from_bool({"e": torch.zeros(0, 2, dtype=torch.bool)})
+    with pytest.raises(UsageError, match=r"^x, y: the masks cover no parameters \(1 tensors, all empty\): nothing to "
+                       r"overlap$"):
+        overlap_many([empty, empty], ["x", "y"])
+
+
+def test_the_base_is_read_offline_and_quietly_unless_asked(monkeypatch):
+    """No download and no progress bar by default; each only when asked for."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append(kw["local_files_only"])
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    a = Mask.from_bool({"w": _flags(8, [1, 2])})
+    from rlsubnet.errors import CheckpointError
+
+    for kw in ({}, {"allow_download": True}):
+        with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+            overlap(a, a, base="nobody/no-such-model", **kw)
+    assert calls == [True, False]
+    import importlib
+
+    overlap_mod = importlib.import_module("rlsubnet.masks.overlap")
+    bars = []
+
+    class Recording(overlap_mod.BlockStream):
+        def __init__(self, *args, progress=None, **kw):
+            bars.append(progress)
+            super().__init__(*args, progress=progress, **kw)
+
+    monkeypatch.setattr(overlap_mod, "BlockStream", Recording)
+    overlap(a, a, base={"w": torch.ones(8)})
+    overlap(a, a, base={"w": torch.ones(8)}, progress=True)
+    assert bars == [None, "base"]

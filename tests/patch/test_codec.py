@@ -296,6 +296,7 @@ def test_stream_errors_name_the_stream():
     (b"\x02\x03" + bytes([1, 2, 3, 4, 5, 6]), "unknown position mode 3"),
     (b"\x02\x01" + bytes([3, 5]), "position 9 past a 9-element block"),  # the last position is the block length
     (b"\x02\x01" + bytes([3, 200]), "position 204 past a 9-element block"),
+    (b"\x03\x01" + bytes([0, 0, 200]), "position 202 past a 9-element block"),  # the last one is named
     (b"\xff" * 12, "malformed count"),
 ])
 def test_malformed_position_records_are_refused_by_name(record, needle):
@@ -321,3 +322,11 @@ def test_join_planes_refuses_a_partial_word():
     comp = (zstandard.ZstdCompressor(), zstandard.ZstdCompressor())
     with pytest.raises(ValueError, match=r"\(got \[0, 10\)\)$"):
         TensorEncoder(100, 2, comp, 16).add_delta(0, np.zeros(10, dtype=np.uint16), None)
+
+
+def test_cursor_mode_names_how_stored_words_act():
+    """"xor" words are XORed into the old bits; absolute values and full tensors replace them ("set")."""
+    words = (b"", b"")
+    assert RecordCursor(*words, 4, 2, 4, False, "t").mode("xor") == "xor"
+    assert RecordCursor(*words, 4, 2, 4, False, "t").mode("absolute") == "set"
+    assert RecordCursor(*words, 4, 2, 4, True, "t").mode("xor") == "set"

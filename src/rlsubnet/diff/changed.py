@@ -39,13 +39,14 @@ def comparison_dtype(mode: str, base_dtype: torch.dtype, tuned_dtype: torch.dtyp
     dtype, bitwise. float8 has no arithmetic in torch, so it is compared in bfloat16, which holds it exactly.
     """
     limits.mode(mode)
+    # torch cannot promote float8 with any other dtype either: it enters as the bfloat16 that holds it
+    base_dtype, tuned_dtype = (
+        torch.bfloat16 if d.is_floating_point and d.itemsize == 1 else d for d in (base_dtype, tuned_dtype)
+    )
     if not (base_dtype.is_floating_point and tuned_dtype.is_floating_point):
         return torch.promote_types(base_dtype, tuned_dtype)
     wanted = _MODE_DTYPE[mode]
-    if wanted is not None:
-        return wanted
-    cmp_dtype = torch.promote_types(base_dtype, tuned_dtype)
-    return torch.bfloat16 if cmp_dtype.itemsize == 1 else cmp_dtype
+    return wanted if wanted is not None else torch.promote_types(base_dtype, tuned_dtype)
 
 
 def atol_threshold(atol: float, cmp_dtype: torch.dtype) -> float:
