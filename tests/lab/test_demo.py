@@ -14,12 +14,13 @@ from rlsubnet.lab.runfolder import RunFolder
 
 STAGES = ["grpo", "grpo-kl", "grpo-noclip", "grpo-sftlr", "dpo", "sft", "sft-matched", "rft", "rft-matched", "grpo-sgd",
           "sft-sgd", "grpo-task-sub"]
-EXTRA = ["grpo-seed1", "grpo-seed2", "dpo-seed1", "grpo-subnet", "grpo-random", "dpo-subnet", "dpo-random"]
+EXTRA = ["grpo-seed1", "grpo-seed2", "dpo-seed1", "grpo-subnet", "grpo-random", "grpo-predicted", "dpo-subnet",
+         "dpo-random"]
 FIGURES = ["sparsity_vs_paper", "sft_vs_rl", "sparsity_vs_step", "sparsity_vs_atol", "p_changed_vs_magnitude",
            "dynamics", "bf16_vs_fp32", "accuracy", "pretrain", "heatmap_grpo", "subnetwork_identity", "overlap_o1",
            "overlap_o1_over_chance", "overlap_o1_over_magnitude_chance", "where_the_update_points"]
-MASKS = ["grpo", "grpo-seed1", "grpo-seed2", "grpo-task-sub", "dpo", "dpo-seed1", "sft", "sft-matched", "grpo-sftlr",
-         "random-like-grpo", "random-like-dpo"]
+# every finetuning stage's mask (the predictions are scored against each), the extra seeds', the baselines'
+MASKS = [*STAGES, "grpo-seed1", "grpo-seed2", "dpo-seed1", "random-like-grpo", "random-like-dpo", "predicted-grpo"]
 
 
 def _order(results):
@@ -47,6 +48,7 @@ def test_outputs(micro_demo):
     assert "## The paper's claims, checked" in report and "figures/sparsity_vs_paper.png" in report
     assert "## Subnetwork re-runs (the paper's Table 3)" in report and "## Subnetwork overlap (the paper's Table 4)" in report
     assert "## The optimizer as a cause" in report and "## Where the update points" in report
+    assert "## Predicting the subnetwork" in report
     assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
 
 
@@ -123,13 +125,18 @@ def test_rerun_reuses_every_stage_and_gives_the_same_numbers(micro_demo, micro_a
     assert main(["demo", "--out", str(out), *micro_args]) == 0
     again = json.loads((out / "results.json").read_text())
     assert all(t.get("reused") for k, t in again["timings"].items()
-               if k not in ("measure", "subnetwork", "report", "total", "finetuning_phase"))
+               if k not in ("measure", "subnetwork", "prediction", "report", "total", "finetuning_phase"))
     assert {k for k, t in again["timings"].items() if t.get("reused")} == {"pretrain", "samples", *STAGES, *EXTRA}
     for name in STAGES:
         assert again["stages"][name]["sparsity"] == results["stages"][name]["sparsity"]
         assert again["stages"][name]["accuracy"] == results["stages"][name]["accuracy"]
     assert again["subnetwork"]["reruns"] == results["subnetwork"]["reruns"]
     assert again["subnetwork"]["overlap"] == results["subnetwork"]["overlap"]
+
+    def scores(res):  # the predictions are made again from the same files: the same figures, bit for bit
+        return {n: {k: v for k, v in row.items() if k != "cpu_s"} for n, row in res["prediction"]["stages"].items()}
+
+    assert scores(again) == scores(results)
 
 
 def test_another_configuration_is_refused(micro_demo, micro_args, capsys):

@@ -1,4 +1,5 @@
-"""The probe of a lab stage: its first K steps are the full run's first K steps, bit for bit."""
+"""The probe of a lab stage: its first K steps are the full run's first K steps, bit for bit; the demo's full runs
+record that probe on the way, and its predictions section is what the files say."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 import rlsubnet
 from rlsubnet.lab.config import StageSpec
+from rlsubnet.masks import Mask
 from rlsubnet.predict import ProbeStats, evaluate, plan_of_stage, probe_stage
 
 
@@ -31,7 +33,70 @@ def test_probe_stage_replays_the_first_steps(micro_demo, tmp_path, name):
     again = probe_stage(spec, 2, base_dir=theta0, out_dir=tmp_path / "probe", samples_path=samples)
     assert (tmp_path / "probe" / "stage.json").stat().st_mtime_ns == stamp and again.run_id == probe.run_id
     assert ProbeStats.load(tmp_path / "probe" / "probe.safetensors").steps == 2
+    # the probe the full run recorded of its own first 2 steps is the separate probe's, bit for bit
+    own = ProbeStats.load(out / "stages" / name / "probe.safetensors")
+    assert own.steps == probe.steps and own.lrs == probe.lrs and own.run_id == probe.run_id
+    for kind in ("master", "grad_sum", "grad_sq", "exp_avg", "exp_avg_sq"):
+        a, b = getattr(own, kind), getattr(probe, kind)
+        assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), kind
     pred = rlsubnet.predict(theta0, plan_of_stage(spec), probe)
     realized = out / "masks" / f"{name}.mask.safetensors"
     scored = evaluate(realized, pred)
     assert scored["density_realized"] > 0 and 0 <= scored["average_precision"] <= 1
+
+
+def test_sgd_stage_probe_is_sgd_and_matches_the_run(micro_demo, tmp_path):
+    """An SGD stage is probed with its own optimizer (plain SGD: no Adam moments), and its plan says SGD."""
+    out, results = micro_demo
+    torch.set_num_threads(results["config"]["threads"])
+    record = json.loads((out / "stages" / "sft-sgd" / "stage.json").read_text())
+    spec = StageSpec(**record["spec"])
+    plan = plan_of_stage(spec)
+    assert plan.optimizer == "sgd" and plan.momentum == 0 and plan.lr == spec.learning_rate
+    probe = probe_stage(spec, 2, base_dir=out / "stages" / "pretrain" / "model", out_dir=tmp_path / "p")
+    assert probe.optimizer["class"] == "torch.optim.sgd.SGD" and not probe.exp_avg
+    own = ProbeStats.load(out / "stages" / "sft-sgd" / "probe.safetensors")
+    assert all(torch.equal(own.master[n], probe.master[n]) for n in own.master)
+    assert all(torch.equal(own.grad_sum[n], probe.grad_sum[n]) for n in own.grad_sum)
+
+
+def _bits(mask):
+    return torch.cat([mask.tensor(n).reshape(-1) for n in mask.names()])
+
+
+def test_demo_prediction_section_agrees_with_the_files(micro_demo):
+    """Every finetuning stage is scored or skipped with a reason; the scores, the seed ceiling and the predicted
+    mask agree with a recomputation from the mask files; the calibration was fitted on another run."""
+    out, results = micro_demo
+    pred = results["prediction"]
+    assert set(pred["stages"]) | set(pred["skipped"]) == set(results["stages"])
+    assert not set(pred["stages"]) & set(pred["skipped"])
+    real = Mask.load(out / "masks" / "grpo.mask.safetensors")
+    guess = Mask.load(out / "masks" / "predicted-grpo.mask.safetensors")
+    row = pred["stages"]["grpo"]
+    assert row["probe_steps"] == 2 and row["steps"] == 4
+    assert guess.kind == "predicted" and guess.meta["extra"]["prediction"]["predictor"] == "probe"
+    assert guess.meta["extra"]["prediction"]["probe"]["steps"] == 2
+    r, g = _bits(real), _bits(guess)
+    tp = int((r & g).sum())
+    s = row["predictors"]["probe"]
+    assert s["precision"] == pytest.approx(tp / int(g.sum()), abs=1e-12)
+    assert s["recall"] == pytest.approx(tp / int(r.sum()), abs=1e-12)
+    assert s["density_predicted"] == pytest.approx(guess.density, abs=1e-12)
+    seed1 = _bits(Mask.load(out / "masks" / "grpo-seed1.mask.safetensors"))
+    assert row["ceiling"]["run"] == "grpo-seed1"
+    assert row["ceiling"]["f1"] == pytest.approx(2 * int((r & seed1).sum()) / (int(r.sum()) + int(seed1.sum())))
+    for name in ("grpo", "dpo"):
+        cal = pred["stages"][name]["calibration"]
+        assert cal["run"] == f"{name}-seed1" != name
+        fitted = json.dumps(cal["fitted_on"])
+        own_fp = json.loads((out / "stages" / name / "stage.json").read_text())["fingerprint"]
+        assert own_fp not in fitted  # the scored run is not the one the rule was fitted on
+        seed_fp = json.loads((out / "stages" / f"{name}-seed1" / "stage.json").read_text())["fingerprint"]
+        assert cal["fitted_on"]["run_id"] == seed_fp
+        assert set(pred["stages"][name]["predictors"]) == {"probe", "budget", "calibrated"}
+    # grpo-predicted trained on exactly that mask
+    rec = json.loads((out / "stages" / "grpo-predicted" / "stage.json").read_text())
+    assert rec["extra"]["mask"]["bits_sha256"] == guess.bits_sha256()
+    report = (out / "report.md").read_text()
+    assert "## Predicting the subnetwork" in report and "`grpo-predicted` closer to θ_full" in report

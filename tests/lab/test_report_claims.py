@@ -437,3 +437,52 @@ def test_sgd_stages_change_none_of_the_papers_claims(spectral_results, monkeypat
     md = markdown.render_markdown(r, r["claims"], list(r["figures"]))
     assert "## The optimizer as a cause" in md and "## Where the update points" in md
     assert "| `grpo-sgd` | sgd | 0.001 |" in md
+
+
+def _prediction_results(f1, mag, ceiling, ident_predicted):
+    def scored(f, m):
+        return {"f1": f, "baselines": {"magnitude": {"f1": m}}}
+
+    def row(run, role, identity):
+        return {"run": run, "role": role, "identity": [{"atol": 1e-5, "identity": identity}]}
+
+    return {
+        "prediction": {
+            "settings": {"predictor": "probe"},
+            "stages": {
+                n: {"predictors": {"probe": scored(f1[i], mag[i])}, "ceiling": {"f1": ceiling[i]}}
+                for i, n in enumerate(("grpo", "dpo"))
+            },
+        },
+        "subnetwork": {
+            "reruns": {
+                "grpo": {
+                    "rows": [
+                        row("grpo-subnet", "subnetwork re-run", 0.99),
+                        row("grpo-predicted", "predicted-mask re-run", ident_predicted),
+                        row("grpo-random", "random-mask re-run", 0.79),
+                    ]
+                }
+            }
+        },
+    }
+
+
+def test_prediction_goals_at_and_beside_their_bounds():
+    from rlsubnet.lab.report.prediction_markdown import prediction_goals
+
+    # exactly at every bound: all met (0.86 - 0.76 is 0.0999... in floats; a bound is still a bound)
+    goals = prediction_goals(_prediction_results((0.85, 0.86), (0.70, 0.76), (0.90, 0.91), 0.89))
+    assert [g["met"] for g in goals] == [True] * 7
+    # just beside each bound: none met
+    goals = prediction_goals(_prediction_results((0.849, 0.849), (0.75, 0.75), (0.9, 0.9), 0.889))
+    assert [g["met"] for g in goals] == [False] * 7
+    assert "0.49 of the gap" in goals[-1]["reached"]
+    # a prediction above the ceiling is within it; a missing ceiling is not measured, not met
+    res = _prediction_results((0.95, 0.95), (0.7, 0.7), (0.9, 0.9), 0.95)
+    del res["prediction"]["stages"]["dpo"]["ceiling"]
+    goals = prediction_goals(res)
+    assert goals[2]["met"] is True and "above the ceiling" in goals[2]["reached"] and goals[5]["met"] is None
+    # without the predicted re-run the last goal is not measured
+    del res["subnetwork"]
+    assert prediction_goals(res)[-1]["met"] is None

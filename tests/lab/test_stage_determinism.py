@@ -14,6 +14,7 @@ import pytest
 from rlsubnet.lab.config import DemoConfig
 from rlsubnet.lab.pipeline import finetune_specs
 from rlsubnet.lab.stages import run_stage
+from rlsubnet.predict.lab_probe import full_run_extra, run_stage_with_probe
 
 
 def _specs(config: dict | None = None):
@@ -41,10 +42,12 @@ def test_same_seed_same_stage(micro_demo, tmp_path, name):
     spec = _specs(results["config"])[name]
     theta0 = out / "stages" / "pretrain" / "model"
     samples = out / "stages" / "samples" / "samples.jsonl"
-    again = run_stage(spec, base_dir=theta0, out_dir=tmp_path / name, samples_path=samples, eval_tasks=["add", "sub"],
-                      progress=False)
+    # as the demo runs a full run: recording the probe of its first steps on the way
+    again = run_stage_with_probe(spec, base_dir=theta0, out_dir=tmp_path / name, samples_path=samples,
+                                 eval_tasks=["add", "sub"], progress=False, extra_record=full_run_extra(spec))
     first = out / "stages" / name
     assert _bytes(again.dir) == _bytes(first)
+    assert (again.dir / "probe.safetensors").read_bytes() == (first / "probe.safetensors").read_bytes()
     assert (again.dir / "data.jsonl").read_text() == (first / "data.jsonl").read_text()
     assert _logs(again.dir) == _logs(first)  # for GRPO: the same sampled completions, hence rewards and lengths
     for i, (step, path) in enumerate(again.snapshots):

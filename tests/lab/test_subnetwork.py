@@ -23,7 +23,8 @@ def _theta0(out):
 
 
 @pytest.mark.parametrize("run, mask_file", [("grpo-subnet", "grpo"), ("grpo-random", "random-like-grpo"),
-                                            ("dpo-subnet", "dpo"), ("dpo-random", "random-like-dpo")])
+                                            ("dpo-subnet", "dpo"), ("dpo-random", "random-like-dpo"),
+                                            ("grpo-predicted", "predicted-grpo")])
 def test_demo_reruns_leave_frozen_masters_bit_identical(micro_demo, run, mask_file):
     """Outside the mask it trained on, every fp32 master of a re-run is θ0's bf16 value, bit for bit (checked here
     directly, not with the pipeline's checker), and the pipeline reported the same count."""

@@ -107,3 +107,35 @@ def test_gradients_returned_as_a_dict():
     probe = run_probe(model, grad_fn, PLAN, K)
     assert all(float(probe.grad_sum[n].abs().max()) == 0 for n in names)  # ±1 alternating: no mean
     assert all(float(probe.grad_sq[n].min()) == K for n in names)
+
+
+def test_recorder_with_a_limit_records_only_the_first_steps_of_a_longer_run():
+    """What a full run's own probe records: the first K steps, then nothing; the run goes on unchanged."""
+    from rlsubnet.predict.probe import GradientRecorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    params = dict(model.named_parameters())
+    grads = [{n: torch.randn_like(p) for n, p in params.items()} for _ in range(5)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    rec = GradientRecorder(params, limit=3)
+    rec.attach(opt, run_id="r")
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    after = []
+    for step in range(5):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            for n, p in m.named_parameters():
+                p.grad = grads[step][n].clone()
+            o.step()
+        after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    final = rec.final
+    assert final is not None and final.steps == 3 and final.lrs == [1e-2] * 3 and final.run_id == "r"
+    assert len(rec.lrs) == 3  # quiet after the limit
+    for n in params:
+        assert torch.equal(final.master[n], after[2][n])
+        assert torch.equal(final.grad_sum[n], grads[0][n] + grads[1][n] + grads[2][n])
+        assert torch.equal(params[n], dict(twin.named_parameters())[n])  # the hooks changed nothing
+    rec.detach()
+    assert not rec.handles

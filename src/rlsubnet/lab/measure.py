@@ -28,6 +28,7 @@ from rlsubnet.lab.subnet import (
     mask_record,
     named_pairs,
     overlap_labels,
+    predicted_mask_label,
     random_mask_label,
 )
 from rlsubnet.lab.tasks import get_task
@@ -373,6 +374,8 @@ def measure_subnetwork(
                 roles[name] = ("subnetwork re-run", of)
             elif name == f"{of}-random":
                 roles[name] = ("random-mask re-run", of)
+            elif name == f"{of}-predicted":
+                roles[name] = ("predicted-mask re-run", of)
             elif name.startswith(f"{of}-seed"):
                 roles[name] = ("full run, another seed", of)
     runs = {
@@ -391,6 +394,11 @@ def measure_subnetwork(
             rows.append((f"{of}-subnet", extra[f"{of}-subnet"], "subnetwork re-run", mask))
         if f"{of}-random" in extra:
             rows.append((f"{of}-random", extra[f"{of}-random"], "random-mask re-run", store.random_like(of, full)))
+        if f"{of}-predicted" in extra:
+            predicted = store.masks.get(predicted_mask_label(of))
+            if predicted is None:
+                raise RlsubnetError(f"stage {of}-predicted: the predicted mask it trained on was not made in this run")
+            rows.append((f"{of}-predicted", extra[f"{of}-predicted"], "predicted-mask re-run", predicted))
         for name in sorted(n for n in extra if roles.get(n) == ("full run, another seed", of)):
             rows.append((name, extra[name], "full run, another seed", None))
         if rows:

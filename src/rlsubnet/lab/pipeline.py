@@ -29,6 +29,7 @@ from rlsubnet._version import __version__
 from rlsubnet.lab import subnet
 from rlsubnet.lab.config import DemoConfig, StageSpec
 from rlsubnet.lab.measure import commuted_twins, measure_subnetwork
+from rlsubnet.lab.predicting import PREDICTOR, measure_predictions
 from rlsubnet.lab.pretrain import PretrainSpec, SampleSpec, run_pretrain
 from rlsubnet.lab.progress import say
 from rlsubnet.lab.report import prepare_report, summary_lines, write_report
@@ -45,6 +46,7 @@ from rlsubnet.lab.scheduler import (
 )
 from rlsubnet.lab.spectrum import measure_finished, random_reference
 from rlsubnet.lab.stages import fingerprint, model_digest, quiet_libraries
+from rlsubnet.predict.lab_probe import full_run_extra
 
 # -- what runs
 
@@ -160,7 +162,7 @@ def stage_plan(specs: list[StageSpec], prepare_rerun, samples: SamplesJob | None
     full_runs = [*specs, *subnet.extra_seed_specs(spec_by_name)]
     own = ("samples",) if samples is not None else ()
     plan = [
-        PlannedStage(s.name, job=StageJob(s, measure=s.name in spec_by_name), needs=own if s.uses_own_samples else ())
+        PlannedStage(s.name, job=full_run_job(s, s.name in spec_by_name), needs=own if s.uses_own_samples else ())
         for s in full_runs
     ]
     if samples is not None:
@@ -168,7 +170,8 @@ def stage_plan(specs: list[StageSpec], prepare_rerun, samples: SamplesJob | None
     algo = {s.name: s.algorithm for s in full_runs}
     for of in subnet.RERUN_OF:
         if of in spec_by_name:
-            for kind in ("subnet", "random"):
+            kinds = ("subnet", "random", "predicted") if of in subnet.PREDICTED_OF else ("subnet", "random")
+            for kind in kinds:
                 plan.append(
                     PlannedStage(f"{of}-{kind}", needs=(of,), prepare=functools.partial(prepare_rerun, of, kind))
                 )
@@ -189,15 +192,37 @@ def stage_order(cfg: DemoConfig) -> list[str]:
     return [n.name for n in stage_plan(finetune_specs(cfg), lambda *a: "")]
 
 
+def full_run_job(spec: StageSpec, measure: bool) -> StageJob:
+    """The job of a full run: it records a probe of its first steps (for the predictions) when it has 2 or more."""
+    extra = full_run_extra(spec)
+    return StageJob(spec, extra_record=extra, measure=measure, probe=extra is not None)
+
+
 def plan_rerun(store: subnet.MaskStore, spec_by_name: dict, of: str, kind: str, done: dict) -> StageJob | str:
     """The job of the masked re-run ``of``-``kind`` (kind "subnet": on the full run's own mask; "random": on a random
-    mask of equal density), made once the full run ``of`` is in ``done``; a str (why) when there is nothing to re-run."""
+    mask of equal density; "predicted": on the mask predicted from θ0, the plan and the probe of the run's first
+    steps), made once the full run ``of`` is in ``done``; a str (why) when there is nothing to re-run."""
     full = done[of]
     mask = store.changed(of, full)
     if mask.changed == 0:
         return (
             f"`{of}` changed no bf16 entry at atol {subnet.MASK_ATOL:g}: its subnetwork is empty, there is "
             "nothing to re-run"
+        )
+    if kind == "predicted":
+        if not (full.record.get("extra") or {}).get("probe"):
+            return f"`{of}` recorded no probe (fewer than 2 steps): there is no prediction to train on"
+        use = store.predicted(of, full, spec_by_name[of])
+        if use.changed == 0:
+            return f"the prediction for `{of}` is an empty mask: there is nothing to train"
+        role = f"mask predicted before the run ({PREDICTOR} predictor, expected density)"
+        key = subnet.predicted_mask_label(of)
+        return StageJob(
+            subnet.rerun_spec(spec_by_name[of], kind),
+            extra_record=subnet.mask_extra_record(use, role, of),
+            mask_path=str(store.paths[key]),
+            mask_sha256=use.bits_sha256(),
+            allow_full=use.changed == use.numel,
         )
     use = mask if kind == "subnet" else store.random_like(of, full)
     role = "subnetwork of the full run" if kind == "subnet" else f"random {subnet.RANDOM_SCOPE} mask of equal density"
@@ -334,6 +359,10 @@ def _run(
     extra_specs = {n.name: n.job.spec for n in plan if isinstance(n.job, StageJob)}
     subnetwork = measure_subnetwork(theta0, folder.out, stages, extra, extra_specs, store, skipped, cfg)
     timings["subnetwork"] = clock.record(reused=False)
+    say("[predictions] each subnetwork predicted from θ0, the plan and its run's first steps, scored", progress)
+    clock = Stopwatch()
+    prediction = measure_predictions(theta0, stages, extra, {**extra_specs, **spec_by_name}, store, cfg.seed)
+    timings["prediction"] = clock.record(reused=False)
 
     results = {
         "rlsubnet_version": __version__,
@@ -381,6 +410,7 @@ def _run(
             for name, res in stages.items()
         },
         "subnetwork": subnetwork,
+        "prediction": prediction,
         "commuted_twins": commuted_twins(cfg.tasks),
         "spectral_reference": {"random_delta": spectral_random},
         "versions": pre.record["versions"],

@@ -57,6 +57,7 @@ class StageJob:
     mask_sha256: str | None = None
     allow_full: bool = False
     measure: bool = False  # a worker that ran it also measures it against θ0
+    probe: bool = False  # a full run that records a probe of its first steps (extra_record: full_run_extra)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ def execute_job(job: StageJob | SamplesJob, kwargs: dict):
             extra_record=job.extra_record,
             **kwargs,
         )
+    if job.probe:
+        from rlsubnet.predict.lab_probe import run_stage_with_probe
+
+        return run_stage_with_probe(job.spec, extra_record=job.extra_record, **kwargs)
     return stages.run_stage(job.spec, extra_record=job.extra_record, **kwargs)
 
 

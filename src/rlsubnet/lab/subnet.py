@@ -26,6 +26,7 @@ MASK_MODE = "bf16"
 IDENTITY_ATOLS = (0.0, 1e-5, 1e-4)
 RANDOM_SCOPE = "per_tensor"
 RERUN_OF = ("grpo", "dpo")  # full runs re-run on their own subnetwork (and on a random mask of equal density)
+PREDICTED_OF = ("grpo",)  # full runs re-run on the mask predicted before them (rlsubnet.lab.predicting)
 EXTRA_SEEDS = {"grpo": 2, "dpo": 1}  # extra full runs with seeds seed + 1, seed + 2, ...
 MASK_OPTIONS = {"strict": None, "mask_before_clip": False, "compare_dtype": MASK_MODE}
 # Not in MASK_OPTIONS (the fingerprint): on the stages' fp32 weights, which are their own masters, sparse and dense
@@ -40,6 +41,10 @@ def seed_name(name: str, seed: int) -> str:
 
 def random_mask_label(of: str) -> str:
     return f"random ({of}'s density)"
+
+
+def predicted_mask_label(of: str) -> str:
+    return f"predicted ({of})"
 
 
 def extra_seed_specs(spec_by_name: Mapping[str, StageSpec]) -> list[StageSpec]:
@@ -71,6 +76,11 @@ def rerun_spec(spec: StageSpec, kind: str) -> StageSpec:
         desc = (
             f"`{spec.name}` re-run from θ0 training only a random mask of the subnetwork's density "
             f"({RANDOM_SCOPE.replace('_', '-')}; same seed and data order)"
+        )
+    elif kind == "predicted":
+        desc = (
+            f"`{spec.name}` re-run from θ0 training only the subnetwork predicted before the run, from θ0, its plan "
+            "and a probe of its first steps (same seed and data order)"
         )
     else:
         raise ValueError(kind)
@@ -226,6 +236,7 @@ class MaskStore:
         self.seed = seed
         self.masks: dict = {}
         self.paths: dict[str, Path] = {}
+        self.predictions: dict = {}  # stage name -> its Prediction (rlsubnet.lab.predicting.predict_stage)
 
     def _save(self, key: str, mask, filename: str):
         self.dir.mkdir(exist_ok=True)
@@ -249,4 +260,20 @@ class MaskStore:
                 random_mask(self.changed(name, stage), scope=RANDOM_SCOPE, seed=self.seed),
                 f"random-like-{name}.mask.safetensors",
             )
+        return self.masks[key]
+
+    def prediction(self, name: str, stage, spec: StageSpec):
+        """The prediction of ``name``'s subnetwork made before its run (:func:`rlsubnet.lab.predicting.predict_stage`:
+        θ0, the stage's plan and the probe its first steps recorded), made once."""
+        from rlsubnet.lab.predicting import predict_stage
+
+        if name not in self.predictions:
+            self.predictions[name] = predict_stage(self.theta0, spec, stage)
+        return self.predictions[name]
+
+    def predicted(self, name: str, stage, spec: StageSpec):
+        """The predicted mask of ``name``: :meth:`prediction` cut at its expected density."""
+        key = predicted_mask_label(name)
+        if key not in self.masks:
+            self._save(key, self.prediction(name, stage, spec).mask(), f"predicted-{name}.mask.safetensors")
         return self.masks[key]

@@ -63,6 +63,12 @@ def sgd_optimizer(model, args):
     return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.0, foreach=False)
 
 
+def stage_optimizer(spec: StageSpec):
+    """The optimizer factory ``(model, args) -> Optimizer`` of ``spec``: :func:`sgd_optimizer` or
+    :func:`default_optimizer`."""
+    return sgd_optimizer if spec.optimizer == "sgd" else default_optimizer
+
+
 def common_args(
     output_dir: str,
     *,
@@ -212,5 +218,5 @@ def build_trainer(
         raise UsageError(
             f"stage {spec.name}: a custom optimizer factory wraps AdamW; --optimizer {spec.optimizer} has none"
         )
-    optimizer = (optimizer_factory or (sgd_optimizer if spec.optimizer == "sgd" else default_optimizer))(model, args)
+    optimizer = (optimizer_factory or stage_optimizer(spec))(model, args)
     return make_trainer(trainer_cls, model, args, dataset, tokenizer, callbacks, optimizer, **extra)

@@ -145,7 +145,7 @@ class Plan:
 
 def plan_of_stage(spec, *, atol: float = 1e-5, mode: str = "bf16") -> Plan:
     """The plan of a lab stage (:class:`rlsubnet.lab.config.StageSpec`): the settings its trainer is built with
-    (:func:`rlsubnet.lab.trainers.common_args`), bf16 checkpoints."""
+    (:func:`rlsubnet.lab.trainers.common_args`, its optimizer: AdamW or plain SGD), bf16 checkpoints."""
     from rlsubnet.lab.trainers import common_args
 
     args = common_args(
@@ -159,12 +159,18 @@ def plan_of_stage(spec, *, atol: float = 1e-5, mode: str = "bf16") -> Plan:
     schedule = args["lr_scheduler_type"]
     if schedule not in SCHEDULES:
         raise UsageError(f"stage {spec.name}: schedule {schedule!r} has no plan (choose from {', '.join(SCHEDULES)})")
+    if spec.optimizer == "sgd":  # the lab's plain SGD (rlsubnet.lab.trainers.sgd_optimizer): no momentum
+        optimizer: dict = {"optimizer": "sgd", "momentum": 0.0}
+    else:
+        optimizer = {
+            "optimizer": "adamw",
+            "betas": (args["adam_beta1"], args["adam_beta2"]),
+            "eps": args["adam_epsilon"],
+        }
     return Plan(
         steps=spec.steps,
         lr=spec.learning_rate,
-        optimizer="adamw",
-        betas=(args["adam_beta1"], args["adam_beta2"]),
-        eps=args["adam_epsilon"],
+        **optimizer,
         weight_decay=args["weight_decay"],
         schedule=schedule,
         warmup=args["warmup_steps"],

@@ -166,21 +166,34 @@ class ProbeStats:
 
 class GradientRecorder:
     """Accumulates Σg and Σg² per parameter at every optimizer step (a step pre-hook: the gradient the optimizer
-    is about to use, after clipping), and the learning rate of the step."""
+    is about to use, after clipping), and the learning rate of the step.
 
-    def __init__(self, named_params: Mapping[str, torch.nn.Parameter]):
+    With ``limit`` K it records the first K steps of a longer run: after the K-th step (a post-hook) it takes the
+    probe's statistics (``final``: the masters and moments as they are then) and records nothing more, so the run
+    goes on unchanged and its first K steps are the probe."""
+
+    def __init__(self, named_params: Mapping[str, torch.nn.Parameter], limit: int | None = None):
         self.params = dict(named_params)
         self.grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.grad_sq = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.lrs: list[float] = []
-        self.handle: torch.utils.hooks.RemovableHandle | None = None
+        self.limit = limit
+        self.final: ProbeStats | None = None
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stats_kw: dict = {}
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        self.handle = optimizer.register_step_pre_hook(self._before_step)
+    def attach(self, optimizer: torch.optim.Optimizer, **stats_kw) -> torch.optim.Optimizer:
+        """Record ``optimizer``'s steps; ``stats_kw`` go to :meth:`stats` when the limit is reached."""
         self.optimizer = optimizer
+        self.handles.append(optimizer.register_step_pre_hook(self._before_step))
+        if self.limit is not None:
+            self._stats_kw = stats_kw
+            self.handles.append(optimizer.register_step_post_hook(self._after_step))
         return optimizer
 
     def _before_step(self, optimizer, args, kwargs) -> None:
+        if self.final is not None:
+            return  # a hook cannot remove itself while the optimizer runs its hooks: it goes quiet instead
         for name, p in self.params.items():
             if p.grad is None:
                 raise ProbeError(
@@ -191,6 +204,10 @@ class GradientRecorder:
             self.grad_sum[name] += g
             self.grad_sq[name] += g * g
         self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self.final is None and len(self.lrs) == self.limit:
+            self.final = self.stats(len(self.lrs), **self._stats_kw)
 
     def adam_moments(self) -> tuple[dict, dict]:
         """``exp_avg`` and ``exp_avg_sq`` of an Adam-family optimizer at the end (empty for others)."""
@@ -218,9 +235,9 @@ class GradientRecorder:
         )
 
     def detach(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
 
 
 def describe_optimizer(opt) -> dict:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 from rlsubnet.lab.report.criteria import CRITERIA, criteria_sentence, fp32_dense, fp32_explains_sparsity
+from rlsubnet.lab.report.prediction_markdown import prediction_markdown, prediction_summary_lines
 from rlsubnet.lab.report.records import acc_diff, adamw_view, ident, md_table, pct, pts, rows_of, se, sp, trained
 from rlsubnet.lab.report.spectral_markdown import optimizer_markdown, sgd_summary_lines, spectral_markdown
 from rlsubnet.lab.report.subnetwork_markdown import subnetwork_markdown
@@ -67,7 +68,11 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
         if not srow:
             continue
         r = srow[0]
-        base = "; ".join(f"{b['run']} {pct(ident(b, 1e-5))}" for b in sec["rows"] if b is not r)
+        base = "; ".join(
+            f"{b['run']} {pct(ident(b, 1e-5))}"
+            for b in sec["rows"]
+            if b is not r and b["role"] != "predicted-mask re-run"
+        )
         gap = acc_diff(sec, r, c["task"])
         out.append(
             f"- Re-training only {alg}'s subnetwork ({pct(sec['mask']['density'])} of the parameters; same seed and data "
@@ -93,6 +98,7 @@ def summary_lines(results: dict, claims: list[dict]) -> list[str]:
                 + " (paper, DPO seeds: 60.5% vs 36.7%)."
             )
     out += sgd_summary_lines(full)
+    out += prediction_summary_lines(full)
     verdicts: dict[str, list[str]] = {}
     for cl in claims:
         verdicts.setdefault(cl["verdict"], []).append(cl["id"])
@@ -230,6 +236,7 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
             md.append(f"- {c_['claim']} Ours: {c_['ours']}. {c_['why'][0].upper() + c_['why'][1:]}")
 
     md += subnetwork_markdown(results)
+    md += prediction_markdown(results)
     md += optimizer_markdown(results)
     md += spectral_markdown(results)
 

@@ -51,6 +51,7 @@ def _fig_identity(results):
         short = {
             "subnetwork re-run": "θ_sub",
             "random-mask re-run": "random mask",
+            "predicted-mask re-run": "predicted mask",
             "full run, another seed": "another seed",
         }
         ax.set_xticks(range(len(rows)), [f"{r['run']}\n({short.get(r['role'], r['role'])})" for r in rows], fontsize=7)

@@ -1,0 +1,144 @@
+"""The demo's predictions of each subnetwork before its run (the report's "Predicting the subnetwork").
+
+Every full run of the demo records a probe of its first 10% of steps on the way
+(:func:`rlsubnet.predict.lab_probe.run_stage_with_probe`: the statistics of a separate probe of those steps, bit for
+bit, at no extra training). From θ0, the stage's plan (:func:`rlsubnet.predict.plan_of_stage`) and that probe, the
+*probe* predictor, which has no fitted parameter, gives every entry a probability of changing; its mask at the
+expected density is scored against the stage's realized mask (:func:`rlsubnet.predict.evaluate`), beside the |w|
+and random baselines at equal density. For GRPO and DPO also: the *budget* predictor (θ0 and the plan alone), the
+*calibrated* one fitted on the same stage run with seed + 1 (never on the scored run: the calibration refuses it),
+and the seed ceiling (that run's realized mask used as the prediction). ``grpo-predicted`` re-runs ``grpo`` on the
+probe predictor's mask (:mod:`rlsubnet.lab.subnet`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from rlsubnet.errors import RlsubnetError
+from rlsubnet.lab.config import StageSpec
+from rlsubnet.lab.subnet import MASK_ATOL, MASK_MODE, MaskStore, seed_name
+
+PREDICTOR = "probe"  # the demo's prediction: the probe predictor, chosen on runs the demo does not score
+DETAILED = ("grpo", "dpo")  # stages also scored with every predictor and against the seed ceiling
+SCORE_KEYS = (
+    "precision",
+    "recall",
+    "f1",
+    "average_precision",
+    "density_predicted",
+    "density_realized",
+    "at_realized_density",
+    "baselines",
+    "layers",
+    "modules",
+)
+
+
+def probe_of(stage):
+    """The probe a full run recorded of its first steps."""
+    from rlsubnet.predict.lab_probe import PROBE_FILE
+    from rlsubnet.predict.probe import ProbeStats
+
+    path = Path(stage.dir) / PROBE_FILE
+    if not path.is_file():
+        raise RlsubnetError(f"stage {stage.name}: {path} is missing: the run recorded no probe to predict from")
+    return ProbeStats.load(path)
+
+
+def plan_of(spec: StageSpec):
+    from rlsubnet.predict.plan import plan_of_stage
+
+    return plan_of_stage(spec, atol=MASK_ATOL, mode=MASK_MODE)
+
+
+def predict_stage(theta0: Path, spec: StageSpec, stage, predictor: str = PREDICTOR, calibration=None, probe=None):
+    """The prediction of ``spec``'s subnetwork from θ0, its plan and (but for the budget predictor) the probe its
+    run recorded of its first steps."""
+    from rlsubnet.predict.core import predict
+
+    if predictor != "budget" and probe is None:
+        probe = probe_of(stage)
+    return predict(
+        theta0,
+        plan_of(spec),
+        None if predictor == "budget" else probe,
+        predictor=predictor,
+        calibration=calibration,
+    )
+
+
+def scored(result: Mapping) -> dict:
+    """The figures of :func:`rlsubnet.predict.evaluate` the report keeps."""
+    return {k: result[k] for k in SCORE_KEYS if k in result}
+
+
+def measure_predictions(
+    theta0: Path,
+    stages: Mapping,
+    extra: Mapping,
+    specs: Mapping[str, StageSpec],
+    store: MaskStore,
+    seed: int,
+) -> dict:
+    """``results["prediction"]``: every finetuning stage in ``stages`` predicted and scored (see the module
+    docstring); ``extra``: the extra-seed runs (their probes and masks fit the calibrations and make the ceiling);
+    ``specs``: every stage's spec; ``store``: the run's masks (and the predictions already made)."""
+    from rlsubnet.predict.calibrate import fit_calibration
+    from rlsubnet.predict.scoring import evaluate
+
+    rows: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for name, stage in stages.items():
+        k = ((stage.record.get("extra") or {}).get("probe") or {}).get("steps")
+        if k is None:
+            skipped[name] = "its run recorded no probe (fewer than 2 steps)"
+            continue
+        clock = time.process_time()
+        spec = specs[name]
+        realized = store.changed(name, stage)
+        if realized.changed == 0:
+            skipped[name] = f"it changed no bf16 entry at atol {MASK_ATOL:g}: there is nothing to predict"
+            continue
+        probe = probe_of(stage)
+        pred = store.prediction(name, stage, spec)
+        row: dict = {
+            "settings": stage.record["settings"],
+            "algorithm": spec.algorithm,
+            "optimizer": spec.optimizer,
+            "task": spec.task,
+            "learning_rate": spec.learning_rate,
+            "steps": spec.steps,
+            "probe_steps": k,
+            "predictors": {PREDICTOR: scored(evaluate(realized, pred))},
+        }
+        twin = seed_name(name, seed + 1)
+        if name in DETAILED and twin in extra:
+            other = extra[twin]
+            row["predictors"]["budget"] = scored(evaluate(realized, predict_stage(theta0, spec, stage, "budget")))
+            cal = fit_calibration(theta0, plan_of(specs[twin]), store.changed(twin, other), probe_of(other))
+            calibrated = predict_stage(theta0, spec, stage, "calibrated", calibration=cal, probe=probe)
+            row["predictors"]["calibrated"] = scored(evaluate(realized, calibrated))
+            row["calibration"] = {"run": twin, **cal.describe()}
+            row["ceiling"] = {"run": twin, **scored(evaluate(realized, store.changed(twin, other), base=theta0))}
+        row["cpu_s"] = time.process_time() - clock
+        rows[name] = row
+    return {
+        "settings": {
+            "predictor": PREDICTOR,
+            "probe": "the run's own first steps (10%, at least 2), recorded on the way: the same statistics as a "
+            "separate probe of those steps",
+            "cut": "the predicted mask keeps the entries with the highest probabilities, as many as the expected "
+            "density predicts",
+            "mask_atol": MASK_ATOL,
+            "mask_dtype": MASK_MODE,
+            "calibration": "logistic rule fitted on the same stage run with seed + 1 (its probe and realized mask)",
+            "ceiling": "the seed + 1 run's realized mask used as the prediction",
+            "baselines": "magnitude: the entries with the smallest |θ0| at the same count; random: a random mask of "
+            "the predicted density (exact expectation)",
+        },
+        "stages": rows,
+        "skipped": skipped,
+    }
