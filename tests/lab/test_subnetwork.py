@@ -166,6 +166,15 @@ def test_worker_processes_give_the_same_bits(micro_demo, micro_args, tmp_path):
             assert a == b, (name, key)
     for f in first["figures"]:
         assert (out / "figures" / f).read_bytes() == (src / "figures" / f).read_bytes(), f
+    # the workers scored dpo's and sft's predictions: the same figures as the main process made
+    for name in ("dpo", "sft"):
+        a, b = (r["prediction"]["stages"][name] for r in (again, first))
+        assert {k: v for k, v in a.items() if k not in ("cpu_s", "calibration")} == {
+            k: v for k, v in b.items() if k not in ("cpu_s", "calibration")}, name
+        if "calibration" in b:  # its record names the files it read, which moved
+            assert (a["calibration"]["weights"], a["calibration"]["fit"]) == (b["calibration"]["weights"],
+                                                                              b["calibration"]["fit"])
+        assert "prediction" not in again["stages"][name]
 
 
 def test_empty_subnetwork_is_skipped_not_an_error(micro_demo, tmp_path):

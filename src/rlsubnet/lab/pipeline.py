@@ -348,6 +348,8 @@ def _run(
     # 3. measurements (those a worker made right after its stage are kept)
     say(f"[measure] compare engine on {len(stages)} stages (bf16 and fp32, snapshots, dynamics, spectra)", progress)
     clock = Stopwatch()
+    # a worker that trained a full run also scored the prediction of its subnetwork: that goes to the predictions
+    prescored = {n: m.pop("prediction") for n, m in ctx.measured.items() if "prediction" in m}
     measured = {
         name: ctx.measured[name] if name in ctx.measured else measure_finished(theta0, res)
         for name, res in stages.items()
@@ -361,7 +363,7 @@ def _run(
     timings["subnetwork"] = clock.record(reused=False)
     say("[predictions] each subnetwork predicted from θ0, the plan and its run's first steps, scored", progress)
     clock = Stopwatch()
-    prediction = measure_predictions(theta0, stages, extra, {**extra_specs, **spec_by_name}, store, cfg.seed)
+    prediction = measure_predictions(theta0, stages, extra, {**extra_specs, **spec_by_name}, store, cfg.seed, prescored)
     timings["prediction"] = clock.record(reused=False)
 
     results = {

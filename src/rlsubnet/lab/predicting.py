@@ -75,6 +75,34 @@ def scored(result: Mapping) -> dict:
     return {k: result[k] for k in SCORE_KEYS if k in result}
 
 
+def score_stage(theta0: Path, spec: StageSpec, stage, realized=None, prediction=None) -> dict:
+    """The demo's prediction of one finished stage (:data:`PREDICTOR`), scored against the mask it realized; or
+    ``{"skipped": why}``. It reads θ0, the stage's plan and its probe only, so a worker process can make it right
+    after the stage (``realized``, ``prediction``: the run's own, when already made)."""
+    from rlsubnet.lab.subnet import build_stage_mask
+    from rlsubnet.predict.scoring import evaluate
+
+    clock = time.process_time()
+    k = ((stage.record.get("extra") or {}).get("probe") or {}).get("steps")
+    if k is None:
+        return {"skipped": "its run recorded no probe (fewer than 2 steps)"}
+    realized = build_stage_mask(theta0, stage) if realized is None else realized
+    if realized.changed == 0:
+        return {"skipped": f"it changed no bf16 entry at atol {MASK_ATOL:g}: there is nothing to predict"}
+    pred = predict_stage(theta0, spec, stage) if prediction is None else prediction
+    return {
+        "settings": stage.record["settings"],
+        "algorithm": spec.algorithm,
+        "optimizer": spec.optimizer,
+        "task": spec.task,
+        "learning_rate": spec.learning_rate,
+        "steps": spec.steps,
+        "probe_steps": k,
+        "predictors": {PREDICTOR: scored(evaluate(realized, pred))},
+        "cpu_s": time.process_time() - clock,
+    }
+
+
 def measure_predictions(
     theta0: Path,
     stages: Mapping,
@@ -82,48 +110,40 @@ def measure_predictions(
     specs: Mapping[str, StageSpec],
     store: MaskStore,
     seed: int,
+    prescored: Mapping[str, dict] | None = None,
 ) -> dict:
     """``results["prediction"]``: every finetuning stage in ``stages`` predicted and scored (see the module
     docstring); ``extra``: the extra-seed runs (their probes and masks fit the calibrations and make the ceiling);
-    ``specs``: every stage's spec; ``store``: the run's masks (and the predictions already made)."""
+    ``specs``: every stage's spec; ``store``: the run's masks (and the predictions already made); ``prescored``:
+    :func:`score_stage` of the stages a worker already scored."""
     from rlsubnet.predict.calibrate import fit_calibration
     from rlsubnet.predict.scoring import evaluate
 
     rows: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for name, stage in stages.items():
-        k = ((stage.record.get("extra") or {}).get("probe") or {}).get("steps")
-        if k is None:
-            skipped[name] = "its run recorded no probe (fewer than 2 steps)"
-            continue
-        clock = time.process_time()
         spec = specs[name]
-        realized = store.changed(name, stage)
-        if realized.changed == 0:
-            skipped[name] = f"it changed no bf16 entry at atol {MASK_ATOL:g}: there is nothing to predict"
+        row = (prescored or {}).get(name)
+        if row is None:
+            realized = store.changed(name, stage)
+            pred = store.prediction(name, stage, spec) if realized.changed else None
+            row = score_stage(theta0, spec, stage, realized, pred)
+        if "skipped" in row:
+            skipped[name] = row["skipped"]
             continue
-        probe = probe_of(stage)
-        pred = store.prediction(name, stage, spec)
-        row: dict = {
-            "settings": stage.record["settings"],
-            "algorithm": spec.algorithm,
-            "optimizer": spec.optimizer,
-            "task": spec.task,
-            "learning_rate": spec.learning_rate,
-            "steps": spec.steps,
-            "probe_steps": k,
-            "predictors": {PREDICTOR: scored(evaluate(realized, pred))},
-        }
         twin = seed_name(name, seed + 1)
         if name in DETAILED and twin in extra:
+            clock = time.process_time()
             other = extra[twin]
+            realized = store.changed(name, stage)
+            probe = probe_of(stage)
             row["predictors"]["budget"] = scored(evaluate(realized, predict_stage(theta0, spec, stage, "budget")))
             cal = fit_calibration(theta0, plan_of(specs[twin]), store.changed(twin, other), probe_of(other))
             calibrated = predict_stage(theta0, spec, stage, "calibrated", calibration=cal, probe=probe)
             row["predictors"]["calibrated"] = scored(evaluate(realized, calibrated))
             row["calibration"] = {"run": twin, **cal.describe()}
             row["ceiling"] = {"run": twin, **scored(evaluate(realized, store.changed(twin, other), base=theta0))}
-        row["cpu_s"] = time.process_time() - clock
+            row["cpu_s"] += time.process_time() - clock
         rows[name] = row
     return {
         "settings": {

@@ -327,6 +327,10 @@ def _worker_run(job: StageJob | SamplesJob, kwargs: dict):
             from rlsubnet.lab.spectrum import measure_finished
 
             measured = measure_finished(Path(kwargs["base_dir"]), res)
+            if job.probe:  # its subnetwork predicted from the probe it recorded, while the other worker trains
+                from rlsubnet.lab.predicting import score_stage
+
+                measured["prediction"] = score_stage(Path(kwargs["base_dir"]), job.spec, res)
     finally:
         _IN_JOB = False
     return res, clock.record(reused=False, worker_pid=os.getpid()), measured

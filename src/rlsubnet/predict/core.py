@@ -248,7 +248,8 @@ def predict(
         shapes = {n: tuple(i.shape) for n, i in ck.infos.items()}
         hashes = {}
         initial: dict[str, str] = {}
-        for t in iter_terms(ck, plan, probe):
+        # the probe predictor does not read the budget's probabilities: they are not computed for it
+        for t in iter_terms(ck, plan, probe, need_budget=predictor != "probe"):
             if predictor == "calibrated":
                 p = calibration.probabilities(t, plan)
             elif predictor == "probe":
