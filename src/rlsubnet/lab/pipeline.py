@@ -217,16 +217,12 @@ def plan_rerun(store: subnet.MaskStore, spec_by_name: dict, of: str, kind: str, 
             return f"the prediction for `{of}` is an empty mask: there is nothing to train"
         role = f"mask predicted before the run ({PREDICTOR} predictor, expected density)"
         key = subnet.predicted_mask_label(of)
-        return StageJob(
-            subnet.rerun_spec(spec_by_name[of], kind),
-            extra_record=subnet.mask_extra_record(use, role, of),
-            mask_path=str(store.paths[key]),
-            mask_sha256=use.bits_sha256(),
-            allow_full=use.changed == use.numel,
-        )
-    use = mask if kind == "subnet" else store.random_like(of, full)
-    role = "subnetwork of the full run" if kind == "subnet" else f"random {subnet.RANDOM_SCOPE} mask of equal density"
-    key = of if kind == "subnet" else subnet.random_mask_label(of)
+    elif kind == "subnet":
+        use, role, key = mask, "subnetwork of the full run", of
+    else:
+        use = store.random_like(of, full)
+        role = f"random {subnet.RANDOM_SCOPE} mask of equal density"
+        key = subnet.random_mask_label(of)
     return StageJob(
         subnet.rerun_spec(spec_by_name[of], kind),
         extra_record=subnet.mask_extra_record(use, role, of),
