@@ -100,3 +100,39 @@ def test_demo_prediction_section_agrees_with_the_files(micro_demo):
     assert rec["extra"]["mask"]["bits_sha256"] == guess.bits_sha256()
     report = (out / "report.md").read_text()
     assert "## Predicting the subnetwork" in report and "`grpo-predicted` closer to θ_full" in report
+
+
+def test_a_stage_without_probe_is_skipped_and_a_failed_calibration_is_reported(micro_demo, tmp_path, monkeypatch):
+    """Whichever process scores it: a run that recorded no probe is skipped with its reason (not a crash after the
+    training), and a calibration that cannot be fitted is recorded as such beside the other predictors."""
+    import dataclasses
+
+    from rlsubnet.errors import UsageError
+    from rlsubnet.lab import predicting
+    from rlsubnet.lab.stages import StageResult
+    from rlsubnet.lab.subnet import MaskStore
+
+    out, results = micro_demo
+    theta0 = out / "stages" / "pretrain" / "model"
+    load = lambda n: StageResult.load(out / "stages" / n)  # noqa: E731
+    specs = {n: StageSpec(**json.loads((out / "stages" / n / "stage.json").read_text())["spec"])
+             for n in ("sft", "dpo", "dpo-seed1")}
+    no_probe = load("sft")
+    record = {**no_probe.record, "extra": {}}
+    no_probe = dataclasses.replace(no_probe, record=record)
+
+    def cannot_fit(*a, **k):
+        raise UsageError("nothing left to fit")
+
+    monkeypatch.setattr("rlsubnet.predict.calibrate.fit_calibration", cannot_fit)
+    store = MaskStore(tmp_path, theta0, 0)
+    got = predicting.measure_predictions(theta0, {"sft": no_probe, "dpo": load("dpo")}, {"dpo-seed1": load("dpo-seed1")},
+                                         specs, store, 0)
+    assert got["skipped"] == {"sft": "its run recorded no probe (fewer than 2 steps)"}
+    row = got["stages"]["dpo"]
+    assert row["calibration"] == {"run": "dpo-seed1", "skipped": "nothing left to fit"}
+    assert set(row["predictors"]) == {"probe", "budget"} and row["ceiling"]["run"] == "dpo-seed1"
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == [
+        "dpo-seed1.mask.safetensors", "dpo.mask.safetensors", "sft.mask.safetensors"]
+    k = row["changed_by_step_k"]
+    assert 0 < k["changed"] and 0 < k["share_of_realized"] <= 1

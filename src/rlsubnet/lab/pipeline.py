@@ -355,6 +355,8 @@ def _run(
     say("[subnetworks] masks, identity with θ_full, frozen fp32 masters, overlap against both chances", progress)
     clock = Stopwatch()
     extra_specs = {n.name: n.job.spec for n in plan if isinstance(n.job, StageJob)}
+    for name, res in stages.items():  # every stage's mask in masks/ (its prediction is scored against it)
+        store.changed(name, res)
     subnetwork = measure_subnetwork(theta0, folder.out, stages, extra, extra_specs, store, skipped, cfg)
     timings["subnetwork"] = clock.record(reused=False)
     say("[predictions] each subnetwork predicted from θ0, the plan and its run's first steps, scored", progress)

@@ -75,21 +75,50 @@ def scored(result: Mapping) -> dict:
     return {k: result[k] for k in SCORE_KEYS if k in result}
 
 
+def probe_steps_recorded(stage) -> int | None:
+    return ((stage.record.get("extra") or {}).get("probe") or {}).get("steps")
+
+
+def changed_by_step_k(theta0: Path, probe, realized) -> dict:
+    """The entries already changed (bf16, atol 1e-5) after the probe's K steps: the probe predictor counts them as
+    changed, so they are hits no predictor from θ0 alone gets. Their count, and the share of the realized mask."""
+    import torch
+
+    from rlsubnet.checkpoint import open_checkpoint
+    from rlsubnet.diff.changed import ChangedTest
+
+    test = ChangedTest(torch.bfloat16, torch.bfloat16, MASK_ATOL, MASK_MODE)
+    already = hits = 0
+    with open_checkpoint(str(theta0)) as ck:
+        for name in ck.names():
+            w0 = ck.read(name).reshape(-1)
+            at_k = probe.master[name].reshape(-1).to(torch.float32).to(w0.dtype)
+            a = torch.from_numpy(test.changed(w0, at_k)[0].copy())
+            already += int(a.sum())
+            hits += int((a & realized.tensor(name).reshape(-1)).sum())
+    return {
+        "changed": already,
+        "share_of_realized": hits / realized.changed if realized.changed else None,
+        "still_changed_at_t": hits / already if already else None,
+    }
+
+
 def score_stage(theta0: Path, spec: StageSpec, stage, realized=None, prediction=None) -> dict:
     """The demo's prediction of one finished stage (:data:`PREDICTOR`), scored against the mask it realized; or
     ``{"skipped": why}``. It reads θ0, the stage's plan and its probe only, so a worker process can make it right
-    after the stage (``realized``, ``prediction``: the run's own, when already made)."""
+    after the stage (``realized``: the run's mask; ``prediction()``: makes or returns the prediction, when the
+    caller keeps it)."""
     from rlsubnet.lab.subnet import build_stage_mask
     from rlsubnet.predict.scoring import evaluate
 
     clock = time.process_time()
-    k = ((stage.record.get("extra") or {}).get("probe") or {}).get("steps")
+    k = probe_steps_recorded(stage)
     if k is None:
         return {"skipped": "its run recorded no probe (fewer than 2 steps)"}
     realized = build_stage_mask(theta0, stage) if realized is None else realized
     if realized.changed == 0:
         return {"skipped": f"it changed no bf16 entry at atol {MASK_ATOL:g}: there is nothing to predict"}
-    pred = predict_stage(theta0, spec, stage) if prediction is None else prediction
+    pred = predict_stage(theta0, spec, stage) if prediction is None else prediction()
     return {
         "settings": stage.record["settings"],
         "algorithm": spec.algorithm,
@@ -99,6 +128,7 @@ def score_stage(theta0: Path, spec: StageSpec, stage, realized=None, prediction=
         "steps": spec.steps,
         "probe_steps": k,
         "predictors": {PREDICTOR: scored(evaluate(realized, pred))},
+        "changed_by_step_k": changed_by_step_k(theta0, probe_of(stage), realized),
         "cpu_s": time.process_time() - clock,
     }
 
@@ -124,10 +154,11 @@ def measure_predictions(
     for name, stage in stages.items():
         spec = specs[name]
         row = (prescored or {}).get(name)
+        realized = store.changed(name, stage)  # every stage's mask is saved, whichever process scored it
         if row is None:
-            realized = store.changed(name, stage)
-            pred = store.prediction(name, stage, spec) if realized.changed else None
-            row = score_stage(theta0, spec, stage, realized, pred)
+            row = score_stage(
+                theta0, spec, stage, realized, lambda n=name, st=stage, sp=spec: store.prediction(n, st, sp)
+            )
         if "skipped" in row:
             skipped[name] = row["skipped"]
             continue
@@ -135,21 +166,24 @@ def measure_predictions(
         if name in DETAILED and twin in extra:
             clock = time.process_time()
             other = extra[twin]
-            realized = store.changed(name, stage)
-            probe = probe_of(stage)
+            other_mask = store.changed(twin, other)
             row["predictors"]["budget"] = scored(evaluate(realized, predict_stage(theta0, spec, stage, "budget")))
-            cal = fit_calibration(theta0, plan_of(specs[twin]), store.changed(twin, other), probe_of(other))
-            calibrated = predict_stage(theta0, spec, stage, "calibrated", calibration=cal, probe=probe)
-            row["predictors"]["calibrated"] = scored(evaluate(realized, calibrated))
-            row["calibration"] = {"run": twin, **cal.describe()}
-            row["ceiling"] = {"run": twin, **scored(evaluate(realized, store.changed(twin, other), base=theta0))}
+            row["ceiling"] = {"run": twin, **scored(evaluate(realized, other_mask, base=theta0))}
+            try:
+                cal = fit_calibration(theta0, plan_of(specs[twin]), other_mask, probe_of(other))
+            except RlsubnetError as exc:  # e.g. nothing left to fit once the probe's own changes are taken out
+                row["calibration"] = {"run": twin, "skipped": str(exc)}
+            else:
+                calibrated = predict_stage(theta0, spec, stage, "calibrated", calibration=cal, probe=probe_of(stage))
+                row["predictors"]["calibrated"] = scored(evaluate(realized, calibrated))
+                row["calibration"] = {"run": twin, **cal.describe()}
             row["cpu_s"] += time.process_time() - clock
         rows[name] = row
     return {
         "settings": {
             "predictor": PREDICTOR,
             "probe": "the run's own first steps (10%, at least 2), recorded on the way: the same statistics as a "
-            "separate probe of those steps",
+            "separate probe of those steps run before it",
             "cut": "the predicted mask keeps the entries with the highest probabilities, as many as the expected "
             "density predicts",
             "mask_atol": MASK_ATOL,

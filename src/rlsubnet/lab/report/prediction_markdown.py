@@ -1,6 +1,6 @@
-"""report.md's section "Predicting the subnetwork": each stage's subnetwork predicted before its run and scored
-against the one it realized, the ``grpo-predicted`` re-run, and the goals, each with whether this run met it.
-Every number in it is one of results.json (``prediction``, and ``subnetwork.reruns`` for the re-run)."""
+"""report.md's section "Predicting the subnetwork": each stage's subnetwork predicted from θ0, its plan and a probe
+of its first steps, scored against the one it realized, the ``grpo-predicted`` re-run, and the goals, each with
+whether this run met it. Every number in it is one of results.json (``prediction``, and ``subnetwork.reruns`` for the re-run)."""
 
 from __future__ import annotations
 
@@ -99,27 +99,31 @@ def prediction_summary_lines(results: dict) -> list[str]:
         parts.append(f"{n} F1 {_f(s['f1'])} (|w| {_f(s['baselines']['magnitude']['f1'])}, seed ceiling {_f(ceiling)})")
     goals = prediction_goals(results)
     met = sum(1 for g in goals if g["met"])
+    measured = sum(1 for g in goals if g["met"] is not None)
     k = rows[have[0]]["probe_steps"]
     return [
-        f"- Predicted before training from θ0, the plan and the first {k} of {rows[have[0]]['steps']} steps: "
-        f"{', '.join(parts)}; {met} of {len(goals)} prediction goals met."
+        f"- Subnetworks predicted from θ0, the plan and the first {k} of {rows[have[0]]['steps']} steps: "
+        f"{', '.join(parts)}; {met} of the {measured} prediction goals measured were met"
+        + (f" ({len(goals) - measured} not measured)." if measured < len(goals) else ".")
     ]
 
 
 def prediction_markdown(results: dict) -> list[str]:
     """The section: the per-stage table, the predictors on GRPO and DPO, the ``grpo-predicted`` re-run, the goals."""
     pred = results.get("prediction")
-    if not pred or not pred.get("stages"):
+    if not pred:
         return []
     rows = pred["stages"]
     name = pred["settings"]["predictor"]
     tsk = results["config"]["task"]
     md = ["", "## Predicting the subnetwork", ""]
     md.append(
-        f"Each finetuning stage's subnetwork predicted before its run: from θ0, the stage's plan (optimizer, learning "
+        f"Each finetuning stage's subnetwork predicted from what is known after a short probe: θ0, the stage's plan "
+        f"(optimizer, learning "
         f"rate, steps; bf16 checkpoints, atol {str(pred['settings']['mask_atol']).replace('e-05', 'e-5')}) and a probe of the run's first K steps "
-        f"(10% of its T steps, at least 2), recorded on the way: the same statistics as a separate K-step probe, bit "
-        f"for bit. "
+        f"(10% of its T steps, at least 2), recorded on the way: the same statistics, bit for bit, as a K-step probe "
+        f"run before it. Entries the probe has already changed count as changed (the column 'changed by step K' "
+        f"gives their share of the realized mask: hits that no predictor from θ0 alone can get). "
         f"The `{name}` predictor (no fitted parameter; chosen on runs this report does not score) gives each entry "
         f"the probability that the run changes it; the predicted mask keeps the most probable entries, as many as the "
         f"expected density says. It is scored against the mask the run realized: precision, recall, F1, F1 when "
@@ -140,6 +144,7 @@ def prediction_markdown(results: dict) -> list[str]:
         "F1",
         "F1 @ realized density",
         "AP",
+        "changed by step K",
         "\\|w\\| F1",
         "random F1",
         "seed ceiling F1",
@@ -162,12 +167,14 @@ def prediction_markdown(results: dict) -> list[str]:
                 _f(s["f1"]),
                 _f(s["at_realized_density"]["f1"]),
                 _f(s["average_precision"]),
+                pct((row.get("changed_by_step_k") or {}).get("share_of_realized")),
                 _f(s["baselines"]["magnitude"]["f1"]),
                 _f(s["baselines"]["random"]["f1"]),
                 _f((row.get("ceiling") or {}).get("f1")),
             ]
         )
-    md.append(md_table(headers, table))
+    if table:
+        md.append(md_table(headers, table))
     for n, why in (pred.get("skipped") or {}).items():
         md.append(f"\n`{n}` is not scored: {why}.")
     detailed = [n for n in GOAL_STAGES if n in rows and len(rows[n]["predictors"]) > 1]
@@ -199,12 +206,16 @@ def prediction_markdown(results: dict) -> list[str]:
                 ["stage", "predictor", "reads", "density predicted", "F1", "F1 @ realized", "AP", "\\|w\\| F1"], t2
             )
         )
+        for n in detailed:
+            why = (rows[n].get("calibration") or {}).get("skipped")
+            if why:
+                md.append(f"\n`{n}`: the calibrated predictor could not be fitted ({why}).")
     sec = ((results.get("subnetwork") or {}).get("reruns") or {}).get("grpo")
     if sec and rows_of(sec, "predicted-mask re-run"):
         md += [
             "",
             "Training only the predicted subnetwork: `grpo-predicted` re-runs `grpo` from θ0 (same spec, seed and "
-            "data order) on the mask predicted before the run, beside the re-runs on `grpo`'s own subnetwork "
+            "data order) on the mask predicted from θ0, its plan and its first K steps, beside the re-runs on `grpo`'s own subnetwork "
             "and on a random mask of its density:",
             "",
         ]

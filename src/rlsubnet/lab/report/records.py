@@ -90,7 +90,7 @@ def settings_of(results: dict, names: Sequence[str] | None = None, extra: str = 
 ROLE_LABEL = {
     "subnetwork re-run": "θ_sub: its own subnetwork",
     "random-mask re-run": "random mask, equal density",
-    "predicted-mask re-run": "mask predicted before the run",
+    "predicted-mask re-run": "predicted mask (θ0, plan, first steps)",
     "full run, another seed": "full run, another seed",
 }
 
