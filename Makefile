@@ -42,7 +42,7 @@ demo: install
 # patch codec, the changed-test (diff/changed.py and the counting of diff/stats.py), overlap and the masked
 # optimizers, one module at a time, each mutant against the fast test files that reach it; then print the kill
 # rate per module and the survivors (docs/development.md, "Testing"). Hours on 2 cores; `make mutate
-# MUTATE=codec` runs one module. Results stay in mutants/ (a re-run only tests what changed).
+# MUTATE=codec` runs one module. Results stay in mutants/; a run re-tests every mutant its patterns match.
 MUTATE_codec    := "rlsubnet.patch.codec.*"
 MUTATE_changed  := "rlsubnet.diff.changed.*" "rlsubnet.diff.stats.xǁDeltaAccumulatorǁ*"
 MUTATE_overlap  := "rlsubnet.masks.overlap.*"

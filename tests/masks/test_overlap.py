@@ -614,3 +614,17 @@ def test_the_base_is_read_offline_and_quietly_unless_asked(monkeypatch):
     overlap(a, a, base={"w": torch.ones(8)})
     overlap(a, a, base={"w": torch.ones(8)}, progress=True)
     assert bars == [None, "base"]
+
+
+def test_bucket_sums_refuse_missing_counts_and_an_empty_sum_in_words():
+    """The guards behind the chance figures: counts of a tensor the base stream never filled in, or a sum over no
+    tensors, stop with a message saying which (never a sum that silently leaves a tensor out)."""
+    import numpy as np
+
+    from rlsubnet.masks.overlap import _summed
+
+    assert _summed([np.array([1, 2]), np.array([3, 4])]).tolist() == [4, 6]
+    with pytest.raises(ValueError, match="^bucket counts are missing: the base was not streamed$"):
+        _summed([np.array([1, 2]), None])
+    with pytest.raises(ValueError, match="^no tensors to sum bucket counts over$"):
+        _summed([])

@@ -288,6 +288,9 @@ def test_stream_errors_name_the_stream():
     damaged = big[:-1] + bytes([big[-1] ^ 0xFF])  # the content checksum
     with pytest.raises(PatchError, match=r"^w \(positions\): cannot decompress"):
         decode(damaged, val)
+    # bytes after the frame that are no zstd frame: every block decodes, the end-of-stream check refuses them
+    with pytest.raises(PatchError, match=r"^w \(values\): cannot decompress \(.*Unknown frame descriptor"):
+        decode(pos, val + b"junkjunk")
 
 
 @pytest.mark.parametrize("record,needle", [
@@ -330,3 +333,39 @@ def test_cursor_mode_names_how_stored_words_act():
     assert RecordCursor(*words, 4, 2, 4, False, "t").mode("xor") == "xor"
     assert RecordCursor(*words, 4, 2, 4, False, "t").mode("absolute") == "set"
     assert RecordCursor(*words, 4, 2, 4, True, "t").mode("xor") == "set"
+
+
+def test_stream_reads_are_exact_from_a_source_that_returns_less():
+    """A decompressor may hand out fewer bytes than asked: reads gather exactly n bytes, over as many chunks as it
+    takes, and a source that runs dry first is refused naming the stream."""
+    from rlsubnet.patch.codec import _Stream
+
+    class Trickle:  # at most 3 bytes per read, like a decompressor at a block boundary
+        def __init__(self, data: bytes):
+            self.data, self.at = data, 0
+
+        def read(self, n: int) -> bytes:
+            c = self.data[self.at : self.at + min(n, 3)]
+            self.at += len(c)
+            return c
+
+    s = _Stream(zstandard.ZstdCompressor().compress(b""), "t (values)")
+    s._r = Trickle(bytes(range(20)))
+    assert s.read(0) == b""
+    assert s.read(7) == bytes(range(7))  # three chunks: 3, 3, 1
+    assert s.read(5) == bytes(range(7, 12))  # two chunks: 3, 2
+    assert s.read(2) == bytes([12, 13])  # one chunk
+    with pytest.raises(PatchError, match=r"^t \(values\): stream ends early \(corrupt patch\)$"):
+        s.read(7)  # 6 bytes left
+
+
+def test_counts_take_up_to_ten_varint_bytes():
+    """A count is any unsigned 64-bit value, ten varint bytes at most; an eleventh is malformed."""
+    from rlsubnet.patch.codec import _Stream
+
+    compress = zstandard.ZstdCompressor().compress
+    top = (1 << 64) - 1
+    assert len(varint(top)) == 10
+    assert _Stream(compress(varint(top) + varint(5)), "t").varint() == top
+    with pytest.raises(PatchError, match=r"^t: malformed count \(corrupt patch\)$"):
+        _Stream(compress(b"\xff" * 10 + b"\x01"), "t").varint()

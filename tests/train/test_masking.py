@@ -849,3 +849,193 @@ def test_defaults_verify_one_step_and_clip_before_masking():
     _train(model, masked.optimizer, steps=3)
     r = masked.report()
     assert (r["verified_steps"], r["order"], r["steps"]) == (1, "clip the full gradient, then mask", 3)
+
+
+def test_strict_mode_checks_every_step_and_restores_a_fully_frozen_matrix_whole():
+    """Strict mode compares every step (the report says so) and writes back a tensor that is frozen entirely, a
+    matrix included (its snapshot is the whole tensor, not a masked selection)."""
+    class Shifter(torch.optim.Optimizer):  # moves every entry, frozen or not
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1.0)
+            return None
+
+    model = Net()
+    t = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    t["fc1.weight"][:] = False
+    mask = Mask.from_bool(t, {"atol": 1e-5, "dtype": "bf16"})
+    opt = Shifter(model.parameters())
+    masked = MaskedOptimizer(opt, mask, model)
+    frozen_before = model.fc1.weight.detach().clone()
+    bias_before = model.fc1.bias.detach().clone()
+    for _ in range(3):
+        opt.step()
+    assert torch.equal(model.fc1.weight.view(torch.int32), frozen_before.view(torch.int32))
+    assert torch.equal(model.fc1.bias, bias_before + 3.0)
+    r = masked.report()
+    assert (r["steps"], r["verified_steps"], r["fully_frozen_tensors"]) == (3, 3, 1)
+    assert r["restored_entries"] == 3 * 32 * 16
+
+
+def test_a_loaded_adam_state_without_amsgrad_is_cleaned():
+    """Adam without amsgrad keeps no max_exp_avg_sq: cleaning a loaded state skips the buffer it lacks and still
+    zeroes the frozen entries of the others."""
+    donor = Net()
+    donor_opt = torch.optim.Adam(donor.parameters(), lr=1e-2)
+    _train(donor, donor_opt, steps=2)
+    model = Net()
+    mask = _mask_for(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    masked = MaskedOptimizer(opt, mask, model, verify_steps=0)
+    _train(model, opt, steps=1)
+    masked.load_state_dict(donor_opt.state_dict())  # non-zero moments everywhere
+    before = frozen_snapshot(model, mask)
+    _train(model, opt, steps=2)
+    assert _moved(model, mask, before)[0] == 0
+    state = opt.state[model.fc1.weight]
+    assert "max_exp_avg_sq" not in state
+    frozen = ~mask.tensor("fc1.weight")
+    assert not state["exp_avg"][frozen].any() and not state["exp_avg_sq"][frozen].any()
+
+
+def test_a_group_added_after_a_load_keeps_the_loaded_state_due_for_cleaning():
+    """Adding a parameter group between loading a state and the next step must not drop the pending cleaning."""
+    def head_less(m):
+        return [p for n, p in m.named_parameters() if not n.startswith("fc2.")]
+
+    donor = Net()
+    donor_opt = torch.optim.SGD(head_less(donor), lr=0.1, momentum=0.9)
+    _train(donor, donor_opt, steps=2)
+    model = Net()
+    mask = _mask_for(model)
+    opt = torch.optim.SGD(head_less(model), lr=0.1, momentum=0.9)
+    masked = MaskedOptimizer(opt, mask, model, verify_steps=0)
+    _train(model, opt, steps=1)
+    masked.load_state_dict(donor_opt.state_dict())  # non-zero momentum on frozen entries
+    opt.add_param_group({"params": [model.fc2.weight, model.fc2.bias]})
+    before = frozen_snapshot(model, mask)
+    _train(model, opt, steps=2)
+    assert _moved(model, mask, before)[0] == 0
+
+
+def test_an_optimizer_without_a_maximize_option_gets_positive_zero_gradients():
+    """Frozen gradients are +0 unless the group asks to maximize: a plain descent step then leaves a frozen -0.0
+    as it is, so strict mode has nothing to restore."""
+    class PlainSGD(torch.optim.Optimizer):  # no "maximize" in its groups
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+            return None
+
+    model = Net()
+    with torch.no_grad():
+        model.fc1.weight[0, :3] = -0.0
+    t = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    t["fc1.weight"][0] = False
+    mask = Mask.from_bool(t, {"atol": 1e-5, "dtype": "bf16"})
+    opt = PlainSGD(model.parameters(), lr=0.1)
+    masked = MaskedOptimizer(opt, mask, model)
+    assert masked.strict and "maximize" not in opt.param_groups[0]
+    _train(model, opt, steps=2)
+    assert torch.signbit(model.fc1.weight[0, :3]).all()
+    assert masked.restored_entries == 0
+
+
+def test_positional_arguments_after_the_closure_reach_the_optimizer():
+    """The pre-hook wraps a positional closure and hands every later positional argument on unchanged."""
+    class ScaledSGD(torch.optim.Optimizer):  # a step with an extra positional argument
+        def __init__(self, params):
+            super().__init__(params, {})
+            self.seen = None
+
+        @torch.no_grad()
+        def step(self, closure=None, scale=1.0, *rest):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.seen = (scale, rest)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.sub_(scale * p.grad)
+            return loss
+
+    model = Net()
+    mask = _mask_for(model)
+    opt = ScaledSGD(model.parameters())
+    masked = MaskedOptimizer(opt, mask, model)
+    before = frozen_snapshot(model, mask)
+    x = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure, 0.5, "extra") is not None
+    assert opt.seen == (0.5, ("extra",))
+    frozen, trainable = _moved(model, mask, before)
+    assert frozen == 0 and trainable > 0 and masked.restored_entries == 0
+
+
+@pytest.mark.parametrize("verify_steps,caught", [(2, False), (3, True)])
+def test_exactly_the_first_verify_steps_steps_are_checked(monkeypatch, verify_steps, caught):
+    """An optimizer that moves frozen entries only in its third step is caught when three steps are verified and
+    not when two are: the check covers steps 1..verify_steps, no more."""
+    class LateLeakySGD(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.n = getattr(self, "n", 0) + 1
+            if self.n == 3:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(1e-3)
+            return None
+
+    monkeypatch.setitem(masking_module.EXACT_STATE_KEYS, LateLeakySGD, ())
+    model = Net()
+    mask = _mask_for(model)
+    opt = LateLeakySGD(model.parameters(), lr=0.1)
+    masked = MaskedOptimizer(opt, mask, model, verify_steps=verify_steps)
+    before = frozen_snapshot(model, mask)
+    if caught:
+        with pytest.raises(MaskError, match=r"^LateLeakySGD moved frozen entries in step 3 "):
+            _train(model, opt, steps=3)
+        assert _moved(model, mask, before)[0] == 0  # restored before raising
+    else:
+        _train(model, opt, steps=3)
+        assert _moved(model, mask, before)[0] > 0  # an unchecked step: nothing looked
+        assert masked.report()["verified_steps"] == 2
+
+
+def test_options_are_checked_by_name():
+    """An unknown keyword, an unknown comparison mode and the option's old name each answer in words naming the
+    option; the old name sets the mode (no mode warning for an fp32 mask compared in fp32)."""
+    from rlsubnet.errors import UsageError
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mask = _mask_for(model)
+    with pytest.raises(TypeError, match=r"^unexpected keyword argument 'bogus'$"):
+        MaskedOptimizer(opt, mask, model, bogus=1)
+    with pytest.raises(UsageError, match=r"^unknown compare_mode 'fp8' \(choose from "):
+        MaskedOptimizer(opt, mask, model, compare_mode="fp8")
+    mask.meta["dtype"] = "fp32"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MaskedOptimizer(opt, mask, model, compare_dtype="fp32").remove()
+    assert [(w.category, str(w.message)) for w in caught] == [(DeprecationWarning, "compare_dtype= is now compare_mode=")]
+    assert _points_at_this_file(caught[0])

@@ -637,3 +637,52 @@ def test_fsdp2_two_processes(fsdp2_runs, variant):
         assert 0 < r0["local_trainable"][variant] < single["local_trainable"][variant]
         assert r0["local_trainable"][variant] + r1["local_trainable"][variant] == single["local_trainable"][variant]
     print(f"{variant}: FSDP2 vs single max |Δ| = {worst:.3g}")
+
+
+def test_group_defaults_are_torchs_own_and_bad_values_are_named():
+    """The group defaults are what torch's own optimizer records for the same arguments (AdamW decays by 1e-2
+    unless told, Adam and SGD not); a bad value is refused naming the option, and so is an optimizer the sparse
+    state does not implement."""
+    from rlsubnet.train.sparse_rules import group_defaults, optimizer_kind
+
+    p = [torch.zeros(2, requires_grad=True)]
+    base = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": None, "momentum": 0.0, "dampening": 0.0,
+            "nesterov": False, "decoupled": False, "maximize": False}
+    cases = [
+        ("adamw", {}, torch.optim.AdamW(p, lr=1e-3)),
+        ("adam", {"maximize": True}, torch.optim.Adam(p, lr=1e-3, maximize=True)),
+        ("adam", {"weight_decay": 0.1, "decoupled": True},
+         torch.optim.Adam(p, lr=1e-3, weight_decay=0.1, decoupled_weight_decay=True)),
+        ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "maximize": True},
+         torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5, maximize=True)),
+        ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)),
+    ]
+    for kind, kw, ref in cases:
+        got = group_defaults(kind, **{**base, **kw})
+        assert got == {k: ref.defaults[k] for k in got}, (kind, kw)
+
+    refused = [
+        ("adamw", {"lr": -1.0}, "lr must be a finite, non-negative number, got -1.0"),
+        ("adamw", {"weight_decay": float("nan")}, "weight_decay must be a finite, non-negative number, got nan"),
+        ("adamw", {"eps": -1e-8}, "eps must be a finite, non-negative number, got -1e-08"),
+        ("sgd", {"momentum": -0.5}, "momentum must be a finite, non-negative number, got -0.5"),
+        ("sgd", {"dampening": -1.0}, "dampening must be a finite, non-negative number, got -1.0"),
+        ("sgd", {"nesterov": True}, "nesterov momentum needs momentum > 0 and dampening 0"),
+        ("adam", {"betas": (1.5, 0.999)}, "betas[0] must be in [0, 1], got 1.5"),
+        ("adam", {"betas": (0.9, 1.5)}, "betas[1] must be in [0, 1], got 1.5"),
+        ("adam", {"betas": (1.0, 0.999)}, "betas must be below 1, got (1.0, 0.999)"),
+        ("adam", {"betas": (0.9, 1.0)}, "betas must be below 1, got (0.9, 1.0)"),
+        ("adam", {"betas": (0.9,)}, "betas must be two numbers, got (0.9,)"),
+    ]
+    for kind, kw, message in refused:
+        with pytest.raises(UsageError) as info:
+            group_defaults(kind, **{**base, **kw})
+        assert str(info.value) == message
+
+    tail = " is not supported with sparse optimizer state (supported: adamw, adam, sgd); use MaskedOptimizer around it " \
+           "for dense state"
+    assert [optimizer_kind(x) for x in (torch.optim.AdamW, " Adam ", "SGD")] == ["adamw", "adam", "sgd"]
+    for bad, shown in ((torch.optim.RMSprop, "'RMSprop'"), ("lion", "'lion'")):
+        with pytest.raises(UsageError) as info:
+            optimizer_kind(bad)
+        assert str(info.value) == f"optimizer {shown}{tail}"
