@@ -108,12 +108,17 @@ def map_pieces(fn, n: int, piece: int) -> list:
 
 
 @contextlib.contextmanager
-def single_threaded_torch():
-    """Run torch ops single-threaded inside the block (restored after): our pool provides the parallelism, and
-    torch's intra-op threads spin badly when they compete with it or with another busy process."""
+def torch_threads(n: int):
+    """Run torch ops on ``n`` intra-op threads inside the block (the count before is restored after)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def single_threaded_torch():
+    """Run torch ops single-threaded inside the block (restored after): our pool provides the parallelism, and
+    torch's intra-op threads spin badly when they compete with it or with another busy process."""
+    return torch_threads(1)

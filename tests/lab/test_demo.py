@@ -161,6 +161,8 @@ def test_foreign_folder_is_refused(tmp_path, micro_args, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--pretrain-target", "1.5"], "--pretrain-target must be in [0, 1]"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--pretrain-threads", "0"], "--pretrain-threads must be at least 1"),
+    (["--pretrain-threads", "4096"], "--pretrain-threads"),
     (["--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_bad_options(tmp_path, capsys, args, message):
@@ -278,3 +280,22 @@ def test_help_builds_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_workers_keep_freed_memory_and_leave_the_environment_as_it_was(monkeypatch):
+    """The workers are spawned with the malloc settings that keep freed memory (a user's own settings after them,
+    so that theirs win); this process's environment is as it was, with or without settings of its own."""
+    from rlsubnet.lab.scheduler import WORKER_MALLOC, WorkerPool, worker_environment
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with worker_environment():
+        assert os.environ["GLIBC_TUNABLES"] == WORKER_MALLOC
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    pool = WorkerPool(1, 1)
+    try:
+        seen = pool.get().submit(os.getenv, "GLIBC_TUNABLES").result()
+    finally:
+        pool.close()
+    assert seen == f"{WORKER_MALLOC}:glibc.malloc.arena_max=2"
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

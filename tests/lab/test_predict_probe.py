@@ -136,3 +136,40 @@ def test_a_stage_without_probe_is_skipped_and_a_failed_calibration_is_reported(m
         "dpo-seed1.mask.safetensors", "dpo.mask.safetensors", "sft.mask.safetensors"]
     k = row["changed_by_step_k"]
     assert 0 < k["changed"] and 0 < k["share_of_realized"] <= 1
+
+
+def test_other_predictors_made_in_a_worker_are_the_ones_made_inline(micro_demo, tmp_path):
+    """The demo hands the predictors that need a seed + 1 run to its idle workers while it measures the
+    subnetworks: what comes back is what the main process computes itself, figure for figure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlsubnet.lab import predicting
+    from rlsubnet.lab.stages import StageResult
+    from rlsubnet.lab.subnet import MaskStore
+
+    out, results = micro_demo
+    torch.set_num_threads(results["config"]["threads"])
+    theta0 = out / "stages" / "pretrain" / "model"
+    names = ("grpo", "grpo-seed1", "dpo", "dpo-seed1")
+    runs = {n: StageResult.load(out / "stages" / n) for n in names}
+    specs = {n: StageSpec(**json.loads((out / "stages" / n / "stage.json").read_text())["spec"]) for n in names}
+    stages = {n: runs[n] for n in ("grpo", "dpo")}
+    extra = {n: runs[n] for n in ("grpo-seed1", "dpo-seed1")}
+    assert predicting.start_detailed(theta0, stages, extra, specs, 0, None) == {}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    inline = predicting.measure_predictions(theta0, stages, extra, specs, MaskStore(tmp_path / "a", theta0, 0), 0)
+    with ThreadPoolExecutor(1) as pool:
+        futures = predicting.start_detailed(theta0, stages, extra, specs, 0, pool)
+        assert set(futures) == {"grpo", "dpo"}
+        beside = predicting.measure_predictions(theta0, stages, extra, specs, MaskStore(tmp_path / "b", theta0, 0), 0,
+                                                detailed=futures)
+
+    def figures(d):
+        return {n: {k: v for k, v in row.items() if k != "cpu_s"} for n, row in d["stages"].items()}
+
+    assert figures(beside) == figures(inline)
+    assert set(inline["stages"]["grpo"]["predictors"]) >= {"probe", "budget"}
+    assert inline["stages"]["grpo"]["ceiling"]["run"] == "grpo-seed1"
+    assert sorted(p.name for p in (tmp_path / "b" / "masks").iterdir()) == sorted(
+        f"{n}.mask.safetensors" for n in names)

@@ -4,6 +4,7 @@ leaves an AdamW stage's fingerprint as it was. Micro models built from a config;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -135,6 +136,33 @@ def test_pretraining_checks_elsewhere_give_the_same_theta0(tmp_path, max_steps):
     assert inline.record["accuracy"] == late.record["accuracy"]
     for f in ("master-fp32.safetensors", "model/model.safetensors"):
         assert (tmp_path / "inline" / f).read_bytes() == (tmp_path / "late" / f).read_bytes()
+
+
+def test_pretraining_runs_on_its_own_thread_count(tmp_path):
+    """The thread count of pretraining is part of its spec (it can change the reduction order, hence θ0): in the
+    fingerprint and the settings line, set for the training and restored after; the demo's hook runs once, just
+    before the first step."""
+    from rlsubnet.errors import UsageError
+    from rlsubnet.lab.config import DemoConfig
+    from rlsubnet.lab.pipeline import pretrain_spec
+    from rlsubnet.lab.pretrain import PretrainSpec, run_pretrain
+    from rlsubnet.lab.stages import fingerprint
+
+    assert pretrain_spec(DemoConfig().resolved()).threads == 2  # the small model's pretraining uses both cores
+    assert pretrain_spec(DemoConfig(size="micro").resolved()).threads == 1
+    assert pretrain_spec(DemoConfig(pretrain_threads=3).resolved()).threads == 3
+    one = PretrainSpec(size="micro", tasks=("add",), max_steps=3, eval_every=10, batch_size=8, warmup_steps=1)
+    two = dataclasses.replace(one, threads=2)
+    assert one.to_json()["threads"] == 1 and two.to_json()["threads"] == 2
+    assert fingerprint({"pretrain": one.to_json()}) != fingerprint({"pretrain": two.to_json()})
+    assert "2 torch threads" in two.settings_line() and "1 torch thread" in one.settings_line()
+    with pytest.raises(UsageError, match="threads must be positive"):
+        dataclasses.replace(one, threads=0)
+    seen = []
+    before = torch.get_num_threads()
+    res = run_pretrain(two, tmp_path / "p", progress=False, before_training=lambda: seen.append(torch.get_num_threads()))
+    assert seen == [2] and torch.get_num_threads() == before
+    assert res.record["spec"]["threads"] == 2 and res.record["versions"]["torch_threads"] == 2
 
 
 def test_optimizer_field_keeps_adamw_fingerprints():

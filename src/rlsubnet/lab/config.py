@@ -54,6 +54,7 @@ class SizedSettings:
     pretrain_target: float = 0.6
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 64
+    pretrain_threads: int = 2
     sample_prompts: int = 8000
 
 
@@ -66,6 +67,7 @@ SIZE_DEFAULTS: dict[str, SizedSettings] = {
         pretrain_max_steps=300,
         pretrain_target=0.05,
         pretrain_lr=5e-3,
+        pretrain_threads=1,  # a micro model's operations are too small to share between threads
         sample_prompts=512,
     ),
     "small": SizedSettings(),
@@ -197,6 +199,15 @@ class DemoConfig:
     pretrain_batch: int | None = field(
         default=None, metadata=_sized("pretraining batch size", "pretrain_batch", PRETRAINING)
     )
+    pretrain_threads: int | None = field(
+        default=None,
+        metadata=_sized(
+            "torch threads of pretraining, which runs alone (everything else waits for θ0); part of the "
+            "configuration like --threads",
+            "pretrain_threads",
+            PRETRAINING,
+        ),
+    )
 
     def __post_init__(self):
         if self.second_task == "other":
@@ -229,6 +240,7 @@ class DemoConfig:
                 "pretrain_max_steps",
                 "pretrain_eval_every",
                 "pretrain_batch",
+                "pretrain_threads",
             ),
             1,
         )
@@ -244,6 +256,7 @@ class DemoConfig:
             ("pretrain_max_steps", limits.MAX_STEPS),
             ("pretrain_eval_every", limits.MAX_STEPS),
             ("pretrain_batch", limits.MAX_BATCH),
+            ("pretrain_threads", limits.MAX_THREADS),
             ("samples_per_prompt", limits.MAX_GENERATIONS),
         ):
             if getattr(self, name) is not None:

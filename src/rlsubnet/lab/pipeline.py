@@ -29,7 +29,7 @@ from rlsubnet._version import __version__
 from rlsubnet.lab import subnet
 from rlsubnet.lab.config import DemoConfig, StageSpec
 from rlsubnet.lab.measure import commuted_twins, measure_subnetwork
-from rlsubnet.lab.predicting import PREDICTOR, measure_predictions
+from rlsubnet.lab.predicting import PREDICTOR, measure_predictions, start_detailed
 from rlsubnet.lab.pretrain import PretrainSpec, SampleSpec, run_pretrain
 from rlsubnet.lab.progress import say
 from rlsubnet.lab.report import prepare_report, summary_lines, write_report
@@ -62,6 +62,7 @@ def pretrain_spec(cfg: DemoConfig) -> PretrainSpec:
         max_steps=s.pretrain_max_steps,
         eval_every=s.pretrain_eval_every,
         target_accuracy=s.pretrain_target,
+        threads=s.pretrain_threads,
     )
 
 
@@ -294,14 +295,23 @@ def _run(
         progress,
     )
 
-    # 1. θ0. The workers start now: they import their libraries and run pretraining's validation checks while
-    # pretraining, which everything else waits for, keeps one core busy.
+    # 1. θ0, which everything else waits for, on its own thread count. The workers start now and import their
+    # libraries while this process imports its own and prepares the data; pretraining waits for them before its
+    # first step, so that they do not compete with it. Its validation checks run in a worker when that leaves the
+    # training its cores, inline otherwise (the same θ0 either way).
     say(f"[1/{n_total}] pretrain: {pre_spec.settings_line()}", progress)
     pre = folder.finished("pretrain", fingerprint({"pretrain": pre_spec.to_json()}))
     clock = Stopwatch()
     if pre is None:
         pool = workers.get() if workers is not None else None
-        pre = run_pretrain(pre_spec, folder.stage_dir("pretrain"), progress=progress, pool=pool)
+        checks_beside = pre_spec.threads * 2 <= (os.cpu_count() or 1)
+        pre = run_pretrain(
+            pre_spec,
+            folder.stage_dir("pretrain"),
+            progress=progress,
+            pool=pool if checks_beside else None,
+            before_training=workers.wait_ready if workers is not None else None,
+        )
         timings["pretrain"] = clock.record(reused=False)
     else:
         timings["pretrain"] = {"reused": True}
@@ -352,16 +362,21 @@ def _run(
     }
     spectral_random = random_reference(theta0)
     timings["measure"] = clock.record(reused=False, in_workers=sorted(ctx.measured))
+    extra_specs = {n.name: n.job.spec for n in plan if isinstance(n.job, StageJob)}
+    all_specs = {**extra_specs, **spec_by_name}
+    # the predictors that need a seed + 1 run go to the idle workers now, beside the subnetwork measurements
+    detailed = start_detailed(
+        theta0, stages, extra, all_specs, cfg.seed, workers.executor if workers is not None else None
+    )
     say("[subnetworks] masks, identity with θ_full, frozen fp32 masters, overlap against both chances", progress)
     clock = Stopwatch()
-    extra_specs = {n.name: n.job.spec for n in plan if isinstance(n.job, StageJob)}
     for name, res in stages.items():  # every stage's mask in masks/ (its prediction is scored against it)
         store.changed(name, res)
     subnetwork = measure_subnetwork(theta0, folder.out, stages, extra, extra_specs, store, skipped, cfg)
     timings["subnetwork"] = clock.record(reused=False)
     say("[predictions] each subnetwork predicted from θ0, the plan and its run's first steps, scored", progress)
     clock = Stopwatch()
-    prediction = measure_predictions(theta0, stages, extra, {**extra_specs, **spec_by_name}, store, cfg.seed, prescored)
+    prediction = measure_predictions(theta0, stages, extra, all_specs, store, cfg.seed, prescored, detailed)
     timings["prediction"] = clock.record(reused=False)
 
     results = {

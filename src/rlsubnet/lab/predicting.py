@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 
 from rlsubnet.errors import RlsubnetError
@@ -133,6 +134,46 @@ def score_stage(theta0: Path, spec: StageSpec, stage, realized=None, prediction=
     }
 
 
+def detailed_predictors(theta0: Path, spec: StageSpec, stage, twin_spec: StageSpec, twin) -> dict:
+    """The other predictors of a :data:`DETAILED` stage, scored against the mask it realized: the budget predictor,
+    the seed ceiling (the realized mask of ``twin``, the same stage run with seed + 1) and the predictor calibrated
+    on ``twin``. It reads files only (θ0 and the two runs' folders), so a worker process can make it while the main
+    process measures the subnetworks."""
+    from rlsubnet.lab.subnet import build_stage_mask
+    from rlsubnet.predict.calibrate import fit_calibration
+    from rlsubnet.predict.scoring import evaluate
+
+    clock = time.process_time()
+    realized, other_mask = build_stage_mask(theta0, stage), build_stage_mask(theta0, twin)
+    out: dict = {"predictors": {"budget": scored(evaluate(realized, predict_stage(theta0, spec, stage, "budget")))}}
+    out["ceiling"] = {"run": twin.name, **scored(evaluate(realized, other_mask, base=theta0))}
+    try:
+        cal = fit_calibration(theta0, plan_of(twin_spec), other_mask, probe_of(twin))
+    except RlsubnetError as exc:  # e.g. nothing left to fit once the probe's own changes are taken out
+        out["calibration"] = {"run": twin.name, "skipped": str(exc)}
+    else:
+        calibrated = predict_stage(theta0, spec, stage, "calibrated", calibration=cal, probe=probe_of(stage))
+        out["predictors"]["calibrated"] = scored(evaluate(realized, calibrated))
+        out["calibration"] = {"run": twin.name, **cal.describe()}
+    out["cpu_s"] = time.process_time() - clock
+    return out
+
+
+def start_detailed(
+    theta0: Path, stages: Mapping, extra: Mapping, specs: Mapping[str, StageSpec], seed: int, pool
+) -> dict[str, Future]:
+    """:func:`detailed_predictors` of every :data:`DETAILED` stage whose seed + 1 run exists, submitted to ``pool``
+    (an executor; none without one: :func:`measure_predictions` then makes them itself)."""
+    if pool is None:
+        return {}
+    out = {}
+    for name in DETAILED:
+        twin = seed_name(name, seed + 1)
+        if name in stages and twin in extra:
+            out[name] = pool.submit(detailed_predictors, theta0, specs[name], stages[name], specs[twin], extra[twin])
+    return out
+
+
 def measure_predictions(
     theta0: Path,
     stages: Mapping,
@@ -141,14 +182,12 @@ def measure_predictions(
     store: MaskStore,
     seed: int,
     prescored: Mapping[str, dict] | None = None,
+    detailed: Mapping[str, Future] | None = None,
 ) -> dict:
     """``results["prediction"]``: every finetuning stage in ``stages`` predicted and scored (see the module
     docstring); ``extra``: the extra-seed runs (their probes and masks fit the calibrations and make the ceiling);
     ``specs``: every stage's spec; ``store``: the run's masks (and the predictions already made); ``prescored``:
-    :func:`score_stage` of the stages a worker already scored."""
-    from rlsubnet.predict.calibrate import fit_calibration
-    from rlsubnet.predict.scoring import evaluate
-
+    :func:`score_stage` of the stages a worker already scored; ``detailed``: :func:`start_detailed`'s futures."""
     rows: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for name, stage in stages.items():
@@ -164,20 +203,16 @@ def measure_predictions(
             continue
         twin = seed_name(name, seed + 1)
         if name in DETAILED and twin in extra:
-            clock = time.process_time()
-            other = extra[twin]
-            other_mask = store.changed(twin, other)
-            row["predictors"]["budget"] = scored(evaluate(realized, predict_stage(theta0, spec, stage, "budget")))
-            row["ceiling"] = {"run": twin, **scored(evaluate(realized, other_mask, base=theta0))}
-            try:
-                cal = fit_calibration(theta0, plan_of(specs[twin]), other_mask, probe_of(other))
-            except RlsubnetError as exc:  # e.g. nothing left to fit once the probe's own changes are taken out
-                row["calibration"] = {"run": twin, "skipped": str(exc)}
-            else:
-                calibrated = predict_stage(theta0, spec, stage, "calibrated", calibration=cal, probe=probe_of(stage))
-                row["predictors"]["calibrated"] = scored(evaluate(realized, calibrated))
-                row["calibration"] = {"run": twin, **cal.describe()}
-            row["cpu_s"] += time.process_time() - clock
+            store.changed(twin, extra[twin])  # the seed + 1 run's mask is saved too (the overlap has made it already)
+            future = (detailed or {}).get(name)
+            more = (
+                future.result()
+                if future is not None
+                else detailed_predictors(theta0, spec, stage, specs[twin], extra[twin])
+            )
+            row["predictors"].update(more["predictors"])
+            row["ceiling"], row["calibration"] = more["ceiling"], more["calibration"]
+            row["cpu_s"] += more["cpu_s"]
         rows[name] = row
     return {
         "settings": {

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rlsubnet._threads import torch_threads
 from rlsubnet.errors import UsageError
 from rlsubnet.fileio import atomic_dir, atomic_write_text
 from rlsubnet.lab.config import model_size
@@ -54,6 +56,7 @@ class PretrainSpec:
     max_steps: int = 2000
     eval_every: int = 50
     target_accuracy: float = 0.6
+    threads: int = 1  # torch threads of the training and its checks: part of the spec, like every thread count
 
     def __post_init__(self):
         model_size(self.size)
@@ -61,8 +64,8 @@ class PretrainSpec:
             get_task(t)
         if not self.tasks:
             raise UsageError("pretraining needs at least one task")
-        if self.max_steps < 1 or self.eval_every < 1:
-            raise UsageError("pretraining max_steps and eval_every must be positive")
+        if self.max_steps < 1 or self.eval_every < 1 or self.threads < 1:
+            raise UsageError("pretraining max_steps, eval_every and threads must be positive")
         if not 0 <= self.target_accuracy <= 1:
             raise UsageError(f"pretraining target accuracy must be in [0, 1], got {self.target_accuracy}")
 
@@ -76,7 +79,7 @@ class PretrainSpec:
             f"SFT from scratch on {'+'.join(self.tasks)} (gold answers), lr {self.learning_rate:g} constant after "
             f"{self.warmup_steps} warm-up steps, batch {self.batch_size}, seed {self.seed}, stop at validation "
             f"accuracy ≥ {self.target_accuracy:.0%} on every task (checked every {self.eval_every} steps, "
-            f"at most {self.max_steps} steps)"
+            f"at most {self.max_steps} steps), {self.threads} torch thread{'s' if self.threads > 1 else ''}"
         )
 
 
@@ -92,17 +95,32 @@ def pretrain_rows(spec: PretrainSpec) -> list[dict]:
     return [{"prompt": p.prompt, "completion": p.answer} for p in mixed]
 
 
-def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False, pool=None):
-    """Train θ0 and write ``out_dir`` (model/ in bf16 with the tokenizer, master-fp32, curve, stage.json).
+def run_pretrain(
+    spec: PretrainSpec,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    pool=None,
+    before_training: Callable[[], None] | None = None,
+):
+    """Train θ0 on ``spec.threads`` torch threads and write ``out_dir`` (model/ in bf16 with the tokenizer,
+    master-fp32, curve, stage.json).
 
-    ``pool``: an executor (the demo's worker processes, torch threads as here) that runs the validation checks
-    beside the training; None checks inline. Either way θ0, its step and its curve are the same."""
+    ``pool``: an executor (the demo's worker processes, torch threads as ``spec.threads``) that runs the validation
+    checks beside the training, for a training that leaves a core free; None checks inline. Either way θ0, its step
+    and its curve are the same. ``before_training()`` is called once the data and model are ready, just before the
+    first step (the demo waits there for its workers to finish importing, so that they do not compete with it)."""
+    with torch_threads(spec.threads):
+        return _pretrain(spec, Path(out_dir), progress, overwrite, pool, before_training)
+
+
+def _pretrain(spec: PretrainSpec, out_dir: Path, progress: bool, overwrite: bool, pool, before_training):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     quiet_libraries()
-    out_dir = Path(out_dir)
     t_start = time.monotonic()
     tokenizer = build_tokenizer()
     model = build_model(spec.size, tokenizer, spec.seed)
@@ -162,7 +180,12 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
                 else:
                     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     future = pool.submit(
-                        validation_accuracy, model.config, model.generation_config, weights, list(spec.tasks)
+                        validation_accuracy,
+                        model.config,
+                        model.generation_config,
+                        weights,
+                        list(spec.tasks),
+                        spec.threads,
                     )
                     self.pending.append((step, self.last_loss, weights, future))
             # At the last step every check must be in; otherwise wait only when checks pile up (memory).
@@ -190,6 +213,8 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
             **sft_settings(spec.batch_size),
         )
         trainer = make_trainer(SFTTrainer, model, args, dataset, tokenizer, [stopper], default_optimizer(model, args))
+        if before_training is not None:
+            before_training()
         try:
             train_seconds = train_timed(trainer, tmp / "trainer", bar)
         finally:
@@ -223,9 +248,16 @@ def run_pretrain(spec: PretrainSpec, out_dir: str | Path, *, progress: bool = Tr
     return StageResult(name="pretrain", dir=out_dir, record=record)
 
 
-def validation_accuracy(config, generation_config, weights: dict, task_names: list[str]) -> dict[str, float]:
+def validation_accuracy(
+    config, generation_config, weights: dict, task_names: list[str], threads: int
+) -> dict[str, float]:
     """Greedy accuracy on each task's validation split of a lab model given by its config and weights (run in a
-    worker process during pretraining)."""
+    worker process during pretraining, on the training's thread count)."""
+    with torch_threads(threads):
+        return _validation_accuracy(config, generation_config, weights, task_names)
+
+
+def _validation_accuracy(config, generation_config, weights: dict, task_names: list[str]) -> dict[str, float]:
     from transformers import LlamaForCausalLM
 
     quiet_libraries()

@@ -129,6 +129,10 @@ def commuted_twins_lines(results: dict) -> list[str]:
     ]
 
 
+def _threads(n: int) -> str:
+    return f"{n} torch thread{'s' if n > 1 else ''}"
+
+
 def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[str]) -> str:
     c = results["config"]
     th = results["theta0"]
@@ -156,7 +160,8 @@ def render_markdown(results: dict, claims: list[dict], figure_files: Sequence[st
     md.append("")
     md.append(
         f"Versions: rlsubnet {v['rlsubnet']}, torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
-        f"datasets {v['datasets']}, accelerate {v['accelerate']}; {v['torch_threads']} torch threads."
+        f"datasets {v['datasets']}, accelerate {v['accelerate']}; {_threads(c.get('threads', 1))} per finetuning stage, "
+        f"{_threads(th['spec'].get('threads', 1))} in pretraining."
     )
     md += ["", "## In short", ""]
     md += summary_lines(results, claims)
