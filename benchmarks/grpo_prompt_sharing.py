@@ -15,7 +15,8 @@ GRPO shapes), and times one forward + backward pass of the mean completion log-p
 
 It also prints how far the two are apart (the largest difference of a log-probability, the largest relative
 difference of a parameter's gradient): the same mathematics, summed in another order, so not the same bits.
-Prints figures; asserts nothing. Nothing in the lab uses the shared form yet (docs/demo.md, "Where the time goes").
+Prints figures; asserts nothing. The lab's GRPO stages use the shared form (rlsubnet.lab.shared_prompts, which
+finds the shared prefix in the batch itself); this script writes it out by hand, to time it against the full pass.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ def run(base: Path, optimizer: str, lr: float, seed: int, steps: int, task: str,
     from rlsubnet.lab.data import stage_rows
     from rlsubnet.lab.evaluate import greedy_accuracy
     from rlsubnet.lab.model import load_model
+    from rlsubnet.lab.shared_prompts import share_prompts
     from rlsubnet.lab.tasks import get_task
     from rlsubnet.lab.tokenizer import load_tokenizer
     from rlsubnet.lab.trainers import build_trainer
@@ -44,6 +45,7 @@ def run(base: Path, optimizer: str, lr: float, seed: int, steps: int, task: str,
     t0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(spec, model, tokenizer, rows, base_dir=base, output_dir=Path(tmp) / "trainer")
+        share_prompts(trainer.model)  # GRPO's loss as the demo's stages run it: each prompt once
         trainer.train()
     model = trainer.model
     with torch.no_grad():  # evaluate what a stage's checkpoint holds: the masters rounded to bf16

@@ -169,11 +169,12 @@ def test_optimizer_field_keeps_adamw_fingerprints():
     from rlsubnet.lab.stages import stage_fingerprint
 
     # the fingerprints these specs had before a stage could choose its optimizer: finished stages stay reusable
-    assert stage_fingerprint(StageSpec("grpo", "grpo"), "0" * 16, None) == "88d4e178a6c67085"
+    # (GRPO's changed since with its loss pass, which now runs each prompt once: tests/lab/test_shared_prompts.py)
+    assert stage_fingerprint(StageSpec("grpo", "grpo"), "0" * 16, None) == "3db0852340726c20"
     assert stage_fingerprint(StageSpec("sft", "sft", learning_rate=1e-5), "0" * 16, None) == "81ff3e443230f6e6"
     sgd = StageSpec("grpo", "grpo", optimizer="sgd")
     assert "optimizer" not in StageSpec("grpo", "grpo").to_json() and sgd.to_json()["optimizer"] == "sgd"
-    assert stage_fingerprint(sgd, "0" * 16, None) != "88d4e178a6c67085"
+    assert stage_fingerprint(sgd, "0" * 16, None) != "3db0852340726c20"
     assert "optimizer sgd" in sgd.settings_line()
     json.dumps(sgd.to_json())
 

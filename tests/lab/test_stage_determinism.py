@@ -74,8 +74,9 @@ def test_fingerprint_covers_spec_inputs_and_hooks():
 
     spec = _specs()["grpo"]
     fp = stage_fingerprint(spec, "base0", None)
-    # the documented recipe, computed here: SHA-256 of the sorted-key JSON of spec, θ0, samples and extra
-    doc = {"spec": spec.to_json(), "base": "base0", "samples": None, "extra": {}}
+    # the recipe, computed here: SHA-256 of the sorted-key JSON of spec, θ0, samples and extra, and for GRPO the way
+    # its loss pass runs (each prompt once: rlsubnet.lab.shared_prompts)
+    doc = {"spec": spec.to_json(), "base": "base0", "samples": None, "extra": {}, "loss_forward": "shared prompts"}
     assert fp == hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # and the same in a fresh interpreter with another hash seed (a set or an id in the spec would show here),
     # which is what lets a later run recognise a finished stage

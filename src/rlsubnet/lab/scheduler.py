@@ -304,8 +304,9 @@ class WorkerPool:
 
 
 # glibc's malloc hands large blocks back to the system when they are freed (and maps blocks above 128 KiB afresh):
-# a training step's short-lived multi-megabyte tensors then cost a page fault per 4 KiB every step, about 13% of a
-# GRPO step on the development machine. The workers keep freed memory for reuse instead. It changes where tensors
+# a training step's short-lived multi-megabyte tensors then cost a page fault per 4 KiB, up to 13% of a GRPO step
+# on the development machine (in a fresh process; less in a long-lived worker, where the demo's system time went
+# from 56 to 27 s). The workers keep freed memory for reuse instead. It changes where tensors
 # live, never what is computed (test_worker_processes_give_the_same_bits: the same bytes as --jobs 1). glibc reads these
 # settings when a process starts, so they are set in the environment the workers are spawned with; other C
 # libraries ignore them.

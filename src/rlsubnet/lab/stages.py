@@ -43,6 +43,7 @@ from rlsubnet.lab.evaluate import greedy_accuracy
 from rlsubnet.lab.model import load_model, save_model, save_weights_file, unique_state
 from rlsubnet.lab.prefill import dedupe_prefill
 from rlsubnet.lab.progress import StageProgress
+from rlsubnet.lab.shared_prompts import share_prompts
 from rlsubnet.lab.tasks import get_task
 from rlsubnet.lab.tokenizer import load_tokenizer
 from rlsubnet.lab.trainers import build_trainer, train_timed
@@ -233,8 +234,14 @@ class StageResult:
         return cls(name=record["name"], dir=stage_dir, record=record)
 
 
+# GRPO's loss runs each prompt once for all its completions (rlsubnet.lab.shared_prompts): other bits than the full
+# pass, so a GRPO stage finished before it is not reused.
+GRPO_LOSS_FORWARD = {"loss_forward": "shared prompts"}
+
+
 def stage_fingerprint(spec: StageSpec, base_digest: str, samples_digest: str | None, extra: dict | None = None) -> str:
-    return fingerprint({"spec": spec.to_json(), "base": base_digest, "samples": samples_digest, "extra": extra or {}})
+    record = {"spec": spec.to_json(), "base": base_digest, "samples": samples_digest, "extra": extra or {}}
+    return fingerprint({**record, **(GRPO_LOSS_FORWARD if spec.algorithm == "grpo" else {})})
 
 
 def save_trained(model, folder: Path, tokenizer, stage: str, fp: str):
@@ -319,6 +326,7 @@ def run_stage(
         )
         if spec.algorithm == "grpo":
             dedupe_prefill(trainer.model)  # 8 completions per prompt: prefill each prompt once (same bits)
+            share_prompts(trainer.model)  # and run each prompt once in the loss (other bits: in the fingerprint)
         if configure_trainer is not None:
             configure_trainer(trainer)
         train_seconds = train_timed(trainer, tmp / "trainer", bar)
