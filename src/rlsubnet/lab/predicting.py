@@ -205,11 +205,14 @@ def measure_predictions(
         if name in DETAILED and twin in extra:
             store.changed(twin, extra[twin])  # the seed + 1 run's mask is saved too (the overlap has made it already)
             future = (detailed or {}).get(name)
-            more = (
-                future.result()
-                if future is not None
-                else detailed_predictors(theta0, spec, stage, specs[twin], extra[twin])
-            )
+            more = None
+            if future is not None:
+                try:
+                    more = future.result()
+                except Exception:  # noqa: BLE001 - a worker that failed (a broken pool): made here instead
+                    more = None
+            if more is None:
+                more = detailed_predictors(theta0, spec, stage, specs[twin], extra[twin])
             row["predictors"].update(more["predictors"])
             row["ceiling"], row["calibration"] = more["ceiling"], more["calibration"]
             row["cpu_s"] += more["cpu_s"]

@@ -35,7 +35,9 @@ def share_prompts(model) -> None:
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
-        plan = None if args else _plan(kwargs)
+        # gradient checkpointing turns the prefix's cache off: nothing to share then
+        checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+        plan = None if args or checkpointing else _plan(kwargs)
         if plan is None:
             return original(*args, **kwargs)
         return _run_shared(original, kwargs, *plan)
@@ -51,9 +53,9 @@ def _plan(kwargs: dict):
         return None
     if kwargs.get("use_cache") is not False or kwargs.get("cache") is not None:
         return None
-    known = {"input_ids", "attention_mask", "use_cache", "return_dict", "output_router_logits"}
-    if any(v is not None and k not in known for k, v in kwargs.items()):
-        return None  # position ids, embeddings, a cache: not a call this code knows how to split
+    known = {"input_ids", "attention_mask", "use_cache", "return_dict"}
+    if any(v is not None and v is not False and k not in known for k, v in kwargs.items()):
+        return None  # position ids, embeddings, a cache, router logits: not a call this code knows how to split
     rows, length = ids.shape
     both = torch.cat([ids, mask.to(ids.dtype)], dim=1).view(rows, 2, length)
     best = None
@@ -73,6 +75,7 @@ def _plan(kwargs: dict):
 
 def _run_shared(original, kwargs: dict, cut: int, first: torch.Tensor, inverse: torch.Tensor):
     from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
 
     ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
     head = dict(
@@ -86,6 +89,5 @@ def _run_shared(original, kwargs: dict, cut: int, first: torch.Tensor, inverse: 
     tail = dict(kwargs, input_ids=ids[:, cut:], attention_mask=mask, cache=cache)
     tail["use_cache"] = True
     rest = original(**tail)
-    rest.last_hidden_state = torch.cat([out.last_hidden_state.index_select(0, inverse), rest.last_hidden_state], 1)
-    rest.cache = None  # the caller asked for none
-    return rest
+    hidden = torch.cat([out.last_hidden_state.index_select(0, inverse), rest.last_hidden_state], 1)
+    return BaseModelOutputWithPast(last_hidden_state=hidden)  # no cache: the caller asked for none
